@@ -1,0 +1,137 @@
+/* netbpf_abi.h - the contract between the BPF programs and the controller.
+ * Map names, key/value layouts, action and field codes, limits. No code.
+ * netbpf/abi.py mirrors this file once; tests/bpf/test_abi.py checks they agree. */
+#ifndef NETBPF_ABI_H
+#define NETBPF_ABI_H
+
+/* ---- program shape, chosen per policy by the controller (-D on the bcc command line) ----
+ * NB_WORDS: 64-bit words of a rule bit-vector (1, 4, 16, 64 or 192: up to 12288 terminal rules).
+ * NB_CLASS_CAP: class vectors per generation. Rule edits that fit the shape only rewrite maps. */
+#ifndef NB_WORDS
+#define NB_WORDS 1
+#endif
+#ifndef NB_CLASS_CAP
+#define NB_CLASS_CAP 64
+#endif
+#define NB_SUM ((NB_WORDS + 63) / 64)       /* summary words: bit i set = word i may be non-zero */
+#define NB_RULES_CAP (NB_WORDS * 64)        /* terminal rules per direction */
+
+/* ---- fixed limits ---- */
+#define NB_MAX_COUNT_RULES 64               /* 'count' rules per direction (one u64 bitmap) */
+#define NB_MAX_SETREFS 4                    /* distinct (set, src|dst) references per direction */
+#define NB_PREFIX_CAP 65536                 /* distinct rule prefixes per family per generation */
+#define NB_SET_CAP (1 << 20)                /* set entries per family (old + new fit: map is 2x) */
+#define NB_SLOT_CAP (2 * NB_RULES_CAP + 2 * NB_MAX_COUNT_RULES) /* counter slots */
+#define NB_RL_ENTRIES 65536                 /* rate-limit buckets (LRU: oldest source evicted) */
+#define NB_MAX_VLANS 2                      /* 802.1Q / 802.1ad tags parsed */
+#define NB_MAX_EXTHDRS 6                    /* IPv6 extension headers skipped to reach L4 */
+
+/* ---- actions (nb_rule.action, nb_fw_cfg.default_action) ---- */
+#define NB_ACT_ALLOW 1
+#define NB_ACT_DROP 2
+#define NB_ACT_RATE 3                       /* token bucket: within rate allow, over rate drop */
+
+#define NB_RL_PER_SRC 0                     /* one bucket per (rule, source address) */
+#define NB_RL_PER_RULE 1                    /* one bucket per rule */
+
+/* ---- classifier fields: per-field lookup -> class id -> bit-vector ---- */
+#define NB_F_SRC 0
+#define NB_F_DST 1
+#define NB_F_PROTO 2
+#define NB_F_SPORT 3
+#define NB_F_DPORT 4
+#define NB_F_ICMP 5                         /* (type << 8) | code, ICMP and ICMPv6 */
+#define NB_F_FLAGS 6                        /* TCP flags byte (FIN=0x01 ... CWR=0x80) */
+#define NB_F_SET0 7                         /* NB_F_SET0 + k: set reference k (member or not) */
+#define NB_NFIELDS_BASE 7
+#define NB_NFIELDS (NB_NFIELDS_BASE + NB_MAX_SETREFS)
+
+#define NB_CLASS_ALL 0                      /* class id 0 is all-ones: the field is not looked up */
+
+/* LPM tags: the 32 bits after prefixlen in every LPM key (always fully matched) */
+#define NB_TAG(gen, field) (((__u32)(field) << 8) | (__u32)(gen))
+
+/* ---- global statistics (nb_fw_stats index) ---- */
+#define NB_STAT_PASS 0                      /* packets passed (any reason) */
+#define NB_STAT_DROP 1                      /* packets dropped (any reason) */
+#define NB_STAT_DEFAULT 2                   /* no terminal rule matched: default action applied */
+#define NB_STAT_NONIP 3                     /* not IPv4/IPv6: always passed, never classified */
+#define NB_STAT_MALFORMED 4                 /* truncated/invalid headers: dropped */
+#define NB_STAT_FRAGMENT 5                  /* non-first fragments classified without L4 */
+#define NB_STAT_RATE_DROP 6                 /* dropped by a rate_limit rule over its rate */
+#define NB_STAT_MAX 8
+
+/* ---- map layouts ---- */
+struct nb_gen {                             /* nb_fw_gen[0]: the one value an apply flips */
+    __u32 gen;                              /* 0 or 1 */
+};
+
+struct nb_setref {
+    __u32 tag;                              /* key tag of the set's entries in nb_set4/nb_set6 */
+    __u32 field;                            /* NB_F_SRC or NB_F_DST: which address is looked up */
+    __u32 member_id;                        /* class when the address is in the set */
+    __u32 nonmember_id;                     /* class when it is not */
+};
+
+struct nb_fw_cfg {                          /* nb_fw_cfg[gen] */
+    __u32 field_mask;                       /* bit f: field f is looked up, else NB_CLASS_ALL */
+    __u32 wild_id[NB_NFIELDS_BASE];         /* class when the value is absent or uncovered */
+    __u32 nsetrefs;
+    __u32 nrules;                           /* terminal rules in this generation */
+    __u32 ncount;                           /* count rules in this generation */
+    __u32 default_action;                   /* NB_ACT_ALLOW or NB_ACT_DROP */
+    struct nb_setref setref[NB_MAX_SETREFS];
+};
+
+struct nb_rule {                            /* nb_fw_rules[gen * NB_RULES_CAP + t] */
+    __u32 action;                           /* NB_ACT_* */
+    __u32 slot;                             /* nb_fw_cnt index */
+    __u64 count_mask;                       /* count rules (by index) placed before this rule */
+    __u64 rl_rate;                          /* NB_ACT_RATE: packets per second */
+    __u64 rl_burst;                         /* NB_ACT_RATE: bucket depth in packets */
+    __u32 rl_per;                           /* NB_RL_PER_* */
+    __u32 pad;
+};
+
+struct nb_vec {                             /* nb_fw_vecs[gen * NB_CLASS_CAP + id] */
+    __u64 count;                            /* count rules matching this class */
+    __u64 sum[NB_SUM];                      /* bit i: w[i] != 0 */
+    __u64 w[NB_WORDS];                      /* terminal rules matching this class */
+};
+
+struct nb_lpm4_key {                        /* nb_fw_lpm4 and nb_set4 */
+    __u32 prefixlen;                        /* 32 (tag) + prefix length */
+    __u32 tag;
+    __u8 addr[4];
+};
+
+struct nb_lpm6_key {                        /* nb_fw_lpm6 and nb_set6 */
+    __u32 prefixlen;
+    __u32 tag;
+    __u8 addr[16];
+};
+
+struct nb_counter {                         /* nb_fw_cnt[slot], nb_fw_stats[NB_STAT_*]; per CPU */
+    __u64 packets;
+    __u64 bytes;
+    __u64 drops;                            /* rate_limit rules: packets dropped over the rate */
+};
+
+struct nb_rl_key {
+    __u32 slot;
+    __u32 family;                           /* 4, 6, or 0 for NB_RL_PER_RULE */
+    __u8 addr[16];
+};
+
+struct nb_rl_state {
+    __u64 tokens;                           /* nanopackets: 1e9 = one packet */
+    __u64 last_ns;
+};
+
+/* Array index helpers: generation-scoped arrays hold both generations side by side. */
+#define NB_PORT_IDX(gen, which, port) (((__u32)(gen) << 17) | ((__u32)(which) << 16) | (__u32)(port))
+#define NB_PROTO_IDX(gen, proto) (((__u32)(gen) << 8) | (__u32)(proto))
+#define NB_ICMP_IDX(gen, tc) (((__u32)(gen) << 16) | (__u32)(tc))
+#define NB_FLAGS_IDX(gen, flags) (((__u32)(gen) << 8) | (__u32)(flags))
+
+#endif

@@ -1,0 +1,164 @@
+"""ctypes mirror of bpf/include/netbpf_abi.h, and nothing else.
+
+tests/bpf/test_abi.py compiles the header and compares every size and offset, so the two
+cannot drift. Shape-dependent structs (nb_vec) are built per program shape by vec_struct().
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+ABI_HEADER = BPF_DIR / "include" / "netbpf_abi.h"
+
+# Program shapes: rule bit-vector words a program can be compiled with (64 terminal rules each).
+WORD_BUCKETS = (1, 4, 16, 64, 192)
+
+NB_MAX_COUNT_RULES = 64
+NB_MAX_SETREFS = 4
+NB_PREFIX_CAP = 65536
+NB_SET_CAP = 1 << 20
+NB_RL_ENTRIES = 65536
+NB_MAX_VLANS = 2
+NB_MAX_EXTHDRS = 6
+NB_MAX_RULES = WORD_BUCKETS[-1] * 64  # terminal rules per direction (12288)
+
+# Load balancer limits (used by the policy checks; the LB program declares them again in C).
+NB_MAX_BACKENDS = 4096
+NB_MAX_VIPS = 256
+
+NB_ACT_ALLOW = 1
+NB_ACT_DROP = 2
+NB_ACT_RATE = 3
+
+NB_RL_PER_SRC = 0
+NB_RL_PER_RULE = 1
+
+NB_F_SRC = 0
+NB_F_DST = 1
+NB_F_PROTO = 2
+NB_F_SPORT = 3
+NB_F_DPORT = 4
+NB_F_ICMP = 5
+NB_F_FLAGS = 6
+NB_F_SET0 = 7
+NB_NFIELDS_BASE = 7
+NB_NFIELDS = NB_NFIELDS_BASE + NB_MAX_SETREFS
+NB_CLASS_ALL = 0
+
+NB_STAT_PASS = 0
+NB_STAT_DROP = 1
+NB_STAT_DEFAULT = 2
+NB_STAT_NONIP = 3
+NB_STAT_MALFORMED = 4
+NB_STAT_FRAGMENT = 5
+NB_STAT_RATE_DROP = 6
+NB_STAT_MAX = 8
+STAT_NAMES = {
+    NB_STAT_PASS: "pass", NB_STAT_DROP: "drop", NB_STAT_DEFAULT: "default",
+    NB_STAT_NONIP: "non_ip", NB_STAT_MALFORMED: "malformed", NB_STAT_FRAGMENT: "fragment",
+    NB_STAT_RATE_DROP: "rate_limited",
+}
+
+
+def nb_tag(gen: int, field: int) -> int:
+    return (field << 8) | gen
+
+
+def port_idx(gen: int, which: int, port: int) -> int:
+    return (gen << 17) | (which << 16) | port
+
+
+def proto_idx(gen: int, proto: int) -> int:
+    return (gen << 8) | proto
+
+
+def icmp_idx(gen: int, type_code: int) -> int:
+    return (gen << 16) | type_code
+
+
+def flags_idx(gen: int, flags: int) -> int:
+    return (gen << 8) | flags
+
+
+def slot_cap(words: int) -> int:
+    return 2 * words * 64 + 2 * NB_MAX_COUNT_RULES
+
+
+class NbGen(ctypes.Structure):
+    _fields_ = [("gen", ctypes.c_uint32)]
+
+
+class NbSetref(ctypes.Structure):
+    _fields_ = [("tag", ctypes.c_uint32), ("field", ctypes.c_uint32),
+                ("member_id", ctypes.c_uint32), ("nonmember_id", ctypes.c_uint32)]
+
+
+class NbFwCfg(ctypes.Structure):
+    _fields_ = [("field_mask", ctypes.c_uint32),
+                ("wild_id", ctypes.c_uint32 * NB_NFIELDS_BASE),
+                ("nsetrefs", ctypes.c_uint32),
+                ("nrules", ctypes.c_uint32),
+                ("ncount", ctypes.c_uint32),
+                ("default_action", ctypes.c_uint32),
+                ("setref", NbSetref * NB_MAX_SETREFS)]
+
+
+class NbRule(ctypes.Structure):
+    _fields_ = [("action", ctypes.c_uint32), ("slot", ctypes.c_uint32),
+                ("count_mask", ctypes.c_uint64), ("rl_rate", ctypes.c_uint64),
+                ("rl_burst", ctypes.c_uint64), ("rl_per", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+class NbLpm4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("tag", ctypes.c_uint32),
+                ("addr", ctypes.c_uint8 * 4)]
+
+
+class NbLpm6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("tag", ctypes.c_uint32),
+                ("addr", ctypes.c_uint8 * 16)]
+
+
+class NbCounter(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("drops", ctypes.c_uint64)]
+
+
+class NbRlKey(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("family", ctypes.c_uint32),
+                ("addr", ctypes.c_uint8 * 16)]
+
+
+class NbRlState(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
+def nb_sum(words: int) -> int:
+    return (words + 63) // 64
+
+
+@functools.cache
+def vec_struct(words: int) -> type[ctypes.Structure]:
+    """struct nb_vec for a program compiled with NB_WORDS=words."""
+    return type(f"NbVec{words}", (ctypes.Structure,), {"_fields_": [
+        ("count", ctypes.c_uint64),
+        ("sum", ctypes.c_uint64 * nb_sum(words)),
+        ("w", ctypes.c_uint64 * words)]})
+
+
+def pack_vec(words: int, count_bits: int, rule_bits: int) -> bytes:
+    """Bytes of one nb_vec: count bitmap, summary words, rule words (bit t = terminal rule t)."""
+    mask = (1 << 64) - 1
+    w = [(rule_bits >> (64 * i)) & mask for i in range(words)]
+    sums = [0] * nb_sum(words)
+    for i, x in enumerate(w):
+        if x:
+            sums[i // 64] |= 1 << (i % 64)
+    v = vec_struct(words)()
+    v.count = count_bits & mask
+    v.sum[:] = sums
+    v.w[:] = w
+    return bytes(v)

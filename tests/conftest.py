@@ -1,0 +1,46 @@
+"""Test tiers by directory: tests/unit (no root), tests/bpf (test_run), tests/netns (lab traffic).
+
+bpf and netns tests need root, bpffs and bcc. In CI a missing prerequisite fails the test with
+a message saying what is missing; locally (CI unset) it is a skip that says why.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+TIERS = ("unit", "bpf", "netns")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+def _missing_privileges() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (CAP_BPF and CAP_NET_ADMIN): run 'make test' as root"
+    if not os.path.ismount("/sys/fs/bpf"):
+        return "bpffs is not mounted on /sys/fs/bpf: run 'make setup'"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable: run 'make setup' (Debian python3-bpfcc in the venv)"
+    if not shutil.which("ip"):
+        return "iproute2 'ip' is missing: run 'make setup'"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _require_privileges(request):
+    if request.node.get_closest_marker("bpf") or request.node.get_closest_marker("netns"):
+        why = _missing_privileges()
+        if why:
+            if os.environ.get("CI"):
+                pytest.fail(why)
+            pytest.skip(why)
