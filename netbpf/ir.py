@@ -1,0 +1,92 @@
+"""Normalised policy: what the compiler and the data plane need, stripped of YAML syntax.
+
+The Pydantic models (netbpf/policy) validate the file and convert to these plain, frozen
+dataclasses with policy_to_ir(). The compiler (netbpf/compile.py) only ever sees this.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Prefix:
+    family: int          # 4 or 6
+    addr: int            # network address as an integer (host bits zero)
+    plen: int            # prefix length: 0-32 (IPv4), 0-128 (IPv6)
+
+
+@dataclass(frozen=True)
+class AddrMatch:
+    """Exactly one of prefixes (non-empty) or set_name is given."""
+    prefixes: tuple[Prefix, ...] = ()
+    set_name: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleIR:
+    name: str
+    action: str                                   # allow | drop | count | rate_limit
+    src: AddrMatch | None = None                  # None = any
+    dst: AddrMatch | None = None
+    proto: int | None = None                      # IP protocol number; None = any
+    sport: tuple[tuple[int, int], ...] | None = None   # inclusive ranges; None = any
+    dport: tuple[tuple[int, int], ...] | None = None
+    icmp_type: int | None = None                  # ICMP (v4, proto 1) or ICMPv6 (proto 58)
+    icmp_code: int | None = None
+    tcp_flags: tuple[int, int] | None = None      # (mask, value): flags & mask == value
+    rate_pps: int = 0                             # rate_limit only
+    rate_burst: int = 0
+    rate_per: str = "src"                         # src | rule
+    line: int = 0                                 # line in the policy file (for messages)
+
+
+@dataclass(frozen=True)
+class DirectionIR:
+    default: str                                  # allow | drop
+    rules: tuple[RuleIR, ...] = ()
+
+
+@dataclass(frozen=True)
+class InterfaceIR:
+    name: str
+    xdp_mode: str = "auto"                        # auto | native | generic | offload
+    conntrack: bool = False
+    ingress: DirectionIR | None = None
+    egress: DirectionIR | None = None
+
+
+@dataclass(frozen=True)
+class SetIR:
+    """A named address set. Lists, not Prefix objects: a set may hold a million entries."""
+    name: str
+    v4: tuple[tuple[int, int], ...] = ()          # (addr, plen)
+    v6: tuple[tuple[int, int], ...] = ()
+    source: str = ""                              # 'inline' or the set file's path
+
+
+@dataclass(frozen=True)
+class BackendIR:
+    family: int
+    addr: int
+    port: int
+    weight: int
+
+
+@dataclass(frozen=True)
+class LoadBalancerIR:
+    name: str
+    interface: str
+    family: int
+    vip: int
+    port: int
+    proto: int
+    mode: str                                     # nat | dsr
+    backends: tuple[BackendIR, ...] = ()
+    table_size: int = 65537
+
+
+@dataclass(frozen=True)
+class PolicyIR:
+    interfaces: dict[str, InterfaceIR] = field(default_factory=dict)
+    sets: dict[str, SetIR] = field(default_factory=dict)
+    load_balancers: dict[str, LoadBalancerIR] = field(default_factory=dict)
