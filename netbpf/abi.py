@@ -13,7 +13,8 @@ BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 ABI_HEADER = BPF_DIR / "include" / "netbpf_abi.h"
 
 # Program shapes: rule bit-vector words a program can be compiled with (64 terminal rules each).
-WORD_BUCKETS = (1, 4, 16, 64, 192)
+# Powers of two, so the data plane can bound a word index with a mask the verifier believes.
+WORD_BUCKETS = (1, 4, 16, 64, 256)
 
 NB_MAX_COUNT_RULES = 64
 NB_MAX_SETREFS = 4
@@ -22,7 +23,7 @@ NB_SET_CAP = 1 << 20
 NB_RL_ENTRIES = 65536
 NB_MAX_VLANS = 2
 NB_MAX_EXTHDRS = 6
-NB_MAX_RULES = WORD_BUCKETS[-1] * 64  # terminal rules per direction (12288)
+NB_MAX_RULES = WORD_BUCKETS[-1] * 64  # terminal rules per direction (16384)
 
 # Load balancer limits (used by the policy checks; the LB program declares them again in C).
 NB_MAX_BACKENDS = 4096

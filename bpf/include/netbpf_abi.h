@@ -5,7 +5,8 @@
 #define NETBPF_ABI_H
 
 /* ---- program shape, chosen per policy by the controller (-D on the bcc command line) ----
- * NB_WORDS: 64-bit words of a rule bit-vector (1, 4, 16, 64 or 192: up to 12288 terminal rules).
+ * NB_WORDS: 64-bit words of a rule bit-vector, a power of two (1, 4, 16, 64 or 256: up to
+ * 16384 terminal rules).
  * NB_CLASS_CAP: class vectors per generation. Rule edits that fit the shape only rewrite maps. */
 #ifndef NB_WORDS
 #define NB_WORDS 1

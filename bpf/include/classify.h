@@ -1,0 +1,294 @@
+/* classify.h - the first-match classifier: per-field lookups -> class bit-vectors -> AND ->
+ * first set bit, plus count rules, rate limiting and counters. Declares its maps, so every
+ * program that includes it (XDP ingress, TC egress) gets its own set.
+ * Not a parser (parse.h) and not an attach point: it returns NB_ACT_ALLOW or NB_ACT_DROP. */
+#ifndef NETBPF_CLASSIFY_H
+#define NETBPF_CLASSIFY_H
+
+#include "netbpf_abi.h"
+#include "parse.h"
+
+BPF_ARRAY(nb_fw_gen, struct nb_gen, 1);
+BPF_ARRAY(nb_fw_cfg, struct nb_fw_cfg, 2);
+BPF_ARRAY(nb_fw_rules, struct nb_rule, 2 * NB_RULES_CAP);
+BPF_ARRAY(nb_fw_crules, __u32, 2 * NB_MAX_COUNT_RULES);
+BPF_ARRAY(nb_fw_vecs, struct nb_vec, 2 * NB_CLASS_CAP);
+BPF_LPM_TRIE(nb_fw_lpm4, struct nb_lpm4_key, __u32, 2 * NB_PREFIX_CAP);
+BPF_LPM_TRIE(nb_fw_lpm6, struct nb_lpm6_key, __u32, 2 * NB_PREFIX_CAP);
+BPF_ARRAY(nb_fw_ports, __u32, 4 * 65536);
+BPF_ARRAY(nb_fw_proto, __u32, 2 * 256);
+BPF_ARRAY(nb_fw_icmp, __u32, 2 * 65536);
+BPF_ARRAY(nb_fw_flags, __u32, 2 * 256);
+BPF_LPM_TRIE(nb_set4, struct nb_lpm4_key, __u32, 2 * NB_SET_CAP);
+BPF_LPM_TRIE(nb_set6, struct nb_lpm6_key, __u32, 2 * NB_SET_CAP);
+BPF_PERCPU_ARRAY(nb_fw_cnt, struct nb_counter, NB_SLOT_CAP);
+BPF_PERCPU_ARRAY(nb_fw_stats, struct nb_counter, NB_STAT_MAX);
+BPF_TABLE("lru_hash", struct nb_rl_key, struct nb_rl_state, nb_fw_rl, NB_RL_ENTRIES);
+
+/* Count trailing zeros of x != 0 without branches: popcount((x & -x) - 1), SWAR style.
+ * bcc 0.26 crashes on __builtin_ctzll, and a branchy version multiplies verifier states
+ * (each branch doubles the paths through the scan loop). The & 63 gives the verifier a bound. */
+static __always_inline __u32 nb_ctz64(__u64 x)
+{
+    __u64 y = (x & -x) - 1;
+    y = y - ((y >> 1) & 0x5555555555555555ULL);
+    y = (y & 0x3333333333333333ULL) + ((y >> 2) & 0x3333333333333333ULL);
+    y = (y + (y >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (__u32)((y * 0x0101010101010101ULL) >> 56) & 63;
+}
+
+static __always_inline void nb_bump(struct nb_counter *c, __u32 len, int dropped)
+{
+    if (c) {
+        c->packets += 1;
+        c->bytes += len;
+        if (dropped)
+            c->drops += 1;
+    }
+}
+
+static __always_inline void nb_count(__u32 slot, __u32 len, int dropped)
+{
+    struct nb_counter *c = nb_fw_cnt.lookup(&slot);   /* bcc: no map call inside an argument */
+    nb_bump(c, len, dropped);
+}
+
+static __always_inline void nb_stat(__u32 idx, __u32 len)
+{
+    struct nb_counter *c = nb_fw_stats.lookup(&idx);
+    nb_bump(c, len, 0);
+}
+
+/* Class id of an address field: longest prefix among the rule prefixes, else the wildcard. */
+static __always_inline __u32 nb_addr_class(struct nb_pkt *p, __u32 gen, __u32 field,
+                                           __u8 *addr, __u32 wild)
+{
+    __u32 *id;
+    if (p->family == 4) {
+        struct nb_lpm4_key k = {.prefixlen = 64, .tag = NB_TAG(gen, field)};
+        __builtin_memcpy(k.addr, addr, 4);
+        id = nb_fw_lpm4.lookup(&k);
+    } else {
+        struct nb_lpm6_key k = {.prefixlen = 160, .tag = NB_TAG(gen, field)};
+        __builtin_memcpy(k.addr, addr, 16);
+        id = nb_fw_lpm6.lookup(&k);
+    }
+    return id ? *id : wild;
+}
+
+/* Spelled out per map: bcc only rewrites map.lookup() on a map named in place, and a plain
+ * bpf_map_lookup_elem() lets clang hoist the helper address into a register (callx, which the
+ * kernel rejects as "unknown opcode 8d"). */
+static __always_inline __u32 nb_proto_class(__u32 idx, __u32 wild)
+{
+    __u32 *id = nb_fw_proto.lookup(&idx);
+    return id ? *id : wild;
+}
+
+static __always_inline __u32 nb_port_class(__u32 idx, __u32 wild)
+{
+    __u32 *id = nb_fw_ports.lookup(&idx);
+    return id ? *id : wild;
+}
+
+static __always_inline __u32 nb_icmp_class(__u32 idx, __u32 wild)
+{
+    __u32 *id = nb_fw_icmp.lookup(&idx);
+    return id ? *id : wild;
+}
+
+static __always_inline __u32 nb_flags_class(__u32 idx, __u32 wild)
+{
+    __u32 *id = nb_fw_flags.lookup(&idx);
+    return id ? *id : wild;
+}
+
+static __always_inline int nb_in_set(struct nb_pkt *p, __u32 tag, __u32 field)
+{
+    __u8 *addr = field == NB_F_SRC ? p->src : p->dst;
+    if (p->family == 4) {
+        struct nb_lpm4_key k = {.prefixlen = 64, .tag = tag};
+        __builtin_memcpy(k.addr, addr, 4);
+        __u32 *hit4 = nb_set4.lookup(&k);
+        return hit4 != 0;
+    }
+    struct nb_lpm6_key k = {.prefixlen = 160, .tag = tag};
+    __builtin_memcpy(k.addr, addr, 16);
+    __u32 *hit6 = nb_set6.lookup(&k);
+    return hit6 != 0;
+}
+
+static __always_inline __u32 nb_setref_class(struct nb_pkt *p, struct nb_fw_cfg *cfg, __u32 k)
+{
+    if (k >= cfg->nsetrefs || k >= NB_MAX_SETREFS)
+        return NB_CLASS_ALL;
+    struct nb_setref *r = &cfg->setref[k];
+    return nb_in_set(p, r->tag, r->field) ? r->member_id : r->nonmember_id;
+}
+
+static __always_inline struct nb_vec *nb_vec_of(__u32 gen, __u32 id)
+{
+    /* NB_CLASS_CAP is a power of two: the mask keeps a corrupt id inside this generation */
+    __u32 idx = gen * NB_CLASS_CAP + (id & (NB_CLASS_CAP - 1));
+    return nb_fw_vecs.lookup(&idx);
+}
+
+/* Token bucket in nanopackets. Approximate under contention between CPUs (no lock): a few
+ * packets over the burst at worst, never a stuck bucket. */
+static __always_inline int nb_rate_ok(struct nb_rule *r, struct nb_pkt *p)
+{
+    struct nb_rl_key k = {.slot = r->slot};
+    if (r->rl_per == NB_RL_PER_SRC) {
+        k.family = p->family;
+        __builtin_memcpy(k.addr, p->src, 16);
+    }
+    __u64 now = bpf_ktime_get_ns();
+    __u64 cap = r->rl_burst * 1000000000ULL;
+    struct nb_rl_state *st = nb_fw_rl.lookup(&k);
+    if (!st) {
+        struct nb_rl_state init = {.tokens = cap - 1000000000ULL, .last_ns = now};
+        nb_fw_rl.update(&k, &init);
+        return 1;
+    }
+    __u64 elapsed = now - st->last_ns;
+    if (elapsed > 10000000000ULL)   /* 10 s refills any bucket; keeps elapsed*rate from overflow */
+        elapsed = 10000000000ULL;
+    __u64 tokens = st->tokens + elapsed * r->rl_rate;
+    if (tokens > cap)
+        tokens = cap;
+    int ok = tokens >= 1000000000ULL;
+    if (ok)
+        tokens -= 1000000000ULL;
+    st->tokens = tokens;
+    st->last_ns = now;
+    return ok;
+}
+
+#define NB_AND(member, i)                                                            \
+    (v0->member[i] & v1->member[i] & v2->member[i] & v3->member[i] & v4->member[i] &  \
+     v5->member[i] & v6->member[i] & v7->member[i] & v8->member[i] & v9->member[i] &  \
+     v10->member[i])
+
+/* Classify a parsed packet; count it; return NB_ACT_ALLOW or NB_ACT_DROP. */
+static __always_inline int nb_classify(struct nb_pkt *p, __u32 len)
+{
+    __u32 zero = 0;
+    struct nb_gen *g = nb_fw_gen.lookup(&zero);
+    if (!g)
+        return NB_ACT_ALLOW;
+    __u32 gen = g->gen & 1;     /* read once: this packet sees one generation, whole */
+    struct nb_fw_cfg *cfg = nb_fw_cfg.lookup(&gen);
+    if (!cfg)
+        return NB_ACT_ALLOW;
+    __u32 mask = cfg->field_mask;
+
+    __u32 id[NB_NFIELDS];
+#pragma unroll
+    for (int f = 0; f < NB_NFIELDS; f++)
+        id[f] = NB_CLASS_ALL;
+    if (mask & (1 << NB_F_SRC))
+        id[NB_F_SRC] = nb_addr_class(p, gen, NB_F_SRC, p->src, cfg->wild_id[NB_F_SRC]);
+    if (mask & (1 << NB_F_DST))
+        id[NB_F_DST] = nb_addr_class(p, gen, NB_F_DST, p->dst, cfg->wild_id[NB_F_DST]);
+    if (mask & (1 << NB_F_PROTO))
+        id[NB_F_PROTO] = nb_proto_class(NB_PROTO_IDX(gen, p->proto),
+                                        cfg->wild_id[NB_F_PROTO]);
+    if (mask & (1 << NB_F_SPORT))
+        id[NB_F_SPORT] = p->has_ports ?
+            nb_port_class(NB_PORT_IDX(gen, 0, p->sport), cfg->wild_id[NB_F_SPORT]) :
+            cfg->wild_id[NB_F_SPORT];
+    if (mask & (1 << NB_F_DPORT))
+        id[NB_F_DPORT] = p->has_ports ?
+            nb_port_class(NB_PORT_IDX(gen, 1, p->dport), cfg->wild_id[NB_F_DPORT]) :
+            cfg->wild_id[NB_F_DPORT];
+    if (mask & (1 << NB_F_ICMP))
+        id[NB_F_ICMP] = p->has_icmp ?
+            nb_icmp_class(NB_ICMP_IDX(gen, ((__u32)p->icmp_type << 8) | p->icmp_code),
+                           cfg->wild_id[NB_F_ICMP]) :
+            cfg->wild_id[NB_F_ICMP];
+    if (mask & (1 << NB_F_FLAGS))
+        id[NB_F_FLAGS] = p->has_flags ?
+            nb_flags_class(NB_FLAGS_IDX(gen, p->tcp_flags), cfg->wild_id[NB_F_FLAGS]) :
+            cfg->wild_id[NB_F_FLAGS];
+#pragma unroll
+    for (int k = 0; k < NB_MAX_SETREFS; k++)
+        id[NB_F_SET0 + k] = nb_setref_class(p, cfg, k);
+
+    struct nb_vec *v0 = nb_vec_of(gen, id[0]), *v1 = nb_vec_of(gen, id[1]),
+                  *v2 = nb_vec_of(gen, id[2]), *v3 = nb_vec_of(gen, id[3]),
+                  *v4 = nb_vec_of(gen, id[4]), *v5 = nb_vec_of(gen, id[5]),
+                  *v6 = nb_vec_of(gen, id[6]), *v7 = nb_vec_of(gen, id[7]),
+                  *v8 = nb_vec_of(gen, id[8]), *v9 = nb_vec_of(gen, id[9]),
+                  *v10 = nb_vec_of(gen, id[10]);
+    if (!v0 || !v1 || !v2 || !v3 || !v4 || !v5 || !v6 || !v7 || !v8 || !v9 || !v10)
+        return NB_ACT_ALLOW;
+
+    __u64 counted = v0->count & v1->count & v2->count & v3->count & v4->count & v5->count &
+                    v6->count & v7->count & v8->count & v9->count & v10->count;
+    if (cfg->ncount < 64)
+        counted &= (1ULL << cfg->ncount) - 1;
+
+    /* Aggregated bit-vector scan: summary words name the rule words worth ANDing, so a
+     * packet that matches nothing, or matches early, touches few words whatever the rule count. */
+    __u32 t = 0xffffffff;
+#pragma unroll
+    for (__u32 s = 0; s < NB_SUM; s++) {
+        __u64 ws = NB_AND(sum, s);
+        for (int j = 0; j < 64; j++) {
+            if (ws == 0)
+                break;
+            __u32 wi = s * 64 + nb_ctz64(ws);
+            ws &= ws - 1;
+            if (wi >= NB_WORDS)
+                break;
+            wi &= NB_WORDS - 1;     /* no-op (NB_WORDS is a power of two); bounds it for the verifier */
+            __u64 bits = NB_AND(w, wi);
+            if (bits) {
+                t = wi * 64 + nb_ctz64(bits);
+                goto scanned;
+            }
+        }
+    }
+scanned:;
+
+    int act = cfg->default_action == NB_ACT_DROP ? NB_ACT_DROP : NB_ACT_ALLOW;
+    int rate_dropped = 0;
+    struct nb_rule *r = 0;
+    if (t < cfg->nrules) {
+        __u32 ridx = gen * NB_RULES_CAP + t;
+        r = nb_fw_rules.lookup(&ridx);
+    }
+    if (r) {
+        counted &= r->count_mask;
+        if (r->action == NB_ACT_DROP) {
+            act = NB_ACT_DROP;
+        } else if (r->action == NB_ACT_RATE) {
+            act = nb_rate_ok(r, p) ? NB_ACT_ALLOW : NB_ACT_DROP;
+            rate_dropped = act == NB_ACT_DROP;
+        } else {
+            act = NB_ACT_ALLOW;
+        }
+        nb_count(r->slot, len, rate_dropped);
+    } else {
+        nb_stat(NB_STAT_DEFAULT, len);
+    }
+
+    for (int c = 0; c < NB_MAX_COUNT_RULES; c++) {
+        if (!counted)
+            break;
+        __u32 ci = gen * NB_MAX_COUNT_RULES + nb_ctz64(counted);
+        counted &= counted - 1;
+        __u32 *slot = nb_fw_crules.lookup(&ci);
+        if (slot)
+            nb_count(*slot, len, 0);
+    }
+
+    if (rate_dropped)
+        nb_stat(NB_STAT_RATE_DROP, len);
+    if (p->fragment)
+        nb_stat(NB_STAT_FRAGMENT, len);
+    nb_stat(act == NB_ACT_DROP ? NB_STAT_DROP : NB_STAT_PASS, len);
+    return act;
+}
+
+#endif

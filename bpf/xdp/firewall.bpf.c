@@ -1,0 +1,28 @@
+/* firewall.bpf.c - XDP ingress firewall: parse -> classify -> act -> count.
+ * Tables come from the controller (netbpf/compile.py via netbpf/apply.py); this program never
+ * changes when rules change. Non-IP frames pass; malformed frames drop (docs/dataplane.md). */
+#include <uapi/linux/bpf.h>
+#include "netbpf_abi.h"
+#include "parse.h"
+#include "classify.h"
+
+int nb_fw_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u32 len = data_end - data;
+    struct nb_pkt p = {};
+
+    int rc = nb_parse(data, data_end, &p);
+    if (rc == NB_PARSE_NONIP) {
+        nb_stat(NB_STAT_NONIP, len);
+        nb_stat(NB_STAT_PASS, len);
+        return XDP_PASS;
+    }
+    if (rc != NB_PARSE_OK) {
+        nb_stat(NB_STAT_MALFORMED, len);
+        nb_stat(NB_STAT_DROP, len);
+        return XDP_DROP;
+    }
+    return nb_classify(&p, len) == NB_ACT_DROP ? XDP_DROP : XDP_PASS;
+}
