@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+# tests/ on the path: the case tables (tests/cases) and builders (tests/unit) are shared by tiers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TIERS = ("unit", "bpf", "netns")
 
