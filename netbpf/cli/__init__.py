@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as e:
+        # a file or kernel call we did not wrap: still one line, never a traceback
+        click.echo(f"netbpf: {e}", err=True)
+        sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -1,0 +1,184 @@
+"""Where netbpf keeps what it made: pin directories, per-interface state files, the apply lock.
+
+Pins live in bpffs (/sys/fs/bpf/netbpf/<key>/) and state in tmpfs (/run/netbpf/state/), so a
+reboot forgets both together. <key> is the interface name, or NETNS:IFNAME inside a namespace
+(':' cannot appear in an interface name). No kernel calls here: plain files only.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from netbpf.errors import NetbpfError
+
+PIN_ROOT = Path(os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf"))
+STATE_ROOT = Path(os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf"))
+LOCK_TIMEOUT_S = 60.0
+
+
+def iface_key(ifname: str, netns: str | None) -> str:
+    return f"{netns}:{ifname}" if netns else ifname
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    netns, sep, ifname = key.rpartition(":")
+    return (netns if sep else None), ifname
+
+
+def pin_dir(key: str) -> Path:
+    return PIN_ROOT / key
+
+
+def staging_dirs(key: str) -> tuple[Path, Path]:
+    """(new, retired) pin directories used while swapping programs. bpffs refuses '.' in
+    names, hence a sibling tree rather than suffixes."""
+    root = PIN_ROOT.with_name(PIN_ROOT.name + "_staging")
+    return root / "new" / key, root / "old" / key
+
+
+def state_file(key: str) -> Path:
+    return STATE_ROOT / "state" / f"{key}.json"
+
+
+@dataclass
+class RuleState:
+    """One rule as applied: its counter slot survives re-applies while name and digest stay."""
+    name: str
+    action: str              # allow | drop | rate_limit | count
+    digest: str
+    slot: int
+    line: int = 0
+    direction: str = "ingress"
+
+
+@dataclass
+class SetState:
+    name: str
+    digest: str
+    tag: int
+    v4: int = 0              # entry counts, for status and stats
+    v6: int = 0
+
+
+@dataclass
+class InterfaceState:
+    key: str
+    ifname: str
+    netns: str | None
+    ifindex: int
+    mode: str                # XDP mode in use: native | generic | offload
+    requested_mode: str      # what the policy asked for (auto | native | generic | offload)
+    prog_id: int
+    prog_hash: str
+    words: int
+    class_cap: int
+    gen: int
+    default_action: str
+    policy_path: str
+    policy_hash: str
+    applied_at: float = field(default_factory=time.time)
+    rules: list[RuleState] = field(default_factory=list)
+    sets: list[SetState] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "InterfaceState":
+        data = dict(data)
+        data["rules"] = [RuleState(**r) for r in data.get("rules", [])]
+        data["sets"] = [SetState(**s) for s in data.get("sets", [])]
+        return cls(**data)
+
+
+def load_state(key: str) -> InterfaceState | None:
+    path = state_file(key)
+    try:
+        return InterfaceState.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        raise NetbpfError(f"read state {path}: {e}; 'netbpf detach' and re-apply to repair") from e
+
+
+def save_state(state: InterfaceState) -> None:
+    """Atomic (write, fsync, rename) and private to root: readers never see half a file."""
+    path = state_file(state.key)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(state), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_state(key: str) -> None:
+    try:
+        state_file(key).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def list_states() -> list[InterfaceState]:
+    d = STATE_ROOT / "state"
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.glob("*.json")):
+        try:
+            st = load_state(p.stem)
+        except NetbpfError:
+            continue
+        if st:
+            out.append(st)
+    return out
+
+
+def list_pin_keys() -> list[str]:
+    if not PIN_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in PIN_ROOT.iterdir() if p.is_dir())
+
+
+@contextmanager
+def apply_lock(timeout: float = LOCK_TIMEOUT_S, wait_message=None) -> Iterator[None]:
+    """One apply/detach at a time on this machine. Waits up to timeout, then fails clearly."""
+    path = STATE_ROOT / "apply.lock"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = _lock_holder(fd)
+                if not told and wait_message:
+                    wait_message(f"waiting for another netbpf apply (pid {holder}) to finish")
+                    told = True
+                if time.monotonic() >= deadline:
+                    raise NetbpfError(f"another netbpf apply (pid {holder}) holds {path} "
+                                      f"after {timeout:.0f} s; try again when it is done")
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode().strip() or "?"
+    except OSError:
+        return "?"
