@@ -55,12 +55,31 @@ NB_STAT_NONIP = 3
 NB_STAT_MALFORMED = 4
 NB_STAT_FRAGMENT = 5
 NB_STAT_RATE_DROP = 6
+NB_STAT_CT_REPLY = 7
 NB_STAT_MAX = 8
 STAT_NAMES = {
     NB_STAT_PASS: "pass", NB_STAT_DROP: "drop", NB_STAT_DEFAULT: "default",
     NB_STAT_NONIP: "non_ip", NB_STAT_MALFORMED: "malformed", NB_STAT_FRAGMENT: "fragment",
-    NB_STAT_RATE_DROP: "rate_limited",
+    NB_STAT_RATE_DROP: "rate_limited", NB_STAT_CT_REPLY: "conntrack_reply",
 }
+
+NB_CT_ENTRIES = 65536
+NB_CT_SYN_SENT = 1
+NB_CT_ESTABLISHED = 2
+NB_CT_CLOSING = 3
+CT_STATE_NAMES = {NB_CT_SYN_SENT: "syn_sent", NB_CT_ESTABLISHED: "established",
+                  NB_CT_CLOSING: "closing"}
+NB_CT_T_TCP_SYN = 0
+NB_CT_T_TCP_EST = 1
+NB_CT_T_TCP_CLOSE = 2
+NB_CT_T_UDP = 3
+NB_CT_T_ICMP = 4
+NB_CT_NTIMEOUTS = 5
+# Seconds, per nb_ct_cfg.timeout_ns index (the policy may override each).
+CT_DEFAULT_TIMEOUTS = {"tcp_syn": 30.0, "tcp_established": 3600.0, "tcp_close": 10.0,
+                       "udp": 30.0, "icmp": 30.0}
+CT_TIMEOUT_INDEX = {"tcp_syn": NB_CT_T_TCP_SYN, "tcp_established": NB_CT_T_TCP_EST,
+                    "tcp_close": NB_CT_T_TCP_CLOSE, "udp": NB_CT_T_UDP, "icmp": NB_CT_T_ICMP}
 
 
 def nb_tag(gen: int, field: int) -> int:
@@ -131,6 +150,21 @@ class NbCounter(ctypes.Structure):
 class NbRlKey(ctypes.Structure):
     _fields_ = [("slot", ctypes.c_uint32), ("family", ctypes.c_uint32),
                 ("addr", ctypes.c_uint8 * 16)]
+
+
+class NbCtKey(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_uint8), ("proto", ctypes.c_uint8),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("saddr", ctypes.c_uint8 * 16), ("daddr", ctypes.c_uint8 * 16)]
+
+
+class NbCtVal(ctypes.Structure):
+    _fields_ = [("last_ns", ctypes.c_uint64), ("packets", ctypes.c_uint64),
+                ("state", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class NbCtCfg(ctypes.Structure):
+    _fields_ = [("timeout_ns", ctypes.c_uint64 * NB_CT_NTIMEOUTS)]
 
 
 class NbRlState(ctypes.Structure):

@@ -1,16 +1,17 @@
 """The apply engine: plan (desired policy vs. what is pinned), then make it so, atomically.
 
-Rule edits write the inactive generation of the pinned maps and flip one value, so each
-packet sees the old policy or the new one, never a mix; the program and its id stay. A new
-program (first apply, a shape that no longer fits, a new netbpf) is loaded with its maps fully
-written before it replaces the old one in one netlink call. Any failure before the flip or
-the replace leaves the previous policy running. Not the CLI (netbpf/cli/dataplane.py).
+An interface runs up to two programs ("parts"): the XDP ingress firewall and, when the policy
+has egress rules or conntrack, the TC egress firewall. Rule edits write the inactive
+generation of each part's pinned maps and flip one value, so each packet sees the old policy
+or the new one, never a mix; program ids stay. New programs (first apply, a shape that no
+longer fits, conntrack switched, a new netbpf) are filled before they replace the old ones,
+each in one netlink call. Any failure before that leaves the previous policy running.
+Not the CLI (netbpf/cli/dataplane.py), not map layouts (netbpf/fwtables.py).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import time
 from array import array
@@ -26,15 +27,22 @@ from netbpf.ir import DirectionIR, InterfaceIR, SetIR
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
-from netbpf.state import (InterfaceState, RuleState, SetState, apply_lock, iface_key,
-                          list_states, load_state, pin_dir, remove_state, save_state,
-                          staging_dirs)
+from netbpf.state import (InterfaceState, PartState, RuleState, SetState, apply_lock,
+                          iface_key, list_states, load_state, pin_dir, remove_state,
+                          save_state, staging_dirs)
 
 FW_SOURCE = abi.BPF_DIR / "xdp" / "firewall.bpf.c"
 FW_PROG = "nb_fw_xdp"
+TC_SOURCE = abi.BPF_DIR / "tc" / "firewall.bpf.c"
+TC_EGRESS_PROG = "nb_fw_tc_eg"
 PROG_PIN = "prog"
-# A packet being classified holds the old generation for microseconds (XDP runs under RCU);
-# the old generation's prefixes are removed only after this grace period.
+CT_MAPS = ("nb_ct", "nb_ct_cfg")
+PARTS = {  # direction -> (hook, source, function, program type)
+    "ingress": ("xdp", FW_SOURCE, FW_PROG, "xdp"),
+    "egress": ("tc", TC_SOURCE, TC_EGRESS_PROG, "sched_cls"),
+}
+# A packet being classified holds the old generation for microseconds (XDP and TC run under
+# RCU); the old generation's prefixes are removed only after this grace period.
 GRACE_S = 0.05
 
 Log = Callable[[str], None]
@@ -48,27 +56,58 @@ class RuleChange:
 
 
 @dataclass
+class PartPlan:
+    direction: str
+    ir: DirectionIR
+    compiled: CompiledDirection
+    shape: Shape
+    conntrack: bool
+    rules: list[RuleChange] = field(default_factory=list)
+    old: PartState | None = None
+
+    @property
+    def hook(self) -> str:
+        return PARTS[self.direction][0]
+
+    @property
+    def source(self) -> Path:
+        return PARTS[self.direction][1]
+
+    @property
+    def func(self) -> str:
+        return PARTS[self.direction][2]
+
+    @property
+    def prog_hash(self) -> str:
+        return program_hash(self.source, self.shape, self.conntrack)
+
+    def changed_rules(self) -> list[RuleChange]:
+        return [r for r in self.rules if r.what != "kept"]
+
+
+@dataclass
 class IfacePlan:
     key: str
     ifname: str
     netns: str | None
     what: str                                    # create | update | unchanged | remove
     mode: str = "auto"
-    reasons: list[str] = field(default_factory=list)   # why a new program is loaded
-    rules: list[RuleChange] = field(default_factory=list)
-    sets: list[str] = field(default_factory=list)
-    shape: Shape | None = None
-    compiled: CompiledDirection | None = None
-    default_action: str = "allow"
-    iface: InterfaceIR | None = None
+    conntrack: bool = False
+    ct_timeouts: dict = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)   # why new programs are loaded
+    parts: dict[str, PartPlan] = field(default_factory=dict)
     old: InterfaceState | None = None
 
     @property
     def new_program(self) -> bool:
         return bool(self.reasons)
 
+    @property
+    def rules(self) -> list[RuleChange]:
+        return [r for p in self.parts.values() for r in p.rules]
+
     def changed_rules(self) -> list[RuleChange]:
-        return [r for r in self.rules if r.what != "kept"]
+        return [r for p in self.parts.values() for r in p.changed_rules()]
 
 
 @dataclass
@@ -86,11 +125,11 @@ class Plan:
 
 # ---- planning (no kernel writes) ----
 
-def program_hash(shape: Shape) -> str:
-    h = hashlib.sha256(FW_SOURCE.read_bytes())
+def program_hash(source: Path, shape: Shape, conntrack: bool) -> str:
+    h = hashlib.sha256(source.read_bytes())
     for hdr in sorted((abi.BPF_DIR / "include").glob("*.h")):
         h.update(hdr.name.encode() + hdr.read_bytes())
-    h.update(f"words={shape.words} classes={shape.class_cap}".encode())
+    h.update(f"words={shape.words} classes={shape.class_cap} ct={int(conntrack)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -103,18 +142,10 @@ def _rule_states(c: CompiledDirection, ir: DirectionIR) -> list[tuple[str, str, 
 
 
 def _check_supported(iface: InterfaceIR, policy) -> None:
-    problems = []
-    if iface.egress is not None and iface.egress.rules:
-        problems.append("egress rules need the TC data plane, which this netbpf does not "
-                        "have yet")
-    if iface.conntrack:
-        problems.append("conntrack needs the TC data plane, which this netbpf does not have yet")
     lbs = [lb.name for lb in policy.load_balancers.values() if lb.interface == iface.name]
     if lbs:
-        problems.append(f"load balancer(s) {', '.join(lbs)} need the LB data plane, which "
-                        "this netbpf does not have yet")
-    if problems:
-        raise InputError(f"interfaces.{iface.name}: " + "; ".join(problems))
+        raise InputError(f"interfaces.{iface.name}: load balancer(s) {', '.join(lbs)} need the "
+                         "LB data plane, which this netbpf does not have yet")
 
 
 def _interface_exists(ifname: str, netns: str | None) -> bool:
@@ -126,19 +157,67 @@ def _interface_exists(ifname: str, netns: str | None) -> bool:
             return False
 
 
-def _attached_ok(st: InterfaceState) -> str | None:
+def _tc_filter(st: InterfaceState, direction: str):
+    for f in attach.list_tc_filters(st.ifname, direction, netns=st.netns):
+        if f.kind == "bpf" and f.prio == attach.NB_TC_PRIO and f.handle == attach.NB_TC_HANDLE:
+            return f
+    return None
+
+
+def drift(st: InterfaceState) -> str | None:
     """Why the interface no longer runs what the state says, or None if it does."""
-    if not (pin_dir(st.key) / PROG_PIN).exists():
-        return "pins are missing"
+    for d, part in st.parts.items():
+        if not (pin_dir(st.key) / d / PROG_PIN).exists():
+            return "pins are missing"
     try:
         cur = attach.xdp_state(st.ifname, netns=st.netns)
     except NetbpfError:
         return "the interface is gone"
-    if cur is None:
-        return "the program was detached by someone else"
-    if cur.prog_id != st.prog_id:
-        return f"another program (id {cur.prog_id}) replaced ours"
+    ing = st.parts.get("ingress")
+    if ing is not None:
+        if cur is None:
+            return "the XDP program was detached by someone else"
+        if cur.prog_id != ing.prog_id:
+            return f"another XDP program (id {cur.prog_id}) replaced ours"
+    eg = st.parts.get("egress")
+    if eg is not None:
+        f = _tc_filter(st, "egress")
+        if f is None:
+            return "the TC egress filter was removed by someone else"
+        if f.prog_id != eg.prog_id:
+            return f"another program (id {f.prog_id}) replaced our TC egress filter"
     return None
+
+
+def _ct_timeouts(iface: InterfaceIR) -> dict:
+    t = dict(abi.CT_DEFAULT_TIMEOUTS)
+    t.update(dict(iface.ct_timeouts))
+    return t if iface.conntrack else {}
+
+
+def _plan_part(direction: str, ir: DirectionIR, sets, old: InterfaceState | None,
+               conntrack: bool) -> PartPlan:
+    compiled = compile_direction(ir, sets)
+    old_part = old.parts.get(direction) if old else None
+    current = Shape(old_part.words, old_part.class_cap) if old_part else None
+    shape = choose_shape(compiled.nrules, compiled.nclasses, current)
+    pp = PartPlan(direction, ir, compiled, shape, conntrack, old=old_part)
+    new = _rule_states(compiled, ir)
+    was = {r.name: r for r in old_part.rules} if old_part else {}
+    for n, a, d, _ in new:
+        r = was.pop(n, None)
+        pp.rules.append(RuleChange(n, a, "added" if r is None else
+                                   "kept" if r.digest == d else "changed"))
+    pp.rules += [RuleChange(r.name, r.action, "removed") for r in was.values()]
+    return pp
+
+
+def _part_unchanged(pp: PartPlan, sets) -> bool:
+    old = pp.old
+    return (old is not None and not pp.changed_rules()
+            and [r.name for r in old.rules] == [n for n, *_ in _rule_states(pp.compiled, pp.ir)]
+            and old.default_action == pp.ir.default
+            and _set_digests(pp.compiled, sets) == {s.name: s.digest for s in old.sets})
 
 
 def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
@@ -151,40 +230,36 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
             raise NetbpfError(f"no interface '{name}' in {netns_label(netns)}; "
                               f"see 'ip{' -n ' + netns if netns else ''} link'")
         key = iface_key(name, netns)
-        direction = iface.ingress or DirectionIR(default="allow")
-        compiled = compile_direction(direction, ir.sets)
         old = load_state(key)
-        current = Shape(old.words, old.class_cap) if old else None
-        shape = choose_shape(compiled.nrules, compiled.nclasses, current)
         p = IfacePlan(key=key, ifname=name, netns=netns, what="update", mode=iface.xdp_mode,
-                      shape=shape, compiled=compiled, default_action=direction.default,
-                      iface=iface, old=old)
-        new = _rule_states(compiled, direction)
+                      conntrack=iface.conntrack, ct_timeouts=_ct_timeouts(iface), old=old)
+        p.parts["ingress"] = _plan_part("ingress", iface.ingress or DirectionIR("allow"),
+                                        ir.sets, old, iface.conntrack)
+        if iface.conntrack or (iface.egress and iface.egress.rules):
+            p.parts["egress"] = _plan_part("egress", iface.egress or DirectionIR("allow"),
+                                           ir.sets, old, iface.conntrack)
         if old is None:
             p.what = "create"
             p.reasons.append("first apply")
-            p.rules = [RuleChange(n, a, "added") for n, a, _, _ in new]
         else:
-            drift = _attached_ok(old)
-            if drift:
-                p.reasons.append(drift)
-            if old.prog_hash != program_hash(shape):
-                p.reasons.append("program shape changed" if shape != current
-                                 else "program code changed")
+            why = drift(old)
+            if why:
+                p.reasons.append(why)
+            for d in sorted(set(p.parts) | set(old.parts)):
+                if d not in old.parts:
+                    p.reasons.append(f"{d} program added")
+                elif d not in p.parts:
+                    p.reasons.append(f"{d} program removed")
+                elif old.parts[d].prog_hash != p.parts[d].prog_hash:
+                    shape_now = p.parts[d].shape
+                    was = Shape(old.parts[d].words, old.parts[d].class_cap)
+                    p.reasons.append(f"{d} program " + ("shape changed" if shape_now != was
+                                                         else "code or conntrack changed"))
             if old.requested_mode != iface.xdp_mode:
                 p.reasons.append(f"xdp mode {old.requested_mode} -> {iface.xdp_mode}")
-            was = {r.name: r for r in old.rules}
-            for n, a, d, _ in new:
-                r = was.pop(n, None)
-                p.rules.append(RuleChange(n, a, "added" if r is None else
-                                          "kept" if r.digest == d else "changed"))
-            p.rules += [RuleChange(r.name, r.action, "removed") for r in was.values()]
-            order_same = [r.name for r in old.rules] == [n for n, *_ in new]
-            if (not p.reasons and not p.changed_rules() and order_same
-                    and old.default_action == direction.default
-                    and _set_digests(compiled, ir.sets) == {s.name: s.digest for s in old.sets}):
+            if (not p.reasons and all(_part_unchanged(pp, ir.sets) for pp in p.parts.values())
+                    and old.ct_timeouts == p.ct_timeouts):
                 p.what = "unchanged"
-        p.sets = sorted({r.set_name for r in compiled.setrefs})
         plans.append(p)
     # Interfaces this same file configured before and no longer names are detached.
     wanted = {p.key for p in plans}
@@ -220,17 +295,16 @@ def apply_plan(plan: Plan, log: Log = print) -> list[InterfaceState]:
             if p.what == "remove":
                 detach_key(p.key, log)
                 continue
-            st = _apply_new_program(plan, p, log) if p.new_program else _apply_update(plan, p, log)
+            st = _apply_new_programs(plan, p, log) if p.new_program else _apply_update(plan, p, log)
             done.append(st)
     return done
 
 
-def _allocate_slots(new: list[tuple[str, str, str, int]], old: InterfaceState | None,
+def _allocate_slots(new: list[tuple[str, str, str, int]], old: PartState | None,
                     cap: int, reuse: bool) -> tuple[list[int], list[int]]:
     """Counter slot per rule: an unchanged rule (same name and digest) keeps its slot; others
     get slots no rule of the running generation uses (those are still counting)."""
-    kept = {}
-    used = set()
+    kept, used = {}, set()
     if old is not None:
         used = {r.slot for r in old.rules}
         if reuse:
@@ -249,14 +323,13 @@ def _allocate_slots(new: list[tuple[str, str, str, int]], old: InterfaceState | 
 
 
 def _allocate_tags(c: CompiledDirection, sets: dict[str, SetIR],
-                   old: InterfaceState | None, reuse: bool) -> tuple[dict[str, SetState], list[str]]:
+                   old: PartState | None) -> tuple[dict[str, SetState], list[str]]:
     """Tag per referenced set: unchanged contents keep their tag (no rewrite of a big set)."""
-    digests = _set_digests(c, sets)
-    was = {s.name: s for s in old.sets} if old and reuse else {}
+    was = {s.name: s for s in old.sets} if old else {}
     used = {s.tag for s in old.sets} if old else set()
     out, to_write = {}, []
     nxt = 1
-    for name, digest in digests.items():
+    for name, digest in _set_digests(c, sets).items():
         prev = was.get(name)
         if prev and prev.digest == digest:
             out[name] = prev
@@ -270,126 +343,204 @@ def _allocate_tags(c: CompiledDirection, sets: dict[str, SetIR],
     return out, to_write
 
 
-def _state_for(plan: Plan, p: IfacePlan, *, mode: str, prog_id: int, gen: int,
-               slots: list[int], tags: dict[str, SetState]) -> InterfaceState:
-    direction = p.iface.ingress or DirectionIR(default="allow")
-    rules = [RuleState(n, a, d, s, line) for (n, a, d, line), s in
-             zip(_rule_states(p.compiled, direction), slots)]
+def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
+                tags: dict[str, SetState]) -> PartState:
+    rules = [RuleState(n, a, d, s, line, pp.direction) for (n, a, d, line), s in
+             zip(_rule_states(pp.compiled, pp.ir), slots)]
+    return PartState(direction=pp.direction, hook=pp.hook, mode=mode, prog_id=prog_id,
+                     prog_hash=pp.prog_hash, words=pp.shape.words,
+                     class_cap=pp.shape.class_cap, default_action=pp.ir.default,
+                     rules=rules, sets=list(tags.values()))
+
+
+def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
+                 created_clsact: bool) -> InterfaceState:
     with enter_netns(p.netns):
         ifindex = socket.if_nametoindex(p.ifname)
     return InterfaceState(key=p.key, ifname=p.ifname, netns=p.netns, ifindex=ifindex,
-                          mode=mode, requested_mode=p.mode, prog_id=prog_id,
-                          prog_hash=program_hash(p.shape), words=p.shape.words,
-                          class_cap=p.shape.class_cap, gen=gen,
-                          default_action=p.default_action, policy_path=plan.policy_path,
-                          policy_hash=plan.policy_hash, applied_at=time.time(), rules=rules,
-                          sets=list(tags.values()))
+                          requested_mode=p.mode, conntrack=p.conntrack,
+                          ct_timeouts=p.ct_timeouts, created_clsact=created_clsact,
+                          policy_path=plan.policy_path, policy_hash=plan.policy_hash,
+                          applied_at=time.time(), parts=parts)
 
 
-def _split_slots(c: CompiledDirection, slots: list[int]) -> tuple[list[int], list[int]]:
-    return slots[:len(c.rules)], slots[len(c.rules):]
+def _write_ct_timeouts(fd, timeouts: dict) -> None:
+    cfg = abi.NbCtCfg()
+    for name, seconds in timeouts.items():
+        cfg.timeout_ns[abi.CT_TIMEOUT_INDEX[name]] = int(seconds * 1e9)
+    bpfsys.map_update(fd, (0).to_bytes(4, "little"), bytes(cfg))
+
+
+def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
+          tags: dict[str, SetState], to_write: list[str]) -> None:
+    for name in to_write:
+        tables.write_set(tags[name].tag, sets[name])
+    c = pp.compiled
+    tables.write_generation(gen, c, slots[:len(c.rules)], slots[len(c.rules):],
+                            {n: t.tag for n, t in tags.items()})
 
 
 def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
-    """Same program: write the inactive generation, flip, then clear the old one."""
-    old, c = p.old, p.compiled
-    direction = p.iface.ingress or DirectionIR(default="allow")
-    tables = FwTables.from_pins(pin_dir(p.key), old.words, old.class_cap)
-    try:
-        active = tables.active_gen()
-        gen = 1 - active
-        cap = abi.slot_cap(old.words)
-        slots, fresh = _allocate_slots(_rule_states(c, direction), old, cap, reuse=True)
-        tags, to_write = _allocate_tags(c, plan.sets, old, reuse=True)
-        for name in to_write:
-            tables.write_set(tags[name].tag, plan.sets[name])
-        tables.zero_slots(fresh)
-        rule_slots, count_slots = _split_slots(c, slots)
-        tables.write_generation(gen, c, rule_slots, count_slots,
-                                {n: t.tag for n, t in tags.items()})
-        tables.flip(gen)
-        st = _state_for(plan, p, mode=old.mode, prog_id=old.prog_id, gen=gen, slots=slots,
-                        tags=tags)
-        save_state(st)
-        time.sleep(GRACE_S)
-        tables.clear_generation(active)
-        live = {t.tag for t in tags.values()}
-        for s in old.sets:
-            if s.tag not in live:
-                tables.delete_set(s.tag)
-    finally:
-        tables.close()
-    log(f"{p.key}: generation {gen} active, {len(c.rules) + len(c.count_rules)} rules "
-        f"(program id {old.prog_id} unchanged)")
+    """Same programs: per part, write the inactive generation, flip, then clear the old one."""
+    parts = {}
+    for d, pp in p.parts.items():
+        old = pp.old
+        tables = FwTables.from_pins(pin_dir(p.key) / d, old.words, old.class_cap)
+        try:
+            active = tables.active_gen()
+            gen = 1 - active
+            slots, fresh = _allocate_slots(_rule_states(pp.compiled, pp.ir), old,
+                                           abi.slot_cap(old.words), reuse=True)
+            tags, to_write = _allocate_tags(pp.compiled, plan.sets, old)
+            tables.zero_slots(fresh)
+            _fill(tables, pp, plan.sets, gen, slots, tags, to_write)
+            tables.flip(gen)
+            parts[d] = _part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots,
+                                   tags=tags)
+            time.sleep(GRACE_S)
+            tables.clear_generation(active)
+            live = {t.tag for t in tags.values()}
+            for s in old.sets:
+                if s.tag not in live:
+                    tables.delete_set(s.tag)
+        finally:
+            tables.close()
+        log(f"{p.key}: {d} generation {gen} active, {len(pp.rules)} rules "
+            f"(program id {old.prog_id} unchanged)")
+    if p.conntrack:
+        with bpfsys.obj_get(pin_dir(p.key) / "ingress" / "nb_ct_cfg") as fd:
+            _write_ct_timeouts(fd, p.ct_timeouts)
+    st = _iface_state(plan, p, parts, p.old.created_clsact)
+    save_state(st)
     return st
 
 
-def _pins_usable(old: InterfaceState | None) -> bool:
-    return old is not None and (pin_dir(old.key) / "nb_fw_cnt").exists()
+def _pins_usable(key: str, old: PartState | None) -> bool:
+    return old is not None and (pin_dir(key) / old.direction / "nb_fw_cnt").exists()
 
 
-def _apply_new_program(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
-    """Load a program with fresh maps, fill generation 0, carry counters, replace, re-pin."""
-    old, c, shape = p.old, p.compiled, p.shape
-    direction = p.iface.ingress or DirectionIR(default="allow")
-    loaded = load_program(FW_SOURCE, {"NB_WORDS": shape.words, "NB_CLASS_CAP": shape.class_cap},
-                          {FW_PROG: "xdp"})
+def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, ct_pin: Path | None):
+    """Compile, load and fill one part; pin its maps and program into staging."""
+    defines = {"NB_WORDS": pp.shape.words, "NB_CLASS_CAP": pp.shape.class_cap}
+    if p.conntrack:
+        defines["NB_CONNTRACK"] = 1
+        if ct_pin is not None:
+            defines["NB_CT_PIN"] = f'"{ct_pin / "nb_ct"}"'
+            defines["NB_CT_CFG_PIN"] = f'"{ct_pin / "nb_ct_cfg"}"'
+    loaded = load_program(pp.source, defines, {pp.func: PARTS[pp.direction][3]})
     try:
-        tables = FwTables.from_loaded(loaded, shape.words, shape.class_cap)
-        reuse = _pins_usable(old)
-        slots, _ = _allocate_slots(_rule_states(c, direction), old if reuse else None,
-                                   abi.slot_cap(shape.words), reuse=reuse)
-        tags, _ = _allocate_tags(c, plan.sets, None, reuse=False)
-        for name, t in tags.items():
-            tables.write_set(t.tag, plan.sets[name])
-        rule_slots, count_slots = _split_slots(c, slots)
-        tables.write_generation(0, c, rule_slots, count_slots, {n: t.tag for n, t in tags.items()})
+        tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
+        reuse = _pins_usable(p.key, pp.old)
+        slots, _ = _allocate_slots(_rule_states(pp.compiled, pp.ir), pp.old if reuse else None,
+                                   abi.slot_cap(pp.shape.words), reuse=reuse)
+        tags, to_write = _allocate_tags(pp.compiled, plan.sets, None)
+        _fill(tables, pp, plan.sets, 0, slots, tags, to_write)
         tables.flip(0)
         if reuse:
-            kept = {(r.name, r.digest) for r in old.rules}
-            keep_slots = [s for (n, _, d, _), s in zip(_rule_states(c, direction), slots)
-                          if (n, d) in kept]
-            old_tables = FwTables.from_pins(pin_dir(old.key), old.words, old.class_cap)
+            kept = {(r.name, r.digest) for r in pp.old.rules}
+            keep = [s for (n, _, d, _), s in zip(_rule_states(pp.compiled, pp.ir), slots)
+                    if (n, d) in kept]
+            old_tables = FwTables.from_pins(pin_dir(p.key) / pp.direction, pp.old.words,
+                                            pp.old.class_cap)
             try:
-                tables.copy_counters_from(old_tables, keep_slots)
+                tables.copy_counters_from(old_tables, keep)
             finally:
                 old_tables.close()
-
-        prog_fd = loaded.prog_fd(FW_PROG)
-        prog_id = loaded.prog_id(FW_PROG)
-        before = attach.xdp_state(p.ifname, netns=p.netns)
-        mode = _attach(p, prog_fd, log)
-        try:
-            _repin(p.key, loaded, prog_fd)
-            st = _state_for(plan, p, mode=mode, prog_id=prog_id, gen=0, slots=slots, tags=tags)
-            save_state(st)
-        except BaseException:
-            _roll_back_attach(p, before, prog_id, mode)
-            raise
-    finally:
+        names = [n for n in loaded.maps if pp.direction == "ingress" or n not in CT_MAPS]
+        loaded.pin_maps(staging / pp.direction, names)
+        bpfsys.obj_pin(loaded.prog_fd(pp.func), staging / pp.direction / PROG_PIN)
+        return loaded, slots, tags
+    except BaseException:
         loaded.close()
-    why = ", ".join(p.reasons)
-    log(f"{p.key}: attached {FW_PROG} (program id {prog_id}) in {mode} mode "
-        f"[{why}]; {len(c.rules) + len(c.count_rules)} rules")
+        raise
+
+
+def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
+    """Load every part with fresh maps, fill generation 0, carry counters, then replace the
+    running programs (one netlink call each) and swap the pin directories."""
+    final = pin_dir(p.key)
+    staging, retired = staging_dirs(p.key)
+    for d in (staging, retired):
+        _remove_pins(d)
+    staging.mkdir(parents=True)
+    retired.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Tracked connections survive a program change: reuse the pinned table when there is one.
+    old_ct = final / "ingress"
+    ct_pin = old_ct if (p.conntrack and p.old and p.old.conntrack
+                        and (old_ct / "nb_ct").exists()) else None
+    loaded, parts, attached = {}, {}, []
+    before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
+    before_tc = _tc_filter(p.old, "egress") if p.old and p.old.parts.get("egress") else None
+    try:
+        for d in ("ingress", "egress"):
+            if d not in p.parts:
+                continue
+            pp = p.parts[d]
+            loaded[d], slots, tags = _load_part(plan, p, pp, staging,
+                                                ct_pin or (staging / "ingress"))
+            parts[d] = (pp, slots, tags)
+        if p.conntrack:
+            _write_ct_timeouts(loaded["ingress"].maps["nb_ct_cfg"].fd, p.ct_timeouts)
+
+        created_clsact = p.old.created_clsact if p.old else False
+        states = {}
+        for d, (pp, slots, tags) in parts.items():
+            fd, prog_id = loaded[d].prog_fd(pp.func), loaded[d].prog_id(pp.func)
+            if d == "ingress":
+                mode = _attach_xdp(p, fd, log)
+            else:
+                created_clsact = attach.ensure_clsact(p.ifname, netns=p.netns) or created_clsact
+                attach.attach_tc(p.ifname, "egress", fd, pp.func, netns=p.netns)
+                mode = "tc"
+            attached.append(d)
+            states[d] = _part_state(pp, mode=mode, prog_id=prog_id, slots=slots, tags=tags)
+        if p.old and "egress" in p.old.parts and "egress" not in p.parts:
+            attach.detach_tc(p.ifname, "egress", netns=p.netns)
+            if p.old.created_clsact and attach.remove_clsact_if_unused(p.ifname, netns=p.netns):
+                created_clsact = False
+
+        if final.exists():
+            os.rename(final, retired)
+        os.rename(staging, final)
+        _remove_pins(retired)
+        st = _iface_state(plan, p, states, created_clsact)
+        save_state(st)
+    except BaseException:
+        _roll_back(p, attached, before_xdp, before_tc, loaded)
+        _remove_pins(staging)
+        raise
+    finally:
+        for l in loaded.values():
+            l.close()
+    for d, ps in states.items():
+        where = f"in {ps.mode} mode" if ps.hook == "xdp" else "on tc egress"
+        log(f"{p.key}: attached {PARTS[d][2]} (program id {ps.prog_id}) {where}; "
+            f"{len(ps.rules)} {d} rules")
+    log(f"{p.key}: loaded new programs ({', '.join(p.reasons)})")
     return st
 
 
-def _roll_back_attach(p: IfacePlan, before, prog_id: int, mode: str) -> None:
-    """Put back what ran before a failed apply: the old program, or no program."""
-    try:
-        if before is None:
-            attach.detach_xdp(p.ifname, mode, prog_id=prog_id, netns=p.netns)
-            return
-        old_fd = bpfsys.prog_get_fd_by_id(before.prog_id)
-        new_fd = bpfsys.prog_get_fd_by_id(prog_id)
+def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc, loaded) -> None:
+    """Put back what ran before a failed apply: the old programs, or none."""
+    for d in attached:
         try:
-            attach.attach_xdp(p.ifname, old_fd, before.mode, replace_prog_fd=new_fd,
-                              netns=p.netns)
-        finally:
-            old_fd.close()
-            new_fd.close()
-    except NetbpfError:
-        pass  # the original error matters more; 'netbpf status' shows what is left
+            if d == "ingress":
+                new_id = loaded[d].prog_id(FW_PROG)
+                if before_xdp is None:
+                    attach.detach_xdp(p.ifname, None, prog_id=new_id, netns=p.netns)
+                    continue
+                with bpfsys.prog_get_fd_by_id(before_xdp.prog_id) as old_fd, \
+                        bpfsys.prog_get_fd_by_id(new_id) as new_fd:
+                    attach.attach_xdp(p.ifname, old_fd, before_xdp.mode, replace_prog_fd=new_fd,
+                                      netns=p.netns)
+            elif before_tc is None:
+                attach.detach_tc(p.ifname, "egress", netns=p.netns)
+            else:
+                with bpfsys.prog_get_fd_by_id(before_tc.prog_id) as old_fd:
+                    attach.attach_tc(p.ifname, "egress", old_fd, TC_EGRESS_PROG, netns=p.netns)
+        except NetbpfError:
+            pass  # the original error matters more; 'netbpf status' shows what is left
 
 
 def _is_stray_netbpf(prog_id: int) -> bool:
@@ -404,9 +555,9 @@ def _is_stray_netbpf(prog_id: int) -> bool:
         fd.close()
 
 
-def _attach(p: IfacePlan, prog_fd: int, log: Log) -> str:
+def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
     cur = attach.xdp_state(p.ifname, netns=p.netns)
-    old = p.old
+    old = p.old.parts.get("ingress") if p.old else None
     ours = cur is not None and old is not None and cur.prog_id == old.prog_id
     if cur is not None and not ours and _is_stray_netbpf(cur.prog_id):
         log(f"{p.key}: replacing netbpf program id {cur.prog_id} left by an interrupted apply")
@@ -417,12 +568,9 @@ def _attach(p: IfacePlan, prog_fd: int, log: Log) -> str:
                           f"('ip link set dev {p.ifname} xdp off')")
     if ours and p.mode in ("auto", cur.mode):
         # one netlink call swaps the programs: no packet goes unfiltered
-        old_fd = bpfsys.prog_get_fd_by_id(cur.prog_id)
-        try:
+        with bpfsys.prog_get_fd_by_id(cur.prog_id) as old_fd:
             return attach.attach_xdp(p.ifname, prog_fd, cur.mode, replace_prog_fd=old_fd,
                                      netns=p.netns)
-        finally:
-            old_fd.close()
     if ours:
         # A mode change cannot be one call: the kernel keeps one program per mode.
         log(f"{p.key}: switching xdp mode {cur.mode} -> {p.mode} (brief detach)")
@@ -433,27 +581,16 @@ def _attach(p: IfacePlan, prog_fd: int, log: Log) -> str:
     return mode
 
 
-def _repin(key: str, loaded, prog_fd: int) -> None:
-    """Pin the new maps and program beside the old, then swap directories by rename."""
-    final = pin_dir(key)
-    staging, retired = staging_dirs(key)
-    for d in (staging, retired):
-        _remove_pins(d)
-    retired.parent.mkdir(parents=True, exist_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    loaded.pin_maps(staging)
-    bpfsys.obj_pin(prog_fd, staging / PROG_PIN)
-    if final.exists():
-        os.rename(final, retired)
-    os.rename(staging, final)
-    _remove_pins(retired)
-
-
 def _remove_pins(d: Path) -> None:
+    """Unpin a directory tree (pins are files; removing one never touches the kernel object
+    while a program or fd still holds it)."""
     if not d.exists():
         return
     for f in d.iterdir():
-        f.unlink()
+        if f.is_dir():
+            _remove_pins(f)
+        else:
+            f.unlink()
     d.rmdir()
 
 
@@ -464,25 +601,43 @@ def detach_key(key: str, log: Log = print) -> bool:
     st = load_state(key)
     removed = False
     if st is not None:
-        try:
-            cur = attach.xdp_state(st.ifname, netns=st.netns)
-        except NetbpfError:
-            cur = None  # the interface is gone: its programs went with it
-        if cur is not None and cur.prog_id == st.prog_id:
-            attach.detach_xdp(st.ifname, cur.mode, netns=st.netns)
-            removed = True
-            log(f"{key}: detached {FW_PROG} (program id {st.prog_id}, {cur.mode} mode)")
-        elif cur is not None:
-            log(f"{key}: program id {cur.prog_id} is attached, not netbpf's "
-                f"({st.prog_id}); left alone")
-    d = pin_dir(key)
-    for extra in (d, *staging_dirs(key)):
-        if extra.exists():
-            _remove_pins(extra)
+        removed |= _detach_programs(st, log)
+    for d in (pin_dir(key), *staging_dirs(key)):
+        if d.exists():
+            _remove_pins(d)
             removed = True
     if st is not None:
         remove_state(key)
         removed = True
+    return removed
+
+
+def _detach_programs(st: InterfaceState, log: Log) -> bool:
+    removed = False
+    try:
+        cur = attach.xdp_state(st.ifname, netns=st.netns)
+    except NetbpfError:
+        return False  # the interface is gone: its programs went with it
+    ing = st.parts.get("ingress")
+    if ing is not None and cur is not None:
+        if cur.prog_id == ing.prog_id:
+            attach.detach_xdp(st.ifname, cur.mode, netns=st.netns)
+            removed = True
+            log(f"{st.key}: detached {FW_PROG} (program id {ing.prog_id}, {cur.mode} mode)")
+        else:
+            log(f"{st.key}: XDP program id {cur.prog_id} is not netbpf's ({ing.prog_id}); "
+                "left alone")
+    eg = st.parts.get("egress")
+    if eg is not None:
+        f = _tc_filter(st, "egress")
+        if f is not None and f.prog_id == eg.prog_id:
+            attach.detach_tc(st.ifname, "egress", netns=st.netns)
+            removed = True
+            log(f"{st.key}: detached {TC_EGRESS_PROG} (program id {eg.prog_id}, tc egress)")
+        elif f is not None:
+            log(f"{st.key}: tc egress filter holds program {f.prog_id}, not netbpf's; left alone")
+    if st.created_clsact and attach.remove_clsact_if_unused(st.ifname, netns=st.netns):
+        log(f"{st.key}: removed the clsact qdisc netbpf added")
     return removed
 
 

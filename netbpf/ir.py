@@ -51,6 +51,7 @@ class InterfaceIR:
     name: str
     xdp_mode: str = "auto"                        # auto | native | generic | offload
     conntrack: bool = False
+    ct_timeouts: tuple[tuple[str, float], ...] = ()   # overrides of abi.CT_DEFAULT_TIMEOUTS (s)
     ingress: DirectionIR | None = None
     egress: DirectionIR | None = None
 

@@ -68,31 +68,55 @@ class SetState:
 
 
 @dataclass
+class PartState:
+    """One program of an interface: the XDP ingress firewall or the TC egress firewall."""
+    direction: str           # ingress | egress
+    hook: str                # xdp | tc
+    mode: str                # XDP mode in use (native | generic | offload), or 'tc'
+    prog_id: int
+    prog_hash: str
+    words: int
+    class_cap: int
+    default_action: str
+    rules: list[RuleState] = field(default_factory=list)
+    sets: list[SetState] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PartState":
+        data = dict(data)
+        data["rules"] = [RuleState(**r) for r in data.get("rules", [])]
+        data["sets"] = [SetState(**s) for s in data.get("sets", [])]
+        return cls(**data)
+
+
+@dataclass
 class InterfaceState:
     key: str
     ifname: str
     netns: str | None
     ifindex: int
-    mode: str                # XDP mode in use: native | generic | offload
     requested_mode: str      # what the policy asked for (auto | native | generic | offload)
-    prog_id: int
-    prog_hash: str
-    words: int
-    class_cap: int
-    gen: int
-    default_action: str
+    conntrack: bool
+    ct_timeouts: dict
+    created_clsact: bool     # netbpf added the clsact qdisc (so detach may remove it)
     policy_path: str
     policy_hash: str
     applied_at: float = field(default_factory=time.time)
-    rules: list[RuleState] = field(default_factory=list)
-    sets: list[SetState] = field(default_factory=list)
+    parts: dict[str, PartState] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict) -> "InterfaceState":
         data = dict(data)
-        data["rules"] = [RuleState(**r) for r in data.get("rules", [])]
-        data["sets"] = [SetState(**s) for s in data.get("sets", [])]
+        data["parts"] = {k: PartState.from_json(v) for k, v in data.get("parts", {}).items()}
         return cls(**data)
+
+    @property
+    def ingress(self) -> PartState | None:
+        return self.parts.get("ingress")
+
+    @property
+    def rules(self) -> list[RuleState]:
+        return [r for p in self.parts.values() for r in p.rules]
 
 
 def load_state(key: str) -> InterfaceState | None:

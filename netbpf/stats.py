@@ -1,18 +1,20 @@
 """Read what the data plane did, straight from the pins: no compilation, no program load.
 
 Returns plain dicts (the documented `netbpf stats --json` schema, docs/stats.md); the CLI
-formats them. Not the exporter or the event reader (later), not any write.
+formats them. Not the exporter or the event reader, not any write.
 """
 from __future__ import annotations
 
+import struct
 import time
 
 from netbpf import abi
+from netbpf.apply import drift
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import FwTables
-from netbpf.kernel import attach
+from netbpf.kernel import bpfsys
 from netbpf.kernel.netns import netns_label
-from netbpf.state import InterfaceState, iface_key, load_state, pin_dir
+from netbpf.state import InterfaceState, PartState, iface_key, load_state, pin_dir
 
 SCHEMA_VERSION = 1
 
@@ -23,43 +25,61 @@ def read_stats(ifname: str, netns: str | None) -> dict:
     if st is None:
         raise NetbpfError(f"{ifname}: not managed by netbpf in {netns_label(netns)} "
                           "(see 'netbpf status')")
+    parts = {d: _read_part(st, part) for d, part in st.parts.items()}
+    out = {
+        "schema": SCHEMA_VERSION,
+        "interface": st.ifname,
+        "netns": st.netns,
+        "policy": {"path": st.policy_path, "hash": st.policy_hash, "applied_at": st.applied_at},
+        "health": drift(st) or "ok",
+        "parts": parts,
+        "rules": [r for p in parts.values() for r in p["rules"]],
+        "conntrack": _conntrack(st) if st.conntrack else None,
+        "read_at": time.time(),
+    }
+    return out
+
+
+def _read_part(st: InterfaceState, part: PartState) -> dict:
     try:
-        tables = FwTables.from_pins(pin_dir(key), st.words, st.class_cap)
+        tables = FwTables.from_pins(pin_dir(st.key) / part.direction, part.words,
+                                    part.class_cap)
     except NetbpfError as e:
-        raise NetbpfError(f"{ifname}: pinned maps unreadable ({e}); re-apply the policy") from e
+        raise NetbpfError(f"{st.ifname}: pinned {part.direction} maps unreadable ({e}); "
+                          "re-apply the policy") from e
     try:
         counters = tables.read_counters("nb_fw_cnt")
         totals = tables.read_counters("nb_fw_stats")
         gen = tables.active_gen()
     finally:
         tables.close()
-    return _report(st, counters, totals, gen)
-
-
-def _report(st: InterfaceState, counters: dict, totals: dict, gen: int) -> dict:
     rules = []
-    for r in st.rules:
+    for r in part.rules:
         p, b, d = counters.get(r.slot, (0, 0, 0))
-        rules.append({"name": r.name, "direction": r.direction, "action": r.action,
+        rules.append({"name": r.name, "direction": part.direction, "action": r.action,
                       "line": r.line, "packets": p, "bytes": b, "rate_limited": d})
-    tot = {name: {"packets": totals.get(i, (0, 0, 0))[0], "bytes": totals.get(i, (0, 0, 0))[1]}
-           for i, name in abi.STAT_NAMES.items()}
+    tot = {}
+    for i, name in abi.STAT_NAMES.items():
+        p, b, _ = totals.get(i, (0, 0, 0))
+        tot[name] = {"packets": p, "bytes": b}
+    return {"hook": part.hook, "mode": part.mode, "prog_id": part.prog_id,
+            "default_action": part.default_action, "generation": gen, "totals": tot,
+            "rules": rules, "sets": [{"name": s.name, "ipv4": s.v4, "ipv6": s.v6}
+                                     for s in part.sets]}
+
+
+def _conntrack(st: InterfaceState) -> dict:
+    path = pin_dir(st.key) / "ingress" / "nb_ct"
+    states = {name: 0 for name in abi.CT_STATE_NAMES.values()}
     try:
-        cur = attach.xdp_state(st.ifname, netns=st.netns)
-    except NetbpfError:
-        cur = None
-    attached = cur is not None and cur.prog_id == st.prog_id
-    return {
-        "schema": SCHEMA_VERSION,
-        "interface": st.ifname,
-        "netns": st.netns,
-        "xdp": {"mode": st.mode, "requested_mode": st.requested_mode, "prog_id": st.prog_id,
-                "attached": attached},
-        "policy": {"path": st.policy_path, "hash": st.policy_hash, "applied_at": st.applied_at,
-                   "generation": gen},
-        "default_action": st.default_action,
-        "totals": tot,
-        "rules": rules,
-        "sets": [{"name": s.name, "ipv4": s.v4, "ipv6": s.v6} for s in st.sets],
-        "read_at": time.time(),
-    }
+        with bpfsys.obj_get(path) as fd:
+            info = bpfsys.map_info(fd)
+            for _, v in bpfsys.map_lookup_batch(fd, info.key_size, info.value_size):
+                state = struct.unpack_from("<QQI", v)[2]
+                name = abi.CT_STATE_NAMES.get(state)
+                if name:
+                    states[name] += 1
+    except NetbpfError as e:
+        return {"error": str(e)}
+    return {"entries": sum(states.values()), "capacity": info.max_entries, "states": states,
+            "timeouts": st.ct_timeouts}

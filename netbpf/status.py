@@ -1,36 +1,26 @@
 """What netbpf manages and whether the kernel still runs it: state files vs. pins vs. links.
 
-Reports drift (program detached or replaced, interface gone, pins without state or state
-without pins); repairs nothing (re-applying the policy does). Plain dicts for the CLI.
+Reports drift (program detached or replaced, interface gone, pins without state); repairs
+nothing (re-applying the policy does). Plain dicts for the CLI.
 """
 from __future__ import annotations
 
-from netbpf.apply import PROG_PIN
-from netbpf.errors import NetbpfError
-from netbpf.kernel import attach
-from netbpf.state import list_pin_keys, list_states, pin_dir, split_key
+from netbpf.apply import drift
+from netbpf.state import list_pin_keys, list_states, split_key
 
 
 def read_status() -> list[dict]:
     rows = []
     states = list_states()
     for st in states:
-        health = "ok"
-        if not (pin_dir(st.key) / PROG_PIN).exists():
-            health = "pins missing"
-        try:
-            cur = attach.xdp_state(st.ifname, netns=st.netns)
-        except NetbpfError:
-            cur, health = None, "interface gone"
-        if health == "ok":
-            if cur is None:
-                health = "detached by someone else"
-            elif cur.prog_id != st.prog_id:
-                health = f"replaced by program {cur.prog_id}"
-        rows.append({"interface": st.ifname, "netns": st.netns, "mode": st.mode,
-                     "prog_id": st.prog_id, "rules": len(st.rules),
+        ing = st.parts.get("ingress")
+        rows.append({"interface": st.ifname, "netns": st.netns,
+                     "mode": ing.mode if ing else None,
+                     "programs": {d: p.prog_id for d, p in st.parts.items()},
+                     "prog_id": ing.prog_id if ing else None,
+                     "rules": len(st.rules), "conntrack": st.conntrack,
                      "policy_path": st.policy_path, "policy_hash": st.policy_hash,
-                     "applied_at": st.applied_at, "health": health})
+                     "applied_at": st.applied_at, "health": drift(st) or "ok"})
     known = {st.key for st in states}
     for key in list_pin_keys():
         if key not in known:

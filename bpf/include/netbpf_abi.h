@@ -60,6 +60,7 @@
 #define NB_STAT_MALFORMED 4                 /* truncated/invalid headers: dropped */
 #define NB_STAT_FRAGMENT 5                  /* non-first fragments classified without L4 */
 #define NB_STAT_RATE_DROP 6                 /* dropped by a rate_limit rule over its rate */
+#define NB_STAT_CT_REPLY 7                  /* passed as a reply of a tracked connection */
 #define NB_STAT_MAX 8
 
 /* ---- map layouts ---- */
@@ -127,6 +128,43 @@ struct nb_rl_key {
 struct nb_rl_state {
     __u64 tokens;                           /* nanopackets: 1e9 = one packet */
     __u64 last_ns;
+};
+
+/* ---- connection tracking (nb_ct, shared by the ingress and egress programs via a pin) ----
+ * Entries are made only by egress (connections this side starts), so a flood from outside
+ * cannot fill the table; LRU eviction drops the least recently used flows when it is full. */
+#define NB_CT_ENTRIES 65536
+
+#define NB_CT_SYN_SENT 1                    /* TCP: our SYN went out, no SYN-ACK yet */
+#define NB_CT_ESTABLISHED 2                 /* TCP after SYN-ACK; UDP and ICMP echo once sent */
+#define NB_CT_CLOSING 3                     /* TCP: FIN seen either way */
+
+#define NB_CT_T_TCP_SYN 0                   /* nb_ct_cfg.timeout_ns index */
+#define NB_CT_T_TCP_EST 1
+#define NB_CT_T_TCP_CLOSE 2
+#define NB_CT_T_UDP 3
+#define NB_CT_T_ICMP 4
+#define NB_CT_NTIMEOUTS 5
+
+struct nb_ct_key {                          /* as the connection's first packet went out */
+    __u8 family;
+    __u8 proto;
+    __u16 sport;                            /* ICMP echo: the identifier; dport 0 */
+    __u16 dport;
+    __u16 pad;
+    __u8 saddr[16];                         /* this side */
+    __u8 daddr[16];                         /* the peer */
+};
+
+struct nb_ct_val {
+    __u64 last_ns;                          /* bpf_ktime_get_ns() of the last packet either way */
+    __u64 packets;
+    __u32 state;                            /* NB_CT_* */
+    __u32 pad;
+};
+
+struct nb_ct_cfg {                          /* nb_ct_cfg[0] */
+    __u64 timeout_ns[NB_CT_NTIMEOUTS];
 };
 
 /* Array index helpers: generation-scoped arrays hold both generations side by side. */

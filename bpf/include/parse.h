@@ -31,7 +31,10 @@ struct nb_pkt {
     __u8 icmp_type;
     __u8 icmp_code;
     __u8 tcp_flags;
-    __u8 pad[3];
+    __u8 has_icmp_id;           /* ICMP(v6) echo request/reply: icmp_id is set */
+    __u8 pad[2];
+    __u16 icmp_id;              /* echo identifier, host byte order */
+    __u16 pad2;
     __u16 sport;                /* host byte order */
     __u16 dport;
     __u32 l3_off;
@@ -72,6 +75,12 @@ static __always_inline int nb_parse_l4(void *data, void *data_end, struct nb_pkt
         p->icmp_type = ih[0];
         p->icmp_code = ih[1];
         p->has_icmp = 1;
+        /* echo request/reply (ICMP 8/0, ICMPv6 128/129) carry an identifier at bytes 4-5 */
+        if ((p->icmp_type == 8 || p->icmp_type == 0 || p->icmp_type == 128 ||
+             p->icmp_type == 129) && (void *)(ih + 8) <= data_end) {
+            p->icmp_id = ((__u16)ih[4] << 8) | ih[5];
+            p->has_icmp_id = 1;
+        }
     }
     return NB_PARSE_OK;
 }

@@ -5,6 +5,9 @@
 #include "netbpf_abi.h"
 #include "parse.h"
 #include "classify.h"
+#ifdef NB_CONNTRACK
+#include "conntrack.h"
+#endif
 
 int nb_fw_xdp(struct xdp_md *ctx)
 {
@@ -24,5 +27,12 @@ int nb_fw_xdp(struct xdp_md *ctx)
         nb_stat(NB_STAT_DROP, len);
         return XDP_DROP;
     }
+#ifdef NB_CONNTRACK
+    if (nb_ct_ingress(&p)) {
+        nb_stat(NB_STAT_CT_REPLY, len);
+        nb_stat(NB_STAT_PASS, len);
+        return XDP_PASS;
+    }
+#endif
     return nb_classify(&p, len) == NB_ACT_DROP ? XDP_DROP : XDP_PASS;
 }

@@ -40,6 +40,7 @@ def _load_policy(path: str):
 def _print_plan(plan) -> None:
     if not plan.interfaces:
         click.echo("plan: the policy names no interfaces; nothing to do")
+    mark = {"added": "+", "removed": "-", "changed": "~"}
     for p in plan.interfaces:
         where = f"{p.ifname}" + (f" (netns {p.netns})" if p.netns else "")
         if p.what == "remove":
@@ -48,18 +49,21 @@ def _print_plan(plan) -> None:
         if p.what == "unchanged":
             click.echo(f"{where}: unchanged ({len(p.rules)} rules)")
             continue
-        prog = (f"load program ({', '.join(p.reasons)}; {p.shape.words * 64} rules x "
-                f"{p.shape.class_cap} classes)") if p.new_program else "update maps only"
-        click.echo(f"{where}: {p.what} — xdp {p.mode}, default {p.default_action}, {prog}")
-        mark = {"added": "+", "removed": "-", "changed": "~"}
-        for r in p.changed_rules():
-            click.echo(f"  {mark[r.what]} {r.name} ({r.action})")
-        kept = sum(1 for r in p.rules if r.what == "kept")
-        if kept:
-            click.echo(f"  = {kept} rule(s) unchanged (counters kept)")
-        for s in p.sets:
-            st = plan.sets[s]
-            click.echo(f"  set {s}: {len(st.v4)} IPv4 + {len(st.v6)} IPv6 entries")
+        how = f"load programs ({', '.join(p.reasons)})" if p.new_program else "update maps only"
+        ct = ", conntrack" if p.conntrack else ""
+        click.echo(f"{where}: {p.what} — xdp {p.mode}{ct}, {how}")
+        for d, pp in p.parts.items():
+            hook = "xdp" if pp.hook == "xdp" else "tc"
+            click.echo(f"  {d} ({hook}, default {pp.ir.default}, room for "
+                       f"{pp.shape.words * 64} rules x {pp.shape.class_cap} classes)")
+            for r in pp.changed_rules():
+                click.echo(f"    {mark[r.what]} {r.name} ({r.action})")
+            kept = sum(1 for r in pp.rules if r.what == "kept")
+            if kept:
+                click.echo(f"    = {kept} rule(s) unchanged (counters kept)")
+            for s in sorted({r.set_name for r in pp.compiled.setrefs}):
+                st = plan.sets[s]
+                click.echo(f"    set {s}: {len(st.v4)} IPv4 + {len(st.v6)} IPv6 entries")
 
 
 @click.command()
@@ -109,35 +113,55 @@ def _human(n: float) -> str:
     return f"{n:.1f}P"
 
 
-def _stats_table(s: dict, prev: dict | None, dt: float) -> Table:
-    x = s["xdp"]
-    state = "attached" if x["attached"] else "NOT ATTACHED"
-    title = (f"{s['interface']}" + (f" (netns {s['netns']})" if s["netns"] else "") +
-             f" — xdp {x['mode']}, prog {x['prog_id']} {state}, default {s['default_action']}, "
-             f"gen {s['policy']['generation']}")
-    t = Table(title=title, title_justify="left")
-    t.add_column("rule")
-    t.add_column("action")
-    t.add_column("packets", justify="right")
-    t.add_column("bytes", justify="right")
-    if prev is not None:
-        t.add_column("pps", justify="right")
-    old = {r["name"]: r for r in prev["rules"]} if prev else {}
-    for r in s["rules"]:
-        action = r["action"] + (f" ({r['rate_limited']} over)" if r["rate_limited"] else "")
-        row = [r["name"], action, str(r["packets"]), _human(r["bytes"])]
+TOTALS_SHOWN = ("default", "pass", "drop", "rate_limited", "conntrack_reply", "malformed",
+                "non_ip", "fragment")
+
+
+def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
+    from rich.text import Text
+
+    tables = []
+    for d, part in s["parts"].items():
+        hook = f"xdp {part['mode']}" if part["hook"] == "xdp" else "tc"
+        title = (f"{s['interface']}" + (f" (netns {s['netns']})" if s["netns"] else "") +
+                 f" {d} — {hook}, prog {part['prog_id']}, default {part['default_action']}, "
+                 f"gen {part['generation']}, {s['health']}")
+        tables.append(Text(title, style="bold"))
+        t = Table()
+        for col, just in (("rule", "left"), ("action", "left"), ("packets", "right"),
+                          ("bytes", "right")):
+            t.add_column(col, justify=just)
         if prev is not None:
-            before = old.get(r["name"], {"packets": r["packets"]})["packets"]
-            row.append(_human((r["packets"] - before) / dt))
-        t.add_row(*row)
-    tot = s["totals"]
-    t.add_section()
-    for name in ("default", "pass", "drop", "rate_limited", "malformed", "non_ip", "fragment"):
-        row = [f"total {name}", "", str(tot[name]["packets"]), _human(tot[name]["bytes"])]
-        if prev is not None:
-            row.append(_human((tot[name]["packets"] - prev["totals"][name]["packets"]) / dt))
-        t.add_row(*row)
-    return t
+            t.add_column("pps", justify="right")
+        old = prev["parts"].get(d) if prev else None
+        before = {r["name"]: r["packets"] for r in old["rules"]} if old else {}
+        for r in part["rules"]:
+            action = r["action"] + (f" ({r['rate_limited']} over)" if r["rate_limited"] else "")
+            row = [r["name"], action, str(r["packets"]), _human(r["bytes"])]
+            if prev is not None:
+                row.append(_human((r["packets"] - before.get(r["name"], r["packets"])) / dt))
+            t.add_row(*row)
+        t.add_section()
+        tot = part["totals"]
+        for name in TOTALS_SHOWN:
+            if name == "conntrack_reply" and not s.get("conntrack"):
+                continue
+            row = [f"total {name}", "", str(tot[name]["packets"]), _human(tot[name]["bytes"])]
+            if prev is not None and old:
+                row.append(_human((tot[name]["packets"] - old["totals"][name]["packets"]) / dt))
+            t.add_row(*row)
+        tables.append(t)
+    ct = s.get("conntrack")
+    if ct and "entries" in ct:
+        tables.append(Text("conntrack", style="bold"))
+        t = Table()
+        t.add_column("entries", justify="right")
+        t.add_column("capacity", justify="right")
+        for name in ct["states"]:
+            t.add_column(name, justify="right")
+        t.add_row(str(ct["entries"]), str(ct["capacity"]), *map(str, ct["states"].values()))
+        tables.append(t)
+    return tables
 
 
 @click.command()
@@ -164,20 +188,23 @@ def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None
         return
     console = Console()
     if watch is None:
-        console.print(_stats_table(s, None, 1.0))
+        for t in _stats_tables(s, None, 1.0):
+            console.print(t)
         return
+    from rich.console import Group
     from rich.live import Live
 
     prev, t0 = s, time.monotonic()
     try:
-        with Live(_stats_table(s, None, 1.0), console=console, auto_refresh=False) as live:
+        with Live(Group(*_stats_tables(s, None, 1.0)), console=console,
+                  auto_refresh=False) as live:
             while True:
                 time.sleep(watch)
                 cur, t1 = read_stats(interface, netns), time.monotonic()
                 if as_json:
                     click.echo(json.dumps(cur))
                 else:
-                    live.update(_stats_table(cur, prev, t1 - t0), refresh=True)
+                    live.update(Group(*_stats_tables(cur, prev, t1 - t0)), refresh=True)
                 prev, t0 = cur, t1
     except KeyboardInterrupt:
         pass
@@ -197,14 +224,15 @@ def status(as_json: bool) -> None:
         click.echo("netbpf manages no interface")
         return
     t = Table()
-    for col in ("interface", "netns", "mode", "prog", "rules", "policy", "applied", "health"):
+    for col in ("interface", "xdp", "programs", "rules", "applied", "health"):
         t.add_column(col)
     for r in rows:
         applied = time.strftime("%m-%d %H:%M", time.localtime(r["applied_at"])) \
             if r.get("applied_at") else "-"
-        t.add_row(r["interface"], r["netns"] or "-", r.get("mode") or "-",
-                  str(r.get("prog_id") or "-"), str(r.get("rules", "-")),
-                  (r.get("policy_hash") or "-")[:8], applied, r["health"])
+        progs = " ".join(f"{d}:{i}" for d, i in r.get("programs", {}).items()) or "-"
+        where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]
+        t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), applied,
+                  r["health"])
     Console().print(t)
     if any(r["health"] != "ok" for r in rows):
         sys.exit(1)

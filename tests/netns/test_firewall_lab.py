@@ -87,14 +87,14 @@ def test_allowed_arrive_dropped_do_not_and_counters_match(firewall):
     s = stats(lab)
     counted = {r["name"]: r["packets"] for r in s["rules"]}
     assert counted == {name: len(pkts) for name, pkts in sent.items()}
-    assert s["xdp"]["attached"] and s["totals"]["drop"]["packets"] >= 10
+    assert s["health"] == "ok" and s["parts"]["ingress"]["totals"]["drop"]["packets"] >= 10
 
 
 def test_reapply_changes_rules_without_replacing_program(firewall, tmp_path):
     lab = firewall
     before = stats(lab)
     changed = tmp_path / "fw2.yaml"
-    changed.write_text(POLICY.format(mode=before["xdp"]["mode"])
+    changed.write_text(POLICY.format(mode=before["parts"]["ingress"]["mode"])
                        .replace("dport: 9999, action: drop", "dport: 9997, action: drop"))
     out = netbpf(lab, "apply", str(changed))
     assert "update maps only" in out.stdout
@@ -102,8 +102,8 @@ def test_reapply_changes_rules_without_replacing_program(firewall, tmp_path):
     assert arrived(lab, [IP(dst=gw4) / UDP(dport=9999) / Raw(b"m-now-ok")] * 3, b"m-now-ok") == 3
     assert arrived(lab, [IP(dst=gw4) / UDP(dport=9997) / Raw(b"m-now-bad")] * 3, b"m-now-bad") == 0
     after = stats(lab)
-    assert after["xdp"]["prog_id"] == before["xdp"]["prog_id"]
-    assert after["policy"]["generation"] != before["policy"]["generation"]
+    assert after["parts"]["ingress"]["prog_id"] == before["parts"]["ingress"]["prog_id"]
+    assert after["parts"]["ingress"]["generation"] != before["parts"]["ingress"]["generation"]
     again = netbpf(lab, "apply", str(changed))
     assert "nothing to do" in again.stdout
 

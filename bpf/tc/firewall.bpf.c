@@ -1,0 +1,61 @@
+/* firewall.bpf.c (tc) - clsact firewall: parse -> classify -> act -> count, plus conntrack.
+ * nb_fw_tc_eg runs on egress (records connections when built with NB_CONNTRACK);
+ * nb_fw_tc_in runs on ingress where XDP is not wanted (passes tracked replies first).
+ * Same classifier and map layout as the XDP program; each load has its own rule maps. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include "netbpf_abi.h"
+#include "parse.h"
+#include "classify.h"
+#ifdef NB_CONNTRACK
+#include "conntrack.h"
+#endif
+
+/* Headers must be in the linear part for direct access; pulling is a no-op when they are. */
+#define NB_PULL_LEN 256
+
+static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
+{
+    __u32 len = skb->len;
+    bpf_skb_pull_data(skb, len < NB_PULL_LEN ? len : NB_PULL_LEN);
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct nb_pkt p = {};
+
+    int rc = nb_parse(data, data_end, &p);
+    if (rc == NB_PARSE_NONIP) {
+        nb_stat(NB_STAT_NONIP, len);
+        nb_stat(NB_STAT_PASS, len);
+        return TC_ACT_OK;
+    }
+    if (rc != NB_PARSE_OK) {
+        nb_stat(NB_STAT_MALFORMED, len);
+        /* our own stack wrote it: pass on egress rather than break the host; drop on ingress */
+        nb_stat(egress ? NB_STAT_PASS : NB_STAT_DROP, len);
+        return egress ? TC_ACT_OK : TC_ACT_SHOT;
+    }
+#ifdef NB_CONNTRACK
+    if (!egress && nb_ct_ingress(&p)) {
+        nb_stat(NB_STAT_CT_REPLY, len);
+        nb_stat(NB_STAT_PASS, len);
+        return TC_ACT_OK;
+    }
+#endif
+    if (nb_classify(&p, len) == NB_ACT_DROP)
+        return TC_ACT_SHOT;
+#ifdef NB_CONNTRACK
+    if (egress)
+        nb_ct_egress(&p);
+#endif
+    return TC_ACT_OK;
+}
+
+int nb_fw_tc_eg(struct __sk_buff *skb)
+{
+    return nb_fw_tc(skb, 1);
+}
+
+int nb_fw_tc_in(struct __sk_buff *skb)
+{
+    return nb_fw_tc(skb, 0);
+}
