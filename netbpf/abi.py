@@ -185,15 +185,12 @@ def vec_struct(words: int) -> type[ctypes.Structure]:
 
 
 def pack_vec(words: int, count_bits: int, rule_bits: int) -> bytes:
-    """Bytes of one nb_vec: count bitmap, summary words, rule words (bit t = terminal rule t)."""
-    mask = (1 << 64) - 1
-    w = [(rule_bits >> (64 * i)) & mask for i in range(words)]
-    sums = [0] * nb_sum(words)
-    for i, x in enumerate(w):
+    """Bytes of one nb_vec: count bitmap, summary words, rule words (bit t = terminal rule t).
+    Built with int.to_bytes (little-endian u64 words): apply packs thousands of these."""
+    body = rule_bits.to_bytes(8 * words, "little")
+    sums = 0
+    for i, x in enumerate(memoryview(body).cast("Q")):
         if x:
-            sums[i // 64] |= 1 << (i % 64)
-    v = vec_struct(words)()
-    v.count = count_bits & mask
-    v.sum[:] = sums
-    v.w[:] = w
-    return bytes(v)
+            sums |= 1 << i
+    return ((count_bits & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
+            + sums.to_bytes(8 * nb_sum(words), "little") + body)

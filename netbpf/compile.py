@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from netbpf import abi
 from netbpf.errors import InputError
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
+from netbpf.ir import AddrMatch, DirectionIR, RuleIR, SetIR
 
 ACTIONS = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP, "rate_limit": abi.NB_ACT_RATE}
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
@@ -84,6 +84,7 @@ class CompiledDirection:
 
     @functools.cached_property
     def _lookup(self) -> _Tables:
+        # built on the first simulate(); a CompiledDirection is not meant to be edited after
         return _Tables(self)
 
 
