@@ -1,0 +1,61 @@
+"""'netbpf validate' and 'netbpf schema': check a policy file, print the policy JSON Schema.
+
+Thin: the language and its checks live in netbpf/policy. Exit 0 valid, 2 invalid (errors on
+stderr, one per line, FILE:LINE:COL: path: message), 1 stays for runtime failures.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+from netbpf.errors import PolicyError
+from netbpf.policy import load_policy, policy_schema
+
+
+@click.command(epilog="""\b
+Examples:
+  netbpf validate policies/demo.yaml
+  netbpf validate -q policies/*.yaml
+""")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing for valid files but warnings.")
+@click.pass_context
+def validate(ctx: click.Context, files: tuple[str, ...], quiet: bool) -> None:
+    """Check policy FILEs: every error at once, warnings for shadowed rules.
+
+    Errors and warnings go to stderr as FILE:LINE:COL: path: message. A valid file prints a
+    one-line summary. Exit status 2 when any file is invalid.
+    """
+    invalid = 0
+    for file in files:
+        try:
+            loaded = load_policy(file)
+        except PolicyError as e:
+            invalid += 1
+            for line in e.errors:
+                click.echo(line, err=True)
+            click.echo(f"{file}: invalid — {len(e.errors)} "
+                       f"{'error' if len(e.errors) == 1 else 'errors'}", err=True)
+            continue
+        for warning in loaded.warnings:
+            click.echo(warning, err=True)
+        if not quiet:
+            click.echo(loaded.summary())
+    if invalid:
+        ctx.exit(2)
+
+
+@click.command()
+def schema() -> None:
+    """Print the JSON Schema of policy files (for editor completion and checking).
+
+    \b
+    Example, for editors using yaml-language-server:
+      netbpf schema > netbpf-policy.schema.json
+      # first line of the policy:  # yaml-language-server: $schema=netbpf-policy.schema.json
+    """
+    click.echo(json.dumps(policy_schema(), indent=2))
+
+
+COMMANDS = [validate, schema]

@@ -1,0 +1,309 @@
+"""load_policy(): policy file -> models -> cross-checks -> IR, or PolicyError with every problem.
+
+Each problem reads 'FILE:LINE:COL: path.to.field: message' (columns 1-based), pointing at the
+offending key or value; set file lines are reported in the set file. Also the policy hash and
+the one-line summary. Not the language itself (models.py) nor the checks (checks.py).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from netbpf.errors import PolicyError
+from netbpf.ir import PolicyIR
+from netbpf.policy import models
+from netbpf.policy.addr import parse_set_text
+from netbpf.policy.checks import PolicyView, check_policy, view_of_data, view_of_model
+from netbpf.policy.convert import policy_to_ir
+from netbpf.policy.models import Policy, SetFile, describe
+from netbpf.policy.shadow import find_shadowed
+from netbpf.policy.source import (MAX_POLICY_BYTES, MAX_SET_FILE_BYTES, Document, Loc,
+                                  SourceError, decode_utf8, format_path, parse_yaml, read_bytes)
+
+MAX_BAD_SET_LINES = 20  # per set file; a wrong file can have a million bad lines
+
+
+@dataclass
+class LoadedPolicy:
+    """A valid policy: the models, their IR, warnings and a hash of every input byte."""
+    path: Path
+    display: str                 # the path as the user gave it, used in every message
+    model: Policy
+    ir: PolicyIR
+    warnings: list[str] = field(default_factory=list)
+    source_hash: str = ""        # sha256 over the policy file and every set file it names
+
+    def summary(self) -> str:
+        ir = self.ir
+        ingress = sum(len(i.ingress.rules) for i in ir.interfaces.values() if i.ingress)
+        egress = sum(len(i.egress.rules) for i in ir.interfaces.values() if i.egress)
+        parts = [_plural(len(ir.interfaces), "interface")]
+        if ir.interfaces:
+            parts.append(f"{_plural(ingress + egress, 'rule')} ({ingress} ingress, "
+                         f"{egress} egress)")
+        sets = [f"{s.name} {len(s.v4) + len(s.v6)}" for s in ir.sets.values()]
+        if len(sets) > 6:
+            sets = sets[:5] + [f"{len(sets) - 5} more"]
+        parts.append(_plural(len(ir.sets), "set") + (f" ({', '.join(sets)})" if sets else ""))
+        parts.append(_plural(len(ir.load_balancers), "load balancer"))
+        if ir.load_balancers:
+            parts.append(_plural(sum(len(lb.backends) for lb in ir.load_balancers.values()),
+                                 "backend"))
+        text = f"{self.display}: ok — {', '.join(parts)}"
+        if self.warnings:
+            text += f" ({_plural(len(self.warnings), 'warning')})"
+        return text
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+class _Report:
+    """Collects problems as formatted lines, placed using the document's positions."""
+
+    def __init__(self, display: str, doc: Document | None):
+        self.display = display
+        self.doc = doc
+        self.lines: list[tuple[tuple, str]] = []
+
+    def at(self, loc: Loc, message: str, key: bool = False) -> None:
+        line, col = self.doc.position(loc, key) if self.doc else (1, 1)
+        path = format_path(loc)
+        text = f"{self.display}:{line}:{col}: " + (f"{path}: " if path else "") + message
+        self.lines.append(((0, self.display, line, col), text))
+
+    def in_file(self, display: str, line: int, col: int, message: str) -> None:
+        where = f"{display}:{line}:{col}:" if line else f"{display}:"
+        self.lines.append(((1 if display != self.display else 0, display, line, col),
+                           f"{where} {message}"))
+
+    def sorted(self) -> list[str]:
+        return list(dict.fromkeys(text for _, text in sorted(self.lines, key=lambda x: x[0])))
+
+
+def load_policy(path: str | Path) -> LoadedPolicy:
+    """Read, validate and convert a policy file; PolicyError holds every problem found."""
+    display = str(path)
+    path = Path(path)
+    report = _Report(display, None)
+    try:
+        raw = read_bytes(path, MAX_POLICY_BYTES, "policy")
+        doc = parse_yaml(decode_utf8(raw))
+    except SourceError as e:
+        for line, col, msg in e.problems:
+            report.in_file(display, line, col, msg)
+        raise PolicyError(report.sorted()) from None
+    report.doc = doc
+    if doc.data is None:
+        report.in_file(display, 1, 1, "the file is empty; a policy starts with 'version: 1'")
+        raise PolicyError(report.sorted())
+    if not isinstance(doc.data, dict):
+        report.at((), f"a policy must be a mapping starting with 'version: 1' "
+                      f"(got {describe(doc.data)})")
+        raise PolicyError(report.sorted())
+
+    # Top-level 'x-' keys are ignored, as in docker-compose: a home for YAML anchors.
+    data = {k: v for k, v in doc.data.items() if not k.startswith("x-")}
+    model: Policy | None = None
+    try:
+        model = Policy.model_validate(data, context={"netbpf_defer_checks": True})
+    except ValidationError as e:
+        _report_validation(report, e, data)
+    view = view_of_model(model) if model is not None else view_of_data(data)
+
+    digest = hashlib.sha256(raw)
+    _read_set_files(view, path.parent, display, report, digest)
+
+    def line_of(loc: Loc) -> int:
+        return doc.position(loc)[0]
+
+    errors, warnings = check_policy(view, line_of)
+    for loc, msg in errors:
+        report.at(loc, msg)
+    if report.lines or model is None:
+        raise PolicyError(report.sorted())
+
+    for dv in view.directions:
+        for index, rule in dv.rules:
+            rule._line = line_of(dv.loc + ("rules", index))
+    ir = policy_to_ir(model, path.parent)
+    notes = _Report(display, doc)
+    for loc, msg in warnings:
+        notes.at(loc, msg)
+    _shadow_warnings(ir, notes)
+    return LoadedPolicy(path=path, display=display, model=model, ir=ir,
+                        warnings=notes.sorted(), source_hash=digest.hexdigest())
+
+
+def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
+    for ifname, iface in ir.interfaces.items():
+        for direction in ("ingress", "egress"):
+            d = getattr(iface, direction)
+            if d is None:
+                continue
+            for j, i in find_shadowed(d.rules):
+                shadowed, by = d.rules[j], d.rules[i]
+                notes.at(("interfaces", ifname, direction, "rules", j),
+                         f"rule '{shadowed.name}' is shadowed by rule '{by.name}' "
+                         f"(line {by.line}) and can never match")
+
+
+# ---- set files -----------------------------------------------------------------------------
+
+def _set_file_display(policy_display: str, file: str) -> str:
+    if os.path.isabs(file):
+        return file
+    return os.path.normpath(os.path.join(os.path.dirname(policy_display), file))
+
+
+def _read_set_files(view: PolicyView, base_dir: Path, display: str, report: _Report,
+                    digest: Any) -> None:
+    """Read every set file named by a valid set; entries land on the SetFile models."""
+    cache: dict[Path, tuple[list, list] | None] = {}
+    for name, s in view.sets.items():
+        spec = s.spec
+        if not isinstance(spec, SetFile):
+            continue
+        target = base_dir / spec.file
+        spec._path = _set_file_display(display, spec.file)
+        if target not in cache:   # two sets may share a file: read and report it once
+            cache[target] = _read_set_file(spec, target, s.loc, report, digest)
+        spec._entries = cache[target]
+
+
+def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
+                   digest: Any) -> tuple[list, list] | None:
+    try:
+        data = read_bytes(target, MAX_SET_FILE_BYTES, f"set file '{spec.file}'")
+        text = decode_utf8(data)
+    except SourceError as e:
+        line, col, msg = e.problems[0]
+        if line:
+            report.in_file(spec._path, line, col, f"{format_path(loc)}: {msg}")
+        else:
+            report.at(loc + ("file",), msg)
+        return None
+    digest.update(b"\0set\0" + spec.file.encode() + b"\0" + str(len(data)).encode() + b"\0")
+    digest.update(data)
+    v4, v6, bad = parse_set_text(text)
+    where = format_path(loc)
+    for lineno, msg in bad[:MAX_BAD_SET_LINES]:
+        report.in_file(spec._path, lineno, 1, f"{where}: {msg}")
+    if len(bad) > MAX_BAD_SET_LINES:
+        report.in_file(spec._path, bad[MAX_BAD_SET_LINES][0], 1,
+                       f"{where}: ... and {len(bad) - MAX_BAD_SET_LINES} more bad lines")
+    return v4, v6
+
+
+def read_set_file(spec: SetFile, base_dir: Path, name: str) -> None:
+    """Fill spec's entries from its file, for models not built by load_policy."""
+    spec._path = str(base_dir / spec.file)
+    report = _Report(spec._path, None)
+    spec._entries = _read_set_file(spec, base_dir / spec.file, ("sets", name), report,
+                                   hashlib.sha256())
+    if report.lines:
+        raise PolicyError(report.sorted())
+
+
+# ---- pydantic errors -> positions and messages ---------------------------------------------
+
+def _report_validation(report: _Report, error: ValidationError, data: Any) -> None:
+    for err in error.errors(include_url=False):
+        kind, loc, ctx = err["type"], tuple(err["loc"]), err.get("ctx") or {}
+        if kind == "netbpf_multi":
+            for at, msg in ctx["problems"]:
+                _place(report, data, loc + tuple(at), kind, msg)
+        elif kind == "netbpf":
+            # Discriminator errors carry no ctx: their text is in msg, without the value.
+            msg = ctx.get("msg") or f"{err['msg']} (got {describe(err.get('input'))})"
+            _place(report, data, loc + tuple(ctx.get("at", ())), kind, msg)
+        else:
+            _place(report, data, loc, kind, None, err)
+
+
+def _place(report: _Report, data: Any, loc: Loc, kind: str, msg: str | None,
+           err: dict | None = None) -> None:
+    """Map a pydantic loc onto the document and report it there.
+
+    Pydantic locs carry extra segments (union tags, '[key]'): walk the data and keep only the
+    segments that exist in the file; a missing field is placed on its parent mapping.
+    """
+    path: list[Any] = []
+    node = data
+    is_key = kind == "extra_forbidden"
+    segments = list(loc)
+    for n, seg in enumerate(segments):
+        if seg == "[key]":
+            is_key = True
+            break
+        if isinstance(node, dict) and isinstance(seg, str) and seg in node:
+            path.append(seg)
+            node = node[seg]
+        elif isinstance(node, list) and isinstance(seg, int) and 0 <= seg < len(node):
+            path.append(seg)
+            node = node[seg]
+        elif kind == "missing" and n == len(segments) - 1:
+            missing = seg
+            report.at(tuple(path), msg or _missing_message(tuple(path), missing))
+            return
+    if msg is None:
+        msg = _message(tuple(path), kind, err or {})
+    report.at(tuple(path), msg, key=is_key)
+
+
+def _missing_message(parent: Loc, key: Any) -> str:
+    if parent == () and key == "version":
+        return "missing required key 'version' (add 'version: 1' at the top)"
+    return f"missing required key '{key}'"
+
+
+def _all_keys() -> list[str]:
+    keys: set[str] = set()
+    for obj in vars(models).values():
+        if isinstance(obj, type) and issubclass(obj, models.StrictModel):
+            keys.update(obj.model_fields)
+    return sorted(keys)
+
+
+_KNOWN_KEYS = _all_keys()
+
+
+def _closest(key: str) -> str | None:
+    """The known key a typo most likely meant; swapped letters ('dprot') beat other edits."""
+    close = difflib.get_close_matches(key, _KNOWN_KEYS, n=3, cutoff=0.7)
+    same_letters = [k for k in close if sorted(k) == sorted(key)]
+    return (same_letters or close or [None])[0]
+
+
+def _message(path: Loc, kind: str, err: dict) -> str:
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        key = path[-1] if path else "?"
+        if key in ("rules", "default") and len(path) == 3 and path[0] == "interfaces":
+            return f"unknown key '{key}': it goes under 'ingress:' or 'egress:'"
+        close = _closest(str(key))
+        return f"unknown key '{key}'" + (f" (did you mean '{close}'?)" if close else "")
+    if value is None and kind in ("model_type", "dict_type", "list_type", "string_type",
+                                  "int_type", "bool_type", "model_attributes_type"):
+        return "has no value; give one or remove the key"
+    expected = {"model_type": "a mapping", "dict_type": "a mapping",
+                "model_attributes_type": "a mapping", "list_type": "a list",
+                "string_type": "a string", "int_type": "an integer",
+                "bool_type": "true or false", "float_type": "a number"}.get(kind)
+    if expected:
+        if path == ():
+            return f"a policy must be a mapping starting with 'version: 1' (got {describe(value)})"
+        return f"must be {expected} (got {describe(value)})"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "too_short":
+        return "must not be empty"
+    text = str(err.get("msg", kind))
+    return text[:1].lower() + text[1:]
