@@ -446,7 +446,9 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, ct_pin: Pa
                 tables.copy_counters_from(old_tables, keep)
             finally:
                 old_tables.close()
-        names = [n for n in loaded.maps if pp.direction == "ingress" or n not in CT_MAPS]
+        # bcc pins a BPF_TABLE_PINNED map itself when it creates one: skip what is there
+        names = [n for n in loaded.maps if (pp.direction == "ingress" or n not in CT_MAPS)
+                 and not (staging / pp.direction / n).exists()]
         loaded.pin_maps(staging / pp.direction, names)
         bpfsys.obj_pin(loaded.prog_fd(pp.func), staging / pp.direction / PROG_PIN)
         return loaded, slots, tags
