@@ -36,6 +36,7 @@ def netbpf(*args: str) -> None:
 
 def traffic(lab) -> list[tuple[str, str, int, int]]:
     from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
     from scapy.layers.inet6 import IPv6
     from scapy.packet import Raw
 
@@ -53,7 +54,9 @@ def traffic(lab) -> list[tuple[str, str, int, int]]:
             [IPv6(src="2001:db8:bad::7", dst=lab.addr("gw", "gw0", 6)) / UDP(dport=7)] * 10)
     ingress("UDP to gw:9999", "drop-udp-9999", [IP(dst=gw4) / UDP(dport=9999)] * 20)
     ingress("TCP SYN to gw:80", "count-web", [IP(dst=gw4) / TCP(dport=80, flags="S")] * 15)
-    ingress("UDP to gw:5353, 300 at once", "mdns-limit", [IP(dst=gw4) / UDP(dport=5353)] * 300)
+    frame = Ether(src=lab.mac("client", "client0"), dst=lab.mac("gw", "gw0")) / IP(
+        src=lab.addr("client", "client0"), dst=gw4) / UDP(dport=5353)
+    ingress("UDP to gw:5353, 300 in a burst", "mdns-limit", [frame] * 300)
     ingress("UDP to gw:12345", "(default allow)", [IP(dst=gw4) / UDP(dport=12345)] * 5)
     with lab.capture("client", "client0", filter=lambda p: TCP in p and p[TCP].dport in (25, 26),
                      timeout=3.0, direction="in") as cap:
