@@ -11,6 +11,7 @@ Not the CLI (netbpf/cli/dataplane.py), not map layouts (netbpf/fwtables.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
@@ -23,20 +24,23 @@ from netbpf import abi
 from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
 from netbpf.errors import InputError, NetbpfError
 from netbpf.fwtables import FwTables
-from netbpf.ir import DirectionIR, InterfaceIR, SetIR
+from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
+from netbpf.lbtables import LbState, LbTables, plan_lb, ring_cap_for
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.state import (InterfaceState, PartState, RuleState, SetState, apply_lock,
-                          iface_key, list_states, load_state, pin_dir, remove_state,
-                          save_state, staging_dirs)
+                          health_file, iface_key, list_states, load_state, pin_dir,
+                          remove_state, save_state, staging_dirs)
 
 FW_SOURCE = abi.BPF_DIR / "xdp" / "firewall.bpf.c"
 FW_PROG = "nb_fw_xdp"
 TC_SOURCE = abi.BPF_DIR / "tc" / "firewall.bpf.c"
 TC_EGRESS_PROG = "nb_fw_tc_eg"
 PROG_PIN = "prog"
-CT_MAPS = ("nb_ct", "nb_ct_cfg")
+# Maps of the ingress program that the egress program and later reloads open by pin:
+# tracked connections, load-balanced flows and their NAT, LB counters survive program changes.
+SHARED_MAPS = ("nb_ct", "nb_ct_cfg", "nb_lb_flows", "nb_lb_nat", "nb_lb_cnt")
 PARTS = {  # direction -> (hook, source, function, program type)
     "ingress": ("xdp", FW_SOURCE, FW_PROG, "xdp"),
     "egress": ("tc", TC_SOURCE, TC_EGRESS_PROG, "sched_cls"),
@@ -62,6 +66,7 @@ class PartPlan:
     compiled: CompiledDirection
     shape: Shape
     conntrack: bool
+    lb_ring_cap: int = 0                     # >0: built with the load balancer
     rules: list[RuleChange] = field(default_factory=list)
     old: PartState | None = None
 
@@ -79,7 +84,7 @@ class PartPlan:
 
     @property
     def prog_hash(self) -> str:
-        return program_hash(self.source, self.shape, self.conntrack)
+        return program_hash(self.source, self.shape, self.conntrack, self.lb_ring_cap)
 
     def changed_rules(self) -> list[RuleChange]:
         return [r for r in self.rules if r.what != "kept"]
@@ -97,6 +102,11 @@ class IfacePlan:
     reasons: list[str] = field(default_factory=list)   # why new programs are loaded
     parts: dict[str, PartPlan] = field(default_factory=dict)
     old: InterfaceState | None = None
+    lbs: list[LoadBalancerIR] = field(default_factory=list)
+    lb_state: LbState | None = None
+    lb_changed: list[str] = field(default_factory=list)
+    lb_removed: list[str] = field(default_factory=list)
+    down: set[str] = field(default_factory=set)
 
     @property
     def new_program(self) -> bool:
@@ -125,11 +135,12 @@ class Plan:
 
 # ---- planning (no kernel writes) ----
 
-def program_hash(source: Path, shape: Shape, conntrack: bool) -> str:
+def program_hash(source: Path, shape: Shape, conntrack: bool, lb_ring_cap: int = 0) -> str:
     h = hashlib.sha256(source.read_bytes())
     for hdr in sorted((abi.BPF_DIR / "include").glob("*.h")):
         h.update(hdr.name.encode() + hdr.read_bytes())
-    h.update(f"words={shape.words} classes={shape.class_cap} ct={int(conntrack)}".encode())
+    h.update(f"words={shape.words} classes={shape.class_cap} ct={int(conntrack)} "
+             f"lb={lb_ring_cap}".encode())
     return h.hexdigest()[:16]
 
 
@@ -141,11 +152,12 @@ def _rule_states(c: CompiledDirection, ir: DirectionIR) -> list[tuple[str, str, 
     return out
 
 
-def _check_supported(iface: InterfaceIR, policy) -> None:
-    lbs = [lb.name for lb in policy.load_balancers.values() if lb.interface == iface.name]
-    if lbs:
-        raise InputError(f"interfaces.{iface.name}: load balancer(s) {', '.join(lbs)} need the "
-                         "LB data plane, which this netbpf does not have yet")
+def _health_down(key: str) -> set[str]:
+    """Backends `netbpf lb-health` last found down (netbpf/health.py writes the file)."""
+    try:
+        return set(json.loads(health_file(key).read_text()).get("down", []))
+    except (OSError, ValueError):
+        return set()
 
 
 def _interface_exists(ifname: str, netns: str | None) -> bool:
@@ -224,20 +236,26 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
     ir = loaded_policy.ir
     path = str(Path(policy_path).resolve())
     plans: list[IfacePlan] = []
-    for name, iface in ir.interfaces.items():
-        _check_supported(iface, ir)
+    names = list(ir.interfaces)
+    names += [lb.interface for lb in ir.load_balancers.values() if lb.interface not in names]
+    for name in dict.fromkeys(names):
+        iface = ir.interfaces.get(name) or InterfaceIR(name=name)
         if not _interface_exists(name, netns):
             raise NetbpfError(f"no interface '{name}' in {netns_label(netns)}; "
                               f"see 'ip{' -n ' + netns if netns else ''} link'")
         key = iface_key(name, netns)
         old = load_state(key)
+        lbs = [lb for lb in ir.load_balancers.values() if lb.interface == name]
         p = IfacePlan(key=key, ifname=name, netns=netns, what="update", mode=iface.xdp_mode,
-                      conntrack=iface.conntrack, ct_timeouts=_ct_timeouts(iface), old=old)
+                      conntrack=iface.conntrack, ct_timeouts=_ct_timeouts(iface), old=old,
+                      lbs=lbs, down=_health_down(key))
         p.parts["ingress"] = _plan_part("ingress", iface.ingress or DirectionIR("allow"),
                                         ir.sets, old, iface.conntrack)
-        if iface.conntrack or (iface.egress and iface.egress.rules):
+        if iface.conntrack or (iface.egress and iface.egress.rules) or \
+                any(lb.mode == "nat" for lb in lbs):
             p.parts["egress"] = _plan_part("egress", iface.egress or DirectionIR("allow"),
                                            ir.sets, old, iface.conntrack)
+        _plan_lb(p)
         if old is None:
             p.what = "create"
             p.reasons.append("first apply")
@@ -254,11 +272,12 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                     shape_now = p.parts[d].shape
                     was = Shape(old.parts[d].words, old.parts[d].class_cap)
                     p.reasons.append(f"{d} program " + ("shape changed" if shape_now != was
-                                                         else "code or conntrack changed"))
+                                                         else "code or features changed"))
             if old.requested_mode != iface.xdp_mode:
                 p.reasons.append(f"xdp mode {old.requested_mode} -> {iface.xdp_mode}")
             if (not p.reasons and all(_part_unchanged(pp, ir.sets) for pp in p.parts.values())
-                    and old.ct_timeouts == p.ct_timeouts):
+                    and old.ct_timeouts == p.ct_timeouts and not p.lb_changed
+                    and not p.lb_removed):
                 p.what = "unchanged"
         plans.append(p)
     # Interfaces this same file configured before and no longer names are detached.
@@ -268,6 +287,26 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
             plans.append(IfacePlan(key=st.key, ifname=st.ifname, netns=st.netns,
                                    what="remove", old=st))
     return Plan(path, loaded_policy.source_hash, netns, plans, dict(ir.sets))
+
+
+def _plan_lb(p: IfacePlan) -> None:
+    """Backend ids, VIP indexes and ring regions; a bigger program when the rings outgrow it."""
+    old = LbState.from_json(p.old.lb) if p.old else LbState()
+    if not p.lbs:
+        p.lb_removed = list(old.vips)
+        return
+    cap = old.ring_cap if old.ring_cap else ring_cap_for(p.lbs)
+    try:
+        p.lb_state, p.lb_changed = plan_lb(p.lbs, old, cap, p.down)
+    except NetbpfError as e:
+        if str(e) != "ring":
+            raise
+        cap = ring_cap_for(p.lbs)
+        p.lb_state, p.lb_changed = plan_lb(p.lbs, old, cap, p.down)
+    p.lb_removed = [n for n in old.vips if n not in p.lb_state.vips]
+    p.parts["ingress"].lb_ring_cap = cap
+    if "egress" in p.parts:
+        p.parts["egress"].lb_ring_cap = cap
 
 
 def _set_digest(s: SetIR) -> str:
@@ -361,7 +400,8 @@ def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
                           requested_mode=p.mode, conntrack=p.conntrack,
                           ct_timeouts=p.ct_timeouts, created_clsact=created_clsact,
                           policy_path=plan.policy_path, policy_hash=plan.policy_hash,
-                          applied_at=time.time(), parts=parts)
+                          applied_at=time.time(), parts=parts,
+                          lb=p.lb_state.to_json() if p.lb_state else {})
 
 
 def _write_ct_timeouts(fd, timeouts: dict) -> None:
@@ -410,6 +450,15 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     if p.conntrack:
         with bpfsys.obj_get(pin_dir(p.key) / "ingress" / "nb_ct_cfg") as fd:
             _write_ct_timeouts(fd, p.ct_timeouts)
+    if p.lbs or p.lb_removed:
+        lbt = LbTables.from_pins(pin_dir(p.key) / "ingress")
+        try:
+            lbt.write(p.lbs, p.lb_state or LbState(), p.lb_changed,
+                      LbState.from_json(p.old.lb), p.down)
+        finally:
+            lbt.close()
+        for name in p.lb_changed:
+            log(f"{p.key}: load balancer {name}: new Maglev table live")
     st = _iface_state(plan, p, parts, p.old.created_clsact)
     save_state(st)
     return st
@@ -419,14 +468,16 @@ def _pins_usable(key: str, old: PartState | None) -> bool:
     return old is not None and (pin_dir(key) / old.direction / "nb_fw_cnt").exists()
 
 
-def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, ct_pin: Path | None):
+def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Path):
     """Compile, load and fill one part; pin its maps and program into staging."""
     defines = {"NB_WORDS": pp.shape.words, "NB_CLASS_CAP": pp.shape.class_cap}
     if p.conntrack:
         defines["NB_CONNTRACK"] = 1
-        if ct_pin is not None:
-            defines["NB_CT_PIN"] = f'"{ct_pin / "nb_ct"}"'
-            defines["NB_CT_CFG_PIN"] = f'"{ct_pin / "nb_ct_cfg"}"'
+    if p.lbs:
+        defines["NB_LB"] = 1
+        defines["NB_LB_RING_CAP"] = pp.lb_ring_cap
+    if p.conntrack or p.lbs:
+        defines["NB_SHARED_PIN"] = f'"{shared}"'
     loaded = load_program(pp.source, defines, {pp.func: PARTS[pp.direction][3]})
     try:
         tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
@@ -447,7 +498,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, ct_pin: Pa
             finally:
                 old_tables.close()
         # bcc pins a BPF_TABLE_PINNED map itself when it creates one: skip what is there
-        names = [n for n in loaded.maps if (pp.direction == "ingress" or n not in CT_MAPS)
+        names = [n for n in loaded.maps if (pp.direction == "ingress" or n not in SHARED_MAPS)
                  and not (staging / pp.direction / n).exists()]
         loaded.pin_maps(staging / pp.direction, names)
         bpfsys.obj_pin(loaded.prog_fd(pp.func), staging / pp.direction / PROG_PIN)
@@ -467,10 +518,9 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     staging.mkdir(parents=True)
     retired.parent.mkdir(parents=True, exist_ok=True)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Tracked connections survive a program change: reuse the pinned table when there is one.
-    old_ct = final / "ingress"
-    ct_pin = old_ct if (p.conntrack and p.old and p.old.conntrack
-                        and (old_ct / "nb_ct").exists()) else None
+    # Tracked connections and balanced flows survive a program change: the new programs open
+    # the shared maps where the running ones pinned them (or create them in staging).
+    shared = final / "ingress" if p.old and (final / "ingress").is_dir() else staging / "ingress"
     loaded, parts, attached = {}, {}, []
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
     before_tc = _tc_filter(p.old, "egress") if p.old and p.old.parts.get("egress") else None
@@ -479,11 +529,12 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             if d not in p.parts:
                 continue
             pp = p.parts[d]
-            loaded[d], slots, tags = _load_part(plan, p, pp, staging,
-                                                ct_pin or (staging / "ingress"))
+            loaded[d], slots, tags = _load_part(plan, p, pp, staging, shared)
             parts[d] = (pp, slots, tags)
         if p.conntrack:
             _write_ct_timeouts(loaded["ingress"].maps["nb_ct_cfg"].fd, p.ct_timeouts)
+        if p.lbs:
+            _fill_lb(p, loaded["ingress"])
 
         created_clsact = p.old.created_clsact if p.old else False
         states = {}
@@ -521,6 +572,15 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             f"{len(ps.rules)} {d} rules")
     log(f"{p.key}: loaded new programs ({', '.join(p.reasons)})")
     return st
+
+
+def _fill_lb(p: IfacePlan, loaded) -> None:
+    """Fresh LB maps: every VIP written anew (indexes and backend ids kept: the shared flow
+    table and counters still refer to them)."""
+    old = LbState.from_json(p.old.lb) if p.old else LbState()
+    cap = p.parts["ingress"].lb_ring_cap
+    p.lb_state, p.lb_changed = plan_lb(p.lbs, LbState(-1, old.vips, old.backends), cap, p.down)
+    LbTables.from_loaded(loaded).write(p.lbs, p.lb_state, p.lb_changed, None, p.down)
 
 
 def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc, loaded) -> None:

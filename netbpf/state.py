@@ -103,6 +103,7 @@ class InterfaceState:
     policy_hash: str
     applied_at: float = field(default_factory=time.time)
     parts: dict[str, PartState] = field(default_factory=dict)
+    lb: dict = field(default_factory=dict)          # netbpf.lbtables.LbState as JSON
 
     @classmethod
     def from_json(cls, data: dict) -> "InterfaceState":
@@ -117,6 +118,11 @@ class InterfaceState:
     @property
     def rules(self) -> list[RuleState]:
         return [r for p in self.parts.values() for r in p.rules]
+
+
+def health_file(key: str) -> Path:
+    """Backends the health checker found down, for the apply engine to leave out."""
+    return STATE_ROOT / "health" / f"{key}.json"
 
 
 def load_state(key: str) -> InterfaceState | None:

@@ -5,11 +5,13 @@ formats them. Not the exporter or the event reader, not any write.
 """
 from __future__ import annotations
 
+import ipaddress
 import struct
 import time
 
 from netbpf import abi
-from netbpf.apply import drift
+from netbpf.apply import _health_down, drift
+from netbpf.lbtables import NB_LB_MAX_VIPS, PROTO_NAMES, LbState, LbTables
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import FwTables
 from netbpf.kernel import bpfsys
@@ -35,8 +37,39 @@ def read_stats(ifname: str, netns: str | None) -> dict:
         "parts": parts,
         "rules": [r for p in parts.values() for r in p["rules"]],
         "conntrack": _conntrack(st) if st.conntrack else None,
+        "load_balancers": _load_balancers(st) if st.lb.get("vips") else [],
         "read_at": time.time(),
     }
+    return out
+
+
+def _load_balancers(st: InterfaceState) -> list[dict]:
+    lb = LbState.from_json(st.lb)
+    down = _health_down(st.key)
+    try:
+        t = LbTables.from_pins(pin_dir(st.key) / "ingress")
+    except NetbpfError as e:
+        return [{"error": str(e)}]
+    try:
+        cnt = t.counters()
+    finally:
+        t.close()
+    out = []
+    for v in lb.vips.values():
+        p, b, c = cnt.get(v.index, (0, 0, 0))
+        backends = []
+        for ident in v.backends:
+            bid = lb.backends[ident]
+            bp, bb, bc = cnt.get(NB_LB_MAX_VIPS + bid, (0, 0, 0))
+            _, addr, port = ident.rsplit("|", 2)
+            backends.append({"address": addr, "port": int(port), "id": bid,
+                             "state": "down" if ident in down else "up",
+                             "packets": bp, "bytes": bb, "connections": bc})
+        vip = ipaddress.ip_address(v.addr) if v.family == 4 else ipaddress.IPv6Address(v.addr)
+        out.append({"name": v.name, "vip": str(vip), "port": v.port,
+                    "proto": PROTO_NAMES.get(v.proto, str(v.proto)), "mode": v.mode,
+                    "table_size": v.size, "packets": p, "bytes": b, "connections": c,
+                    "backends": backends})
     return out
 
 

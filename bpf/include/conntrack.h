@@ -1,16 +1,17 @@
 /* conntrack.h - "deny inbound, allow established": egress records connections this side
  * starts, ingress lets their replies through. Not a full tracker: no sequence checking, no
  * related flows (ICMP errors), no NAT. The first program loaded creates nb_ct; programs built
- * with -DNB_CT_PIN="path" (and NB_CT_CFG_PIN) open that pin instead, so both share one table. */
+ * with -DNB_SHARED_PIN="dir" open (or create and pin) dir/nb_ct, so both share one table. */
 #ifndef NETBPF_CONNTRACK_H
 #define NETBPF_CONNTRACK_H
 
 #include "netbpf_abi.h"
 #include "parse.h"
 
-#ifdef NB_CT_PIN
-BPF_TABLE_PINNED("lru_hash", struct nb_ct_key, struct nb_ct_val, nb_ct, NB_CT_ENTRIES, NB_CT_PIN);
-BPF_TABLE_PINNED("array", __u32, struct nb_ct_cfg, nb_ct_cfg, 1, NB_CT_CFG_PIN);
+#ifdef NB_SHARED_PIN
+BPF_TABLE_PINNED("lru_hash", struct nb_ct_key, struct nb_ct_val, nb_ct, NB_CT_ENTRIES,
+                 NB_SHARED_PIN "/nb_ct");
+BPF_TABLE_PINNED("array", __u32, struct nb_ct_cfg, nb_ct_cfg, 1, NB_SHARED_PIN "/nb_ct_cfg");
 #else
 BPF_TABLE("lru_hash", struct nb_ct_key, struct nb_ct_val, nb_ct, NB_CT_ENTRIES);
 BPF_ARRAY(nb_ct_cfg, struct nb_ct_cfg, 1);

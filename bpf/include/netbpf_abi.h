@@ -167,6 +167,77 @@ struct nb_ct_cfg {                          /* nb_ct_cfg[0] */
     __u64 timeout_ns[NB_CT_NTIMEOUTS];
 };
 
+/* ---- L4 load balancer (XDP on the VIP's interface; reverse NAT on its TC egress) ---- */
+#define NB_LB_MAX_VIPS 256
+#define NB_LB_MAX_BACKENDS 4096
+#define NB_LB_FLOWS 262144                  /* LRU: the least recently used flow is forgotten */
+#ifndef NB_LB_RING_CAP
+#define NB_LB_RING_CAP (1 << 19)            /* Maglev slots, both halves of every VIP's table */
+#endif
+#define NB_LB_NO_BACKEND 0xffffffff
+#define NB_LB_NAT 1
+#define NB_LB_DSR 2
+#define NB_BE_ACTIVE 1                      /* flows may stay on it (draining backends too) */
+
+struct nb_vip_key {
+    __u8 family;
+    __u8 proto;
+    __u16 port;                             /* host order */
+    __u8 addr[16];
+};
+
+struct nb_vip {                             /* replaced whole: a packet sees one table */
+    __u32 index;                            /* counters: nb_lb_cnt[index] */
+    __u32 mode;                             /* NB_LB_NAT or NB_LB_DSR */
+    __u32 ring_off;                         /* this VIP's live Maglev table in nb_lb_ring */
+    __u32 ring_size;                        /* prime */
+};
+
+struct nb_backend {                         /* nb_lb_backends[id] */
+    __u8 family;
+    __u8 pad;
+    __u16 port;                             /* host order */
+    __u32 flags;                            /* NB_BE_ACTIVE */
+    __u8 addr[16];
+};
+
+struct nb_flow_key {                        /* client -> VIP, as the client sent it */
+    __u8 family;
+    __u8 proto;
+    __u16 sport;
+    __u16 dport;
+    __u16 pad;
+    __u8 saddr[16];
+    __u8 daddr[16];
+};
+
+struct nb_flow {
+    __u32 backend;
+    __u32 vip_index;
+};
+
+struct nb_nat_key {                         /* a backend's reply, as it leaves toward the client */
+    __u8 family;
+    __u8 proto;
+    __u16 bport;                            /* backend port (source of the reply) */
+    __u16 cport;                            /* client port */
+    __u16 pad;
+    __u8 baddr[16];
+    __u8 caddr[16];
+};
+
+struct nb_nat_val {
+    __u16 vport;                            /* host order */
+    __u16 pad[3];
+    __u8 vaddr[16];
+};
+
+struct nb_lb_counter {                      /* nb_lb_cnt[vip index] and [NB_LB_MAX_VIPS + backend] */
+    __u64 packets;
+    __u64 bytes;
+    __u64 conns;                            /* new flows */
+};
+
 /* Array index helpers: generation-scoped arrays hold both generations side by side. */
 #define NB_PORT_IDX(gen, which, port) (((__u32)(gen) << 17) | ((__u32)(which) << 16) | (__u32)(port))
 #define NB_PROTO_IDX(gen, proto) (((__u32)(gen) << 8) | (__u32)(proto))

@@ -1,6 +1,7 @@
 /* firewall.bpf.c (tc) - clsact firewall: parse -> classify -> act -> count, plus conntrack.
  * nb_fw_tc_eg runs on egress (records connections when built with NB_CONNTRACK);
  * nb_fw_tc_in runs on ingress where XDP is not wanted (passes tracked replies first).
+ * Built with NB_LB, egress also turns load-balanced NAT replies back into VIP:port.
  * Same classifier and map layout as the XDP program; each load has its own rule maps. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -9,6 +10,9 @@
 #include "classify.h"
 #ifdef NB_CONNTRACK
 #include "conntrack.h"
+#endif
+#ifdef NB_LB
+#include "lb.h"
 #endif
 
 /* Headers must be in the linear part for direct access; pulling is a no-op when they are. */
@@ -46,6 +50,10 @@ static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
 #ifdef NB_CONNTRACK
     if (egress)
         nb_ct_egress(&p);
+#endif
+#ifdef NB_LB
+    if (egress)
+        nb_lb_reverse(skb, &p);
 #endif
     return TC_ACT_OK;
 }

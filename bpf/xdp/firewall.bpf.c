@@ -1,12 +1,16 @@
-/* firewall.bpf.c - XDP ingress firewall: parse -> classify -> act -> count.
+/* firewall.bpf.c - XDP ingress: parse -> conntrack -> classify -> act -> count -> balance.
  * Tables come from the controller (netbpf/compile.py via netbpf/apply.py); this program never
- * changes when rules change. Non-IP frames pass; malformed frames drop (docs/dataplane.md). */
+ * changes when rules change. Non-IP frames pass; malformed frames drop (docs/dataplane.md).
+ * Built with NB_LB, packets the firewall allows to a VIP go to the load balancer (lb.h). */
 #include <uapi/linux/bpf.h>
 #include "netbpf_abi.h"
 #include "parse.h"
 #include "classify.h"
 #ifdef NB_CONNTRACK
 #include "conntrack.h"
+#endif
+#ifdef NB_LB
+#include "lb.h"
 #endif
 
 int nb_fw_xdp(struct xdp_md *ctx)
@@ -34,5 +38,12 @@ int nb_fw_xdp(struct xdp_md *ctx)
         return XDP_PASS;
     }
 #endif
-    return nb_classify(&p, len) == NB_ACT_DROP ? XDP_DROP : XDP_PASS;
+    if (nb_classify(&p, len) == NB_ACT_DROP)
+        return XDP_DROP;
+#ifdef NB_LB
+    int lb = nb_lb_xdp(ctx, &p, len);
+    if (lb >= 0)
+        return lb;
+#endif
+    return XDP_PASS;
 }

@@ -12,7 +12,7 @@ import click
 
 from netbpf.errors import NetbpfError
 
-COMMAND_MODULES = ("netbpf.cli.lab", "netbpf.cli.policy", "netbpf.cli.dataplane")
+COMMAND_MODULES = ("netbpf.cli.lab", "netbpf.cli.policy", "netbpf.cli.dataplane", "netbpf.cli.observe")
 
 EPILOG = """\b
 Examples:

@@ -4,6 +4,7 @@ netbpf/cli/__init__.py.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import time
@@ -64,6 +65,15 @@ def _print_plan(plan) -> None:
             for s in sorted({r.set_name for r in pp.compiled.setrefs}):
                 st = plan.sets[s]
                 click.echo(f"    set {s}: {len(st.v4)} IPv4 + {len(st.v6)} IPv6 entries")
+        for lb in p.lbs:
+            vip = ipaddress.ip_address(lb.vip) if lb.family == 4 else ipaddress.IPv6Address(lb.vip)
+            what = "new table" if lb.name in p.lb_changed else "unchanged"
+            live = sum(1 for b in lb.backends if b.weight > 0)
+            click.echo(f"  load balancer {lb.name}: {vip} port {lb.port} "
+                       f"{'tcp' if lb.proto == 6 else 'udp'}, {lb.mode}, {len(lb.backends)} "
+                       f"backends ({live} taking new flows), {what}")
+        for name in p.lb_removed:
+            click.echo(f"  - load balancer {name}")
 
 
 @click.command()
@@ -150,6 +160,21 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
             if prev is not None and old:
                 row.append(_human((tot[name]["packets"] - old["totals"][name]["packets"]) / dt))
             t.add_row(*row)
+        tables.append(t)
+    for lb in s.get("load_balancers", []):
+        if "error" in lb:
+            tables.append(Text(f"load balancers: {lb['error']}", style="bold red"))
+            continue
+        tables.append(Text(f"load balancer {lb['name']} — {lb['vip']} port {lb['port']} "
+                           f"{lb['proto']}, {lb['mode']}: {lb['connections']} connections, "
+                           f"{lb['packets']} packets", style="bold"))
+        t = Table()
+        for col, just in (("backend", "left"), ("state", "left"), ("connections", "right"),
+                          ("packets", "right"), ("bytes", "right")):
+            t.add_column(col, justify=just)
+        for b in lb["backends"]:
+            t.add_row(f"{b['address']}:{b['port']}", b["state"], str(b["connections"]),
+                      str(b["packets"]), _human(b["bytes"]))
         tables.append(t)
     ct = s.get("conntrack")
     if ct and "entries" in ct:
@@ -238,4 +263,58 @@ def status(as_json: bool) -> None:
         sys.exit(1)
 
 
-COMMANDS = [apply, detach, stats, status]
+@click.command("lb-health")
+@click.argument("policy", type=click.Path(dir_okay=False))
+@click.option("--once", is_flag=True, help="One round of checks (and apply), then exit.")
+@click.pass_context
+def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
+    """Health-check the backends of POLICY's load balancers; take dead ones out of the Maglev
+    table and put them back when they answer again (each change is logged and applied).
+
+    \b
+    Examples:
+      netbpf -n lab-lb lb-health policies/lb.yaml
+      netbpf lb-health policies/lb.yaml --once
+    """
+    from netbpf.apply import apply_plan, plan_apply
+    from netbpf.errors import InputError
+    from netbpf.health import check_once, targets, write_down
+    from netbpf.kernel.netns import enter_netns
+
+    netns = _netns(ctx)
+    loaded = _load_policy(policy)
+    ts = targets(loaded, netns)
+    if not ts:
+        raise InputError(f"{policy}: no load balancer has a health check "
+                         "(health: {tcp: {interval, timeout}})")
+
+    def log(msg: str) -> None:
+        click.echo(f"{time.strftime('%H:%M:%S')} {msg}")
+
+    from netbpf.apply import _health_down
+
+    # start from what the last run found, so a recovery is reported as one
+    down: dict[str, set[str]] = {t.key: _health_down(t.key) for t in ts}
+    interval = min(t.interval for t in ts)
+    log(f"checking {len(ts)} backends every {interval:g} s")
+    first = True
+    try:
+        while True:
+            with enter_netns(netns):
+                changed = check_once(ts, down, log)
+            if changed or first:
+                for key, ids in down.items():
+                    write_down(key, ids)
+                plan = plan_apply(loaded, policy, netns)
+                if plan.changes:
+                    apply_plan(plan, log=lambda m: None)
+                    log("applied: load balancer tables follow the backends' health")
+            first = False
+            if once:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        log("stopped")
+
+
+COMMANDS = [apply, detach, stats, status, lb_health]

@@ -1,0 +1,268 @@
+/* lb.h - L4 load balancer: VIP lookup -> flow table or Maglev slot -> rewrite -> forward, and
+ * the reverse translation of NAT replies on TC egress. Not the firewall (classify.h): the XDP
+ * program balances only what the firewall allowed. Flow, NAT and counter maps are shared
+ * through pins (-DNB_SHARED_PIN="dir") so the egress program and later reloads see them. */
+#ifndef NETBPF_LB_H
+#define NETBPF_LB_H
+
+#include "netbpf_abi.h"
+#include "parse.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+BPF_HASH(nb_lb_vips, struct nb_vip_key, struct nb_vip, NB_LB_MAX_VIPS * 2);
+BPF_ARRAY(nb_lb_ring, __u32, NB_LB_RING_CAP);
+BPF_ARRAY(nb_lb_backends, struct nb_backend, NB_LB_MAX_BACKENDS);
+#ifdef NB_SHARED_PIN
+BPF_TABLE_PINNED("lru_hash", struct nb_flow_key, struct nb_flow, nb_lb_flows, NB_LB_FLOWS,
+                 NB_SHARED_PIN "/nb_lb_flows");
+BPF_TABLE_PINNED("lru_hash", struct nb_nat_key, struct nb_nat_val, nb_lb_nat, NB_LB_FLOWS,
+                 NB_SHARED_PIN "/nb_lb_nat");
+BPF_TABLE_PINNED("percpu_array", __u32, struct nb_lb_counter, nb_lb_cnt,
+                 NB_LB_MAX_VIPS + NB_LB_MAX_BACKENDS, NB_SHARED_PIN "/nb_lb_cnt");
+#else
+BPF_TABLE("lru_hash", struct nb_flow_key, struct nb_flow, nb_lb_flows, NB_LB_FLOWS);
+BPF_TABLE("lru_hash", struct nb_nat_key, struct nb_nat_val, nb_lb_nat, NB_LB_FLOWS);
+BPF_PERCPU_ARRAY(nb_lb_cnt, struct nb_lb_counter, NB_LB_MAX_VIPS + NB_LB_MAX_BACKENDS);
+#endif
+
+static __always_inline void nb_lb_count(__u32 idx, __u32 len, int fresh)
+{
+    struct nb_lb_counter *c = nb_lb_cnt.lookup(&idx);
+    if (c) {
+        c->packets += 1;
+        c->bytes += len;
+        c->conns += fresh;
+    }
+}
+
+/* murmur3's finaliser per 32-bit word of the key: cheap, and every input bit moves the slot */
+static __always_inline __u32 nb_mix32(__u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6b;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35;
+    h ^= h >> 16;
+    return h;
+}
+
+static __always_inline __u32 nb_flow_hash(struct nb_flow_key *k)
+{
+    __u32 *w = (__u32 *)k;
+    __u32 h = 0x9747b28c;
+#pragma unroll
+    for (int i = 0; i < sizeof(*k) / 4; i++)
+        h = nb_mix32(h ^ w[i]);
+    return h;
+}
+
+static __always_inline __u16 nb_csum_fold(__u64 csum)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        csum = (csum & 0xffff) + (csum >> 16);
+    return (__u16)~csum;
+}
+
+/* RFC 1624 incremental update of *check for old -> new bytes (len a multiple of 4) */
+static __always_inline __u16 nb_csum_update(__u16 check, void *old, void *new, __u32 len)
+{
+    __s64 d = bpf_csum_diff(old, len, new, len, ~((__u32)check) & 0xffff);
+    return nb_csum_fold((__u64)d);
+}
+
+struct nb_dnat4 { __u32 addr; __u32 ports; };
+struct nb_dnat6 { __u8 addr[16]; __u32 ports; };
+
+/* Rewrite destination address and port to the backend's, with correct IP and L4 checksums. */
+static __always_inline int nb_lb_dnat(struct xdp_md *ctx, struct nb_pkt *p, struct nb_backend *be)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u32 l3 = p->l3_off & 0x3f;
+    __u32 l4 = p->l4_off & 0x3fff;      /* bounds for the verifier; parse.h set the real value */
+    __u32 *pw = data + l4;
+    if ((void *)(pw + 1) > data_end)
+        return -1;
+    __u16 *l4check = data + l4 + (p->proto == IPPROTO_TCP ? 16 : 6);
+    if ((void *)(l4check + 1) > data_end)
+        return -1;
+    __u32 new_pw = *pw;
+    ((__u16 *)&new_pw)[1] = bpf_htons(be->port);       /* keep sport, replace dport */
+
+    if (p->family == 4) {
+        struct iphdr *iph = data + l3;
+        if ((void *)(iph + 1) > data_end)
+            return -1;
+        struct nb_dnat4 o = {.addr = iph->daddr, .ports = *pw}, n = {.ports = new_pw};
+        __builtin_memcpy(&n.addr, be->addr, 4);
+        iph->check = nb_csum_update(iph->check, &o.addr, &n.addr, 4);
+        /* UDP over IPv4 may carry no checksum (0): leave it so */
+        if (!(p->proto == IPPROTO_UDP && *l4check == 0)) {
+            __u16 c = nb_csum_update(*l4check, &o, &n, sizeof(o));
+            *l4check = (p->proto == IPPROTO_UDP && c == 0) ? 0xffff : c;
+        }
+        iph->daddr = n.addr;
+    } else {
+        struct ipv6hdr *ip6 = data + l3;
+        if ((void *)(ip6 + 1) > data_end)
+            return -1;
+        struct nb_dnat6 o = {.ports = *pw}, n = {.ports = new_pw};
+        __builtin_memcpy(o.addr, &ip6->daddr, 16);
+        __builtin_memcpy(n.addr, be->addr, 16);
+        __u16 c = nb_csum_update(*l4check, &o, &n, sizeof(o));
+        *l4check = (p->proto == IPPROTO_UDP && c == 0) ? 0xffff : c;
+        __builtin_memcpy(&ip6->daddr, be->addr, 16);
+    }
+    *pw = new_pw;
+    return 0;
+}
+
+/* Send toward dst (the backend, or for DSR the backend's MAC): XDP_TX when the route leaves
+ * by the interface it came in on; DSR redirects to another interface; NAT otherwise lets the
+ * kernel forward the rewritten packet (a redirect needs an XDP-capable receiver on veths and
+ * bridges, which netbpf cannot promise). */
+static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, __u8 *dst,
+                                         __u16 dport, __u32 len, int dsr)
+{
+    struct bpf_fib_lookup fib = {};
+    fib.ifindex = ctx->ingress_ifindex;
+    fib.l4_protocol = p->proto;
+    fib.sport = bpf_htons(p->sport);
+    fib.dport = bpf_htons(dport);
+    if (p->family == 4) {
+        fib.family = AF_INET;
+        fib.tot_len = len - p->l3_off;
+        __builtin_memcpy(&fib.ipv4_src, p->src, 4);
+        __builtin_memcpy(&fib.ipv4_dst, dst, 4);
+    } else {
+        fib.family = AF_INET6;
+        fib.tot_len = len - p->l3_off;
+        __builtin_memcpy(fib.ipv6_src, p->src, 16);
+        __builtin_memcpy(fib.ipv6_dst, dst, 16);
+    }
+    long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+        return dsr ? XDP_DROP : XDP_PASS;
+    if (!dsr && fib.ifindex != ctx->ingress_ifindex)
+        return XDP_PASS;
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return XDP_DROP;
+    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+    if (fib.ifindex == ctx->ingress_ifindex)
+        return XDP_TX;
+    return bpf_redirect(fib.ifindex, 0);
+}
+
+/* -1: not for a VIP (the caller passes it on); else the XDP verdict. */
+static __always_inline int nb_lb_xdp(struct xdp_md *ctx, struct nb_pkt *p, __u32 len)
+{
+    if (!p->has_ports)
+        return -1;
+    struct nb_vip_key vk = {.family = p->family, .proto = p->proto, .port = p->dport};
+    __builtin_memcpy(vk.addr, p->dst, 16);
+    struct nb_vip *vip = nb_lb_vips.lookup(&vk);
+    if (!vip)
+        return -1;
+    struct nb_flow_key fk = {.family = p->family, .proto = p->proto, .sport = p->sport,
+                             .dport = p->dport};
+    __builtin_memcpy(fk.saddr, p->src, 16);
+    __builtin_memcpy(fk.daddr, p->dst, 16);
+
+    __u32 bid = NB_LB_NO_BACKEND;
+    struct nb_backend *be = 0;
+    int fresh = 0;
+    struct nb_flow *fl = nb_lb_flows.lookup(&fk);
+    if (fl && fl->vip_index == vip->index) {
+        bid = fl->backend;
+        be = nb_lb_backends.lookup(&bid);
+        if (be && !(be->flags & NB_BE_ACTIVE))
+            be = 0;     /* removed from the policy: the flow is balanced again */
+    }
+    if (!be) {
+        if (vip->ring_size == 0)
+            return XDP_DROP;
+        __u32 slot = vip->ring_off + nb_flow_hash(&fk) % vip->ring_size;
+        __u32 *b = nb_lb_ring.lookup(&slot);
+        if (!b || *b == NB_LB_NO_BACKEND) {
+            nb_lb_count(vip->index, len, 0);
+            return XDP_DROP;
+        }
+        bid = *b;
+        be = nb_lb_backends.lookup(&bid);
+        if (!be)
+            return XDP_DROP;
+        struct nb_flow nf = {.backend = bid, .vip_index = vip->index};
+        nb_lb_flows.update(&fk, &nf);
+        fresh = 1;
+    }
+    nb_lb_count(vip->index, len, fresh);
+    nb_lb_count(NB_LB_MAX_VIPS + (bid & (NB_LB_MAX_BACKENDS - 1)), len, fresh);
+
+    if (vip->mode == NB_LB_DSR)
+        return nb_lb_forward(ctx, p, be->addr, p->dport, len, 1);
+
+    if (fresh) {
+        struct nb_nat_key nk = {.family = p->family, .proto = p->proto, .bport = be->port,
+                                .cport = p->sport};
+        __builtin_memcpy(nk.baddr, be->addr, 16);
+        __builtin_memcpy(nk.caddr, p->src, 16);
+        struct nb_nat_val nv = {.vport = p->dport};
+        __builtin_memcpy(nv.vaddr, p->dst, 16);
+        nb_lb_nat.update(&nk, &nv);
+    }
+    struct nb_backend b = *be;          /* the map value may not be read after packet writes */
+    if (nb_lb_dnat(ctx, p, &b) < 0)
+        return XDP_DROP;
+    return nb_lb_forward(ctx, p, b.addr, b.port, len, 0);
+}
+
+/* TC egress of the VIP's interface: a backend's reply leaves as VIP:port again. */
+static __always_inline void nb_lb_reverse(struct __sk_buff *skb, struct nb_pkt *p)
+{
+    if (!p->has_ports)
+        return;
+    struct nb_nat_key k = {.family = p->family, .proto = p->proto, .bport = p->sport,
+                           .cport = p->dport};
+    __builtin_memcpy(k.baddr, p->src, 16);
+    __builtin_memcpy(k.caddr, p->dst, 16);
+    struct nb_nat_val *v = nb_lb_nat.lookup(&k);
+    if (!v)
+        return;
+    struct nb_nat_val nv = *v;
+    __u32 l3 = p->l3_off, l4 = p->l4_off;
+    __u32 csum_off = l4 + (p->proto == IPPROTO_TCP ? 16 : 6);
+    __u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+    __u16 old_port = bpf_htons(p->sport), new_port = bpf_htons(nv.vport);
+    if (p->family == 4) {
+        __u32 old_a, new_a;
+        __builtin_memcpy(&old_a, p->src, 4);
+        __builtin_memcpy(&new_a, nv.vaddr, 4);
+        bpf_l4_csum_replace(skb, csum_off, old_a, new_a, BPF_F_PSEUDO_HDR | mangled | 4);
+        bpf_l3_csum_replace(skb, l3 + 10, old_a, new_a, 4);
+        bpf_skb_store_bytes(skb, l3 + 12, &new_a, 4, 0);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __u32 old_w, new_w;
+            __builtin_memcpy(&old_w, p->src + 4 * i, 4);
+            __builtin_memcpy(&new_w, nv.vaddr + 4 * i, 4);
+            bpf_l4_csum_replace(skb, csum_off, old_w, new_w, BPF_F_PSEUDO_HDR | mangled | 4);
+        }
+        bpf_skb_store_bytes(skb, l3 + 8, nv.vaddr, 16, 0);
+    }
+    bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2);
+    bpf_skb_store_bytes(skb, l4, &new_port, 2, 0);
+}
+
+#endif
