@@ -56,11 +56,17 @@ NB_STAT_MALFORMED = 4
 NB_STAT_FRAGMENT = 5
 NB_STAT_RATE_DROP = 6
 NB_STAT_CT_REPLY = 7
-NB_STAT_MAX = 8
+NB_STAT_LB_TX = 8
+NB_STAT_LB_REDIRECT = 9
+NB_STAT_LB_STACK = 10
+NB_STAT_LB_DROP = 11
+NB_STAT_MAX = 12
 STAT_NAMES = {
     NB_STAT_PASS: "pass", NB_STAT_DROP: "drop", NB_STAT_DEFAULT: "default",
     NB_STAT_NONIP: "non_ip", NB_STAT_MALFORMED: "malformed", NB_STAT_FRAGMENT: "fragment",
     NB_STAT_RATE_DROP: "rate_limited", NB_STAT_CT_REPLY: "conntrack_reply",
+    NB_STAT_LB_TX: "lb_tx", NB_STAT_LB_REDIRECT: "lb_redirect", NB_STAT_LB_STACK: "lb_stack",
+    NB_STAT_LB_DROP: "lb_drop",
 }
 
 NB_CT_ENTRIES = 65536

@@ -107,6 +107,7 @@ class IfacePlan:
     lb_changed: list[str] = field(default_factory=list)
     lb_removed: list[str] = field(default_factory=list)
     down: set[str] = field(default_factory=set)
+    stale: bool = False          # the interface was re-created: old pins describe nothing live
 
     @property
     def new_program(self) -> bool:
@@ -256,6 +257,12 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
             p.parts["egress"] = _plan_part("egress", iface.egress or DirectionIR("allow"),
                                            ir.sets, old, iface.conntrack)
         _plan_lb(p)
+        _check_forwarding(p)
+        with enter_netns(netns):
+            ifindex = socket.if_nametoindex(name)
+        if old is not None and old.ifindex != ifindex:
+            p.stale = True
+            p.reasons.append(f"interface was re-created (ifindex {old.ifindex} -> {ifindex})")
         if old is None:
             p.what = "create"
             p.reasons.append("first apply")
@@ -287,6 +294,23 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
             plans.append(IfacePlan(key=st.key, ifname=st.ifname, netns=st.netns,
                                    what="remove", old=st))
     return Plan(path, loaded_policy.source_hash, netns, plans, dict(ir.sets))
+
+
+def _check_forwarding(p: IfacePlan) -> None:
+    """Balanced packets are forwarded (by the kernel for NAT, by bpf_fib_lookup's route for
+    DSR), and both only work on an interface with forwarding on: say so before applying."""
+    for fam in sorted({lb.family for lb in p.lbs}):
+        conf = "ipv4" if fam == 4 else "ipv6"
+        path = f"/proc/sys/net/{conf}/conf/{p.ifname}/forwarding"
+        with enter_netns(p.netns):
+            try:
+                on = Path(path).read_text().strip() == "1"
+            except OSError:
+                on = True  # cannot tell: let the data plane's counters speak
+        if not on:
+            raise NetbpfError(f"{p.ifname}: load balancing needs IPv{fam} forwarding on the "
+                              f"interface; run 'sysctl -w net.{conf}.conf.{p.ifname}.forwarding=1'"
+                              + (f" in namespace {p.netns}" if p.netns else ""))
 
 
 def _plan_lb(p: IfacePlan) -> None:
@@ -481,7 +505,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
     loaded = load_program(pp.source, defines, {pp.func: PARTS[pp.direction][3]})
     try:
         tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
-        reuse = _pins_usable(p.key, pp.old)
+        reuse = not p.stale and _pins_usable(p.key, pp.old)
         slots, _ = _allocate_slots(_rule_states(pp.compiled, pp.ir), pp.old if reuse else None,
                                    abi.slot_cap(pp.shape.words), reuse=reuse)
         tags, to_write = _allocate_tags(pp.compiled, plan.sets, None)
@@ -520,7 +544,8 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     final.parent.mkdir(parents=True, exist_ok=True)
     # Tracked connections and balanced flows survive a program change: the new programs open
     # the shared maps where the running ones pinned them (or create them in staging).
-    shared = final / "ingress" if p.old and (final / "ingress").is_dir() else staging / "ingress"
+    shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
+        else staging / "ingress"
     loaded, parts, attached = {}, {}, []
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
     before_tc = _tc_filter(p.old, "egress") if p.old and p.old.parts.get("egress") else None

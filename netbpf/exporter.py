@@ -68,7 +68,8 @@ def _families() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
     return out
 
 
-def _default_targets() -> list[tuple[str, str | None]]:
+def managed_interfaces() -> list[tuple[str, str | None]]:
+    """(interface, netns) of every state file: what `netbpf status` lists."""
     from netbpf.state import list_states
 
     return [(st.ifname, st.netns) for st in list_states()]
@@ -84,7 +85,7 @@ class NetbpfCollector(Collector):
     """Reads every managed interface on each collect(); one failing interface gets netbpf_up 0
     and no other series, the rest of the scrape goes on."""
 
-    def __init__(self, targets: Callable[[], Iterable[tuple[str, str | None]]] = _default_targets,
+    def __init__(self, targets: Callable[[], Iterable[tuple[str, str | None]]] = managed_interfaces,
                  reader: Callable[[str, str | None], dict] = _default_reader,
                  clock: Callable[[], float] = time.perf_counter):
         self._targets = targets

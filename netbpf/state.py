@@ -170,6 +170,33 @@ def list_states() -> list[InterfaceState]:
     return out
 
 
+def _unpin_tree(d: Path) -> None:
+    if not d.is_dir():
+        return
+    for f in d.iterdir():
+        if f.is_dir():
+            _unpin_tree(f)
+        else:
+            f.unlink(missing_ok=True)
+    d.rmdir()
+
+
+def forget_netns(netns: str) -> list[str]:
+    """Drop pins, state and health files of every interface key in netns (the namespace is
+    gone, so its programs are detached already). Returns the keys forgotten. Files only."""
+    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
+    keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
+    for key in keys:
+        for d in (pin_dir(key), *staging_dirs(key)):
+            try:
+                _unpin_tree(d)
+            except OSError:
+                pass
+        remove_state(key)
+        health_file(key).unlink(missing_ok=True)
+    return sorted(keys)
+
+
 def list_pin_keys() -> list[str]:
     if not PIN_ROOT.is_dir():
         return []

@@ -147,11 +147,17 @@ static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, _
         __builtin_memcpy(fib.ipv6_src, p->src, 16);
         __builtin_memcpy(fib.ipv6_dst, dst, 16);
     }
-    long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-    if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-        return dsr ? XDP_DROP : XDP_PASS;
-    if (!dsr && fib.ifindex != ctx->ingress_ifindex)
+    /* OUTPUT: look up as the sender we now are; an ingress-side lookup would also demand
+     * that this interface forwards, which a one-armed DSR balancer need not */
+    long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS || (!dsr && fib.ifindex != ctx->ingress_ifindex)) {
+        if (dsr) {
+            nb_stat(NB_STAT_LB_DROP, len);
+            return XDP_DROP;        /* no route or no neighbour entry for the backend */
+        }
+        nb_stat(NB_STAT_LB_STACK, len);
         return XDP_PASS;
+    }
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
@@ -159,8 +165,11 @@ static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, _
         return XDP_DROP;
     __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
     __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-    if (fib.ifindex == ctx->ingress_ifindex)
+    if (fib.ifindex == ctx->ingress_ifindex) {
+        nb_stat(NB_STAT_LB_TX, len);
         return XDP_TX;
+    }
+    nb_stat(NB_STAT_LB_REDIRECT, len);
     return bpf_redirect(fib.ifindex, 0);
 }
 
@@ -196,6 +205,7 @@ static __always_inline int nb_lb_xdp(struct xdp_md *ctx, struct nb_pkt *p, __u32
         __u32 *b = nb_lb_ring.lookup(&slot);
         if (!b || *b == NB_LB_NO_BACKEND) {
             nb_lb_count(vip->index, len, 0);
+            nb_stat(NB_STAT_LB_DROP, len);
             return XDP_DROP;
         }
         bid = *b;

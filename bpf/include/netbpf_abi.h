@@ -61,7 +61,11 @@
 #define NB_STAT_FRAGMENT 5                  /* non-first fragments classified without L4 */
 #define NB_STAT_RATE_DROP 6                 /* dropped by a rate_limit rule over its rate */
 #define NB_STAT_CT_REPLY 7                  /* passed as a reply of a tracked connection */
-#define NB_STAT_MAX 8
+#define NB_STAT_LB_TX 8                     /* balanced, sent back out the same interface */
+#define NB_STAT_LB_REDIRECT 9               /* balanced, redirected to another interface */
+#define NB_STAT_LB_STACK 10                 /* balanced (NAT), forwarded by the kernel */
+#define NB_STAT_LB_DROP 11                  /* VIP packet with no backend or no route */
+#define NB_STAT_MAX 12
 
 /* ---- map layouts ---- */
 struct nb_gen {                             /* nb_fw_gen[0]: the one value an apply flips */

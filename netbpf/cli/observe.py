@@ -47,7 +47,7 @@ def exporter(ctx: click.Context, listen: str, verbose: bool) -> None:
     only_ns = root.netns if root else None
     if only_ns:
         def targets():
-            return [t for t in exp._default_targets() if t[1] == only_ns]
+            return [t for t in exp.managed_interfaces() if t[1] == only_ns]
         collector = exp.NetbpfCollector(targets=targets)
     else:
         collector = exp.NetbpfCollector()

@@ -135,6 +135,9 @@ def delete_netns(name: str, kill_pids: bool = True) -> str | None:
     cp = ip("netns", "del", name, check=False)
     if cp.returncode != 0 and os.path.exists(os.path.join(NETNS_DIR, name)):
         return f"ip netns del {name}: {cp.stderr.strip()}"
+    # What netbpf pinned for the namespace's interfaces (they are gone now) goes with it.
+    from netbpf.state import forget_netns
+    forget_netns(name)
     return None
 
 
