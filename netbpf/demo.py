@@ -1,7 +1,9 @@
 """`make demo`: the main job end to end on the built-in lab, no real NIC needed.
 
-lab up (two-hosts) -> netbpf apply policies/demo.yaml on the gateway -> Scapy traffic from
-the client (and out of the gateway) -> what arrived -> `netbpf stats gw0` -> detach, lab down.
+1. Firewall: lab up (two-hosts) -> netbpf apply policies/demo.yaml on the gateway -> Scapy
+   traffic from the client (and out of the gateway) -> what arrived -> `netbpf stats gw0`.
+2. Load balancer: lab up (lb) -> TCP servers on three backends -> apply policies/lb.yaml ->
+   200 real connections to the VIP -> who answered -> `netbpf stats lb0`.
 Runs the real CLI as a user would; not a test (tests/netns checks the same things strictly).
 """
 from __future__ import annotations
@@ -16,6 +18,18 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "policies" / "demo.yaml"
 TOPOLOGY = REPO / "netns-lab" / "two-hosts.yaml"
+LB_POLICY = REPO / "policies" / "lb.yaml"
+LB_TOPOLOGY = REPO / "netns-lab" / "lb.yaml"
+SERVER = """
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080)); s.listen(256); print("ready", flush=True)
+def answer(c):
+    with c:
+        c.recv(64); c.sendall(sys.argv[1].encode())
+while True:
+    threading.Thread(target=answer, args=(s.accept()[0],), daemon=True).start()
+"""
 NETBPF = str(Path(sys.executable).with_name("netbpf"))
 
 console = Console()
@@ -87,6 +101,49 @@ def _send_each(packets) -> int:
     return refused
 
 
+def _connect_many(vip: str, n: int) -> dict:
+    import collections
+    import socket
+
+    seen = collections.Counter()
+    for _ in range(n):
+        try:
+            with socket.create_connection((vip, 80), timeout=2) as c:
+                c.sendall(b"hi")
+                seen[c.recv(64).decode()] += 1
+        except OSError as e:
+            seen[f"failed: {e.strerror or e}"] += 1
+    return dict(seen)
+
+
+def load_balancer() -> None:
+    from netbpf.lab import Lab
+
+    step(f"lab up: {LB_TOPOLOGY.relative_to(REPO)} (client -> lb -> three backends)")
+    with Lab.from_file(LB_TOPOLOGY) as lab:
+        lb = lab.ns("lb")
+        for b in ("b1", "b2", "b3"):
+            p = lab.popen(b, [sys.executable, "-c", SERVER, b], stdout=subprocess.PIPE, text=True)
+            p.stdout.readline()
+        lab.run("lb", ["ip", "addr", "add", "10.20.0.100/32", "dev", "lo"])
+        try:
+            step("apply the load balancer: VIP 10.20.0.100:80 -> backends :8080, weights 1:1:2")
+            netbpf("-n", lb, "apply", str(LB_POLICY.relative_to(REPO)))
+            step("200 real TCP connections from the client to the VIP")
+            seen = lab.call("client", _connect_many, "10.20.0.100", 200)
+            t = Table(title="who answered")
+            t.add_column("backend")
+            t.add_column("connections", justify="right")
+            for name, n in sorted(seen.items()):
+                t.add_row(name, str(n))
+            console.print(t)
+            step("what the data plane counted")
+            netbpf("-n", lb, "stats", "lb0")
+        finally:
+            step("detach and tear the lab down")
+            netbpf("-n", lb, "detach", "lb0")
+
+
 def main() -> None:
     from netbpf.lab import Lab
 
@@ -120,7 +177,8 @@ def main() -> None:
         finally:
             step("detach and tear the lab down")
             netbpf("-n", gw, "detach", "gw0")
-    console.print("\n[bold green]demo done[/bold green]: lab removed, nothing left attached")
+    load_balancer()
+    console.print("\n[bold green]demo done[/bold green]: labs removed, nothing left attached")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def _human(n: float) -> str:
 
 TOTALS_SHOWN = ("default", "pass", "drop", "rate_limited", "conntrack_reply", "malformed",
                 "non_ip", "fragment")
+LB_TOTALS = ("lb_tx", "lb_redirect", "lb_stack", "lb_drop")
 
 
 def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
@@ -153,7 +154,8 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
             t.add_row(*row)
         t.add_section()
         tot = part["totals"]
-        for name in TOTALS_SHOWN:
+        shown = TOTALS_SHOWN + (LB_TOTALS if s.get("load_balancers") and d == "ingress" else ())
+        for name in shown:
             if name == "conntrack_reply" and not s.get("conntrack"):
                 continue
             row = [f"total {name}", "", str(tot[name]["packets"]), _human(tot[name]["bytes"])]
