@@ -26,6 +26,8 @@ log = logging.getLogger("netbpf.exporter")
 IFACE_LABELS = ["interface", "netns"]
 PART_LABELS = IFACE_LABELS + ["direction"]
 RULE_LABELS = PART_LABELS + ["rule", "action"]
+LB_LABELS = IFACE_LABELS + ["lb"]
+BACKEND_LABELS = LB_LABELS + ["backend"]
 
 # name -> (type, labels, help). The one list of what we export; docs/stats.md mirrors it.
 METRICS: dict[str, tuple[str, list[str], str]] = {
@@ -45,6 +47,23 @@ METRICS: dict[str, tuple[str, list[str], str]] = {
         "gauge", IFACE_LABELS, "Live connection-tracking entries (interfaces with conntrack)."),
     "netbpf_conntrack_capacity": (
         "gauge", IFACE_LABELS, "Size of the connection-tracking table (LRU; full evicts)."),
+    "netbpf_lb_info": (
+        "gauge", LB_LABELS + ["vip", "port", "proto", "mode"], "A load balancer's VIP; always 1."),
+    "netbpf_lb_packets": (
+        "counter", LB_LABELS, "Packets sent to the load balancer's VIP."),
+    "netbpf_lb_bytes": (
+        "counter", LB_LABELS, "Bytes sent to the load balancer's VIP."),
+    "netbpf_lb_connections": (
+        "counter", LB_LABELS, "New flows (connections) the load balancer placed on a backend."),
+    "netbpf_lb_backend_packets": (
+        "counter", BACKEND_LABELS, "Packets the load balancer forwarded to the backend."),
+    "netbpf_lb_backend_bytes": (
+        "counter", BACKEND_LABELS, "Bytes the load balancer forwarded to the backend."),
+    "netbpf_lb_backend_connections": (
+        "counter", BACKEND_LABELS, "New flows (connections) placed on the backend."),
+    "netbpf_lb_backend_up": (
+        "gauge", BACKEND_LABELS, "1 if the backend is in the Maglev table, 0 if 'netbpf "
+        "lb-health' took it out."),
     "netbpf_program_info": (
         "gauge", PART_LABELS + ["hook", "mode", "prog_id"], "The BPF program netbpf attached; "
         "always 1."),
@@ -53,7 +72,7 @@ METRICS: dict[str, tuple[str, list[str], str]] = {
     "netbpf_policy_applied_timestamp_seconds": (
         "gauge", IFACE_LABELS, "When the running policy was applied (Unix time)."),
     "netbpf_up": (
-        "gauge", IFACE_LABELS, "1 if the interface runs what netbpf applied and its maps were "
+        "gauge", IFACE_LABELS, "1 if the interface runs what netbpf applied and all its maps were "
         "read; 0 on drift or a read error (see the exporter's log or 'netbpf status')."),
     "netbpf_scrape_duration_seconds": (
         "gauge", [], "Time this scrape took to read every interface."),
@@ -123,8 +142,8 @@ class NetbpfCollector(Collector):
             fams["netbpf_up"].add_metric([ifname, ns], 0)
             return
         add_stats(fams, s)
-        health = s.get("health", "ok")
-        self._note_error(where, None if health == "ok" else f"{ifname}: {health}")
+        why = problem(s)
+        self._note_error(where, f"{ifname}: {why}" if why else None)
 
     def _note_error(self, where: tuple[str, str], msg: str | None) -> None:
         # Once per change, not once per scrape: a 15 s scrape interval would flood the log.
@@ -137,11 +156,28 @@ class NetbpfCollector(Collector):
         self._last_error[where] = msg
 
 
+def problem(s: dict) -> str | None:
+    """Why a read_stats() dict is not all good (drift, or a table stats could not read)."""
+    if s.get("health", "ok") != "ok":
+        return s["health"]
+    ct = s.get("conntrack") or {}
+    if "error" in ct:
+        return f"conntrack table unreadable: {ct['error']}"
+    for lb in s.get("load_balancers") or []:
+        if "error" in lb:
+            return f"load balancer tables unreadable: {lb['error']}"
+    return None
+
+
+def _hostport(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def add_stats(fams: dict, s: dict) -> None:
     """Add one read_stats() dict to the metric families (pure: the unit tests call it too)."""
     ifname, ns = s["interface"], s["netns"] or ""
     iface = [ifname, ns]
-    fams["netbpf_up"].add_metric(iface, 1 if s.get("health") == "ok" else 0)
+    fams["netbpf_up"].add_metric(iface, 0 if problem(s) else 1)
     pol = s.get("policy") or {}
     if pol.get("applied_at") is not None:
         fams["netbpf_policy_applied_timestamp_seconds"].add_metric(iface, float(pol["applied_at"]))
@@ -166,6 +202,21 @@ def add_stats(fams: dict, s: dict) -> None:
     if ct and "entries" in ct:
         fams["netbpf_conntrack_entries"].add_metric(iface, ct["entries"])
         fams["netbpf_conntrack_capacity"].add_metric(iface, ct["capacity"])
+    for lb in s.get("load_balancers") or []:
+        if "error" in lb:
+            continue
+        where = iface + [lb["name"]]
+        fams["netbpf_lb_info"].add_metric(
+            where + [lb["vip"], str(lb["port"]), lb["proto"], lb["mode"]], 1)
+        fams["netbpf_lb_packets"].add_metric(where, lb["packets"])
+        fams["netbpf_lb_bytes"].add_metric(where, lb["bytes"])
+        fams["netbpf_lb_connections"].add_metric(where, lb["connections"])
+        for b in lb["backends"]:
+            labels = where + [_hostport(b["address"], b["port"])]
+            fams["netbpf_lb_backend_packets"].add_metric(labels, b["packets"])
+            fams["netbpf_lb_backend_bytes"].add_metric(labels, b["bytes"])
+            fams["netbpf_lb_backend_connections"].add_metric(labels, b["connections"])
+            fams["netbpf_lb_backend_up"].add_metric(labels, 1 if b["state"] == "up" else 0)
 
 
 def make_registry(collector: Collector | None = None) -> CollectorRegistry:
