@@ -128,14 +128,27 @@ class NbFwCfg(ctypes.Structure):
                 ("nrules", ctypes.c_uint32),
                 ("ncount", ctypes.c_uint32),
                 ("default_action", ctypes.c_uint32),
-                ("setref", NbSetref * NB_MAX_SETREFS)]
+                ("setref", NbSetref * NB_MAX_SETREFS),
+                ("default_sample", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
 
 
 class NbRule(ctypes.Structure):
     _fields_ = [("action", ctypes.c_uint32), ("slot", ctypes.c_uint32),
                 ("count_mask", ctypes.c_uint64), ("rl_rate", ctypes.c_uint64),
                 ("rl_burst", ctypes.c_uint64), ("rl_per", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+                ("sample", ctypes.c_uint32)]
+
+
+NB_EVENT_DEFAULT = 0xFFFFFFFF
+
+
+class NbEvent(ctypes.Structure):
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("slot", ctypes.c_uint32), ("len", ctypes.c_uint32),
+                ("action", ctypes.c_uint8), ("rate_limited", ctypes.c_uint8),
+                ("family", ctypes.c_uint8), ("proto", ctypes.c_uint8),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("src", ctypes.c_uint8 * 16), ("dst", ctypes.c_uint8 * 16)]
 
 
 class NbLpm4Key(ctypes.Structure):

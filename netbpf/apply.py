@@ -229,7 +229,7 @@ def _part_unchanged(pp: PartPlan, sets) -> bool:
     old = pp.old
     return (old is not None and not pp.changed_rules()
             and [r.name for r in old.rules] == [n for n, *_ in _rule_states(pp.compiled, pp.ir)]
-            and old.default_action == pp.ir.default
+            and old.default_action == pp.ir.default and old.sample == pp.ir.sample
             and _set_digests(pp.compiled, sets) == {s.name: s.digest for s in old.sets})
 
 
@@ -413,7 +413,7 @@ def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
     return PartState(direction=pp.direction, hook=pp.hook, mode=mode, prog_id=prog_id,
                      prog_hash=pp.prog_hash, words=pp.shape.words,
                      class_cap=pp.shape.class_cap, default_action=pp.ir.default,
-                     rules=rules, sets=list(tags.values()))
+                     rules=rules, sets=list(tags.values()), sample=pp.ir.sample)
 
 
 def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
@@ -440,8 +440,10 @@ def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
     for name in to_write:
         tables.write_set(tags[name].tag, sets[name])
     c = pp.compiled
+    by_name = {r.name: r for r in pp.ir.rules}
+    samples = [by_name[r.name].sample or pp.ir.sample for r in c.rules]
     tables.write_generation(gen, c, slots[:len(c.rules)], slots[len(c.rules):],
-                            {n: t.tag for n, t in tags.items()})
+                            {n: t.tag for n, t in tags.items()}, samples, pp.ir.sample)
 
 
 def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:

@@ -380,6 +380,8 @@ def rule_digest(r: RuleIR) -> str:
                None if r.sport is None else _merge(r.sport),
                None if r.dport is None else _merge(r.dport),
                r.icmp_type, r.icmp_code, r.tcp_flags, rate]
+    if r.sample:
+        content.append(["sample", r.sample])
     text = json.dumps(content, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 

@@ -84,7 +84,8 @@ class FwTables:
         bpfsys.map_update(self.fd("nb_fw_gen"), _U32.pack(0), _U32.pack(gen))
 
     def write_generation(self, gen: int, c: CompiledDirection, rule_slots: list[int],
-                         count_slots: list[int], set_tags: dict[str, int]) -> None:
+                         count_slots: list[int], set_tags: dict[str, int],
+                         samples: list[int] | None = None, default_sample: int = 0) -> None:
         """Write every table of generation gen (not the active one). Nothing reads it yet."""
         if c.nrules > self.rules_cap:
             raise NetbpfError(f"{c.nrules} rules do not fit a program built for {self.rules_cap}")
@@ -95,8 +96,8 @@ class FwTables:
         self._write_vecs(gen, c)
         self._write_lpm(gen, c)
         self._write_arrays(gen, c)
-        self._write_rules(gen, c, rule_slots, count_slots)
-        self._write_cfg(gen, c, set_tags)
+        self._write_rules(gen, c, rule_slots, count_slots, samples or [0] * len(c.rules))
+        self._write_cfg(gen, c, set_tags, default_sample)
 
     def clear_generation(self, gen: int) -> None:
         """Remove generation gen's prefixes (arrays are simply overwritten next time)."""
@@ -136,12 +137,12 @@ class FwTables:
         bpfsys.map_update_batch(self.fd(name), keys, vals, len(ids))
 
     def _write_rules(self, gen: int, c: CompiledDirection, rule_slots: list[int],
-                     count_slots: list[int]) -> None:
+                     count_slots: list[int], samples: list[int]) -> None:
         if c.rules:
             keys = b"".join(_U32.pack(gen * self.rules_cap + t) for t in range(len(c.rules)))
             vals = b"".join(bytes(abi.NbRule(r.action, slot, r.count_mask, r.rl_rate,
-                                             r.rl_burst, r.rl_per, 0))
-                            for r, slot in zip(c.rules, rule_slots))
+                                             r.rl_burst, r.rl_per, sample))
+                            for r, slot, sample in zip(c.rules, rule_slots, samples))
             bpfsys.map_update_batch(self.fd("nb_fw_rules"), keys, vals, len(c.rules))
         if c.count_rules:
             keys = b"".join(_U32.pack(gen * abi.NB_MAX_COUNT_RULES + i)
@@ -149,8 +150,10 @@ class FwTables:
             vals = b"".join(_U32.pack(s) for s in count_slots)
             bpfsys.map_update_batch(self.fd("nb_fw_crules"), keys, vals, len(c.count_rules))
 
-    def _write_cfg(self, gen: int, c: CompiledDirection, set_tags: dict[str, int]) -> None:
+    def _write_cfg(self, gen: int, c: CompiledDirection, set_tags: dict[str, int],
+                   default_sample: int) -> None:
         cfg = abi.NbFwCfg()
+        cfg.default_sample = default_sample
         cfg.field_mask = c.field_mask
         cfg.wild_id[:] = list(c.wild_id)
         cfg.nsetrefs = len(c.setrefs)

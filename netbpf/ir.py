@@ -37,6 +37,7 @@ class RuleIR:
     rate_pps: int = 0                             # rate_limit only
     rate_burst: int = 0
     rate_per: str = "src"                         # src | rule
+    sample: int = 0                               # 1 in N decided packets -> event; 0: inherit
     line: int = 0                                 # line in the policy file (for messages)
 
 
@@ -44,6 +45,7 @@ class RuleIR:
 class DirectionIR:
     default: str                                  # allow | drop
     rules: tuple[RuleIR, ...] = ()
+    sample: int = 0                               # events: 1 in N for every rule and default
 
 
 @dataclass(frozen=True)

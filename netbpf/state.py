@@ -80,6 +80,7 @@ class PartState:
     default_action: str
     rules: list[RuleState] = field(default_factory=list)
     sets: list[SetState] = field(default_factory=list)
+    sample: int = 0          # the direction's event sampling (1 in N; 0 none)
 
     @classmethod
     def from_json(cls, data: dict) -> "PartState":

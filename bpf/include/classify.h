@@ -24,6 +24,7 @@ BPF_LPM_TRIE(nb_set6, struct nb_lpm6_key, __u32, 2 * NB_SET_CAP);
 BPF_PERCPU_ARRAY(nb_fw_cnt, struct nb_counter, NB_SLOT_CAP);
 BPF_PERCPU_ARRAY(nb_fw_stats, struct nb_counter, NB_STAT_MAX);
 BPF_TABLE("lru_hash", struct nb_rl_key, struct nb_rl_state, nb_fw_rl, NB_RL_ENTRIES);
+BPF_RINGBUF_OUTPUT(nb_fw_events, NB_EVENTS_PAGES);
 
 /* Count trailing zeros of x != 0 without branches: popcount((x & -x) - 1), SWAR style.
  * bcc 0.26 crashes on __builtin_ctzll, and a branchy version multiplies verifier states
@@ -51,6 +52,25 @@ static __always_inline void nb_count(__u32 slot, __u32 len, int dropped)
 {
     struct nb_counter *c = nb_fw_cnt.lookup(&slot);   /* bcc: no map call inside an argument */
     nb_bump(c, len, dropped);
+}
+
+/* One in `sample` packets becomes an event; a full ring buffer loses the event, never the
+ * packet. */
+static __always_inline void nb_sample(struct nb_pkt *p, __u32 sample, __u32 slot, __u32 len,
+                                      int act, int rate_limited)
+{
+    if (!sample || (sample > 1 && bpf_get_prandom_u32() % sample))
+        return;
+    struct nb_event ev = {.ts_ns = bpf_ktime_get_ns(), .slot = slot, .len = len,
+                          .action = act, .rate_limited = rate_limited, .family = p->family,
+                          .proto = p->proto};
+    if (p->has_ports) {
+        ev.sport = p->sport;
+        ev.dport = p->dport;
+    }
+    __builtin_memcpy(ev.src, p->src, 16);
+    __builtin_memcpy(ev.dst, p->dst, 16);
+    nb_fw_events.ringbuf_output(&ev, sizeof(ev), 0);
 }
 
 static __always_inline void nb_stat(__u32 idx, __u32 len)
@@ -269,8 +289,10 @@ scanned:;
             act = NB_ACT_ALLOW;
         }
         nb_count(r->slot, len, rate_dropped);
+        nb_sample(p, r->sample, r->slot, len, act, rate_dropped);
     } else {
         nb_stat(NB_STAT_DEFAULT, len);
+        nb_sample(p, cfg->default_sample, NB_EVENT_DEFAULT, len, act, 0);
     }
 
     for (int c = 0; c < NB_MAX_COUNT_RULES; c++) {

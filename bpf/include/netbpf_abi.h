@@ -87,6 +87,8 @@ struct nb_fw_cfg {                          /* nb_fw_cfg[gen] */
     __u32 ncount;                           /* count rules in this generation */
     __u32 default_action;                   /* NB_ACT_ALLOW or NB_ACT_DROP */
     struct nb_setref setref[NB_MAX_SETREFS];
+    __u32 default_sample;                   /* events for packets taking the default action */
+    __u32 pad;
 };
 
 struct nb_rule {                            /* nb_fw_rules[gen * NB_RULES_CAP + t] */
@@ -96,7 +98,7 @@ struct nb_rule {                            /* nb_fw_rules[gen * NB_RULES_CAP + 
     __u64 rl_rate;                          /* NB_ACT_RATE: packets per second */
     __u64 rl_burst;                         /* NB_ACT_RATE: bucket depth in packets */
     __u32 rl_per;                           /* NB_RL_PER_* */
-    __u32 pad;
+    __u32 sample;                           /* 1 in `sample` packets becomes an event; 0 never */
 };
 
 struct nb_vec {                             /* nb_fw_vecs[gen * NB_CLASS_CAP + id] */
@@ -132,6 +134,24 @@ struct nb_rl_key {
 struct nb_rl_state {
     __u64 tokens;                           /* nanopackets: 1e9 = one packet */
     __u64 last_ns;
+};
+
+/* ---- sampled packet events (nb_fw_events ring buffer, read by `netbpf events`) ---- */
+#define NB_EVENTS_PAGES 64                  /* 256 KiB: events are dropped, never blocking */
+#define NB_EVENT_DEFAULT 0xffffffff         /* nb_event.slot when the default action applied */
+
+struct nb_event {
+    __u64 ts_ns;                            /* bpf_ktime_get_ns() */
+    __u32 slot;                             /* counter slot of the rule, or NB_EVENT_DEFAULT */
+    __u32 len;                              /* packet length */
+    __u8 action;                            /* what happened: NB_ACT_ALLOW or NB_ACT_DROP */
+    __u8 rate_limited;
+    __u8 family;
+    __u8 proto;
+    __u16 sport;                            /* host order; 0 without ports */
+    __u16 dport;
+    __u8 src[16];
+    __u8 dst[16];
 };
 
 /* ---- connection tracking (nb_ct, shared by the ingress and egress programs via a pin) ----

@@ -319,4 +319,56 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
         log("stopped")
 
 
-COMMANDS = [apply, detach, stats, status, lb_health]
+@click.command()
+@click.argument("interface")
+@click.option("-j", "--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("-d", "--direction", type=click.Choice(["ingress", "egress", "both"]),
+              default="both", show_default=True)
+@click.option("-c", "--count", type=click.IntRange(min=1), default=None,
+              help="Stop after COUNT events.")
+@click.option("-t", "--timeout", type=click.FloatRange(min=0), default=None,
+              help="Stop after SECONDS.")
+@click.pass_context
+def events(ctx: click.Context, interface: str, as_json: bool, direction: str,
+           count: int | None, timeout: float | None) -> None:
+    """Print sampled packet events of INTERFACE as they happen: rule, action, 5-tuple.
+
+    Sampling is set in the policy (`sample: N` on a rule or a direction: 1 in N packets).
+    Stops on Ctrl-C, after --count events or --timeout seconds.
+
+    \b
+    Examples:
+      netbpf events eth0
+      netbpf -n lab-gw events gw0 --json --count 10
+    """
+    from netbpf.events import follow
+
+    dirs = ("ingress", "egress") if direction == "both" else (direction,)
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    seen = 0
+
+    def stop() -> bool:
+        return (count is not None and seen >= count) or \
+            (deadline is not None and time.monotonic() >= deadline)
+
+    try:
+        for ev in follow(interface, _netns(ctx), dirs, stop):
+            seen += 1
+            if as_json:
+                click.echo(json.dumps(ev))
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"]))
+                ports = ev["proto"] in ("tcp", "udp")
+                src = f"{ev['src']}:{ev['sport']}" if ports else ev["src"]
+                dst = f"{ev['dst']}:{ev['dport']}" if ports else ev["dst"]
+                click.echo(f"{stamp}.{int(ev['time'] * 1000) % 1000:03d} {ev['direction']:7} "
+                           f"{ev['rule']:20} {ev['action']:6} {ev['proto']:6} {src} -> {dst} "
+                           f"len {ev['len']}")
+            sys.stdout.flush()
+            if stop():
+                break
+    except KeyboardInterrupt:
+        pass
+
+
+COMMANDS = [apply, detach, stats, status, lb_health, events]

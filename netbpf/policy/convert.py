@@ -49,7 +49,8 @@ def _direction_ir(direction: Direction | None) -> DirectionIR | None:
     if direction is None:
         return None
     return DirectionIR(default=direction.default,
-                       rules=tuple(rule_ir(r) for r in direction.rules))
+                       rules=tuple(rule_ir(r) for r in direction.rules),
+                       sample=direction.sample or 0)
 
 
 def rule_ir(rule: Rule) -> RuleIR:
@@ -62,6 +63,7 @@ def rule_ir(rule: Rule) -> RuleIR:
         rate_pps=rate.pps if rate else 0,
         rate_burst=(rate.burst or rate.pps) if rate else 0,
         rate_per=rate.per if rate else "src",
+        sample=rule.sample or 0,
         line=rule._line)
 
 

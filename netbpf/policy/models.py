@@ -453,6 +453,9 @@ class Rule(StrictModel):
                                                   "flags ignored; needs proto tcp.")
     action: Action = Field(description="allow, drop, count (count and go on), or "
                                        "{rate_limit: {pps, burst, per}}.")
+    sample: int = Field(None, ge=1, le=1 << 31,
+                        description="1 in N packets this rule decides become events for "
+                                    "'netbpf events' (overrides the direction's sample).")
 
     _line: int = PrivateAttr(0)
     _icmp_number: int | None = PrivateAttr(None)
@@ -537,6 +540,9 @@ class Direction(StrictModel):
         "allow", description="Verdict when no allow/drop/rate_limit rule matches.")
     rules: list[Rule] = Field(default_factory=list,
                               description="First match wins, in file order; count goes on.")
+    sample: int = Field(None, ge=1, le=1 << 31,
+                        description="1 in N packets of every rule and of the default action "
+                                    "become events for 'netbpf events' (default: none).")
 
 
 class XdpOptions(StrictModel):
