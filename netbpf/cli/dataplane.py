@@ -211,7 +211,8 @@ def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None
     netns = _netns(ctx)
     s = read_stats(interface, netns)
     if as_json and watch is None:
-        click.echo(json.dumps(s, indent=2))
+        # indented for a terminal; compact (and several times faster) for a pipe
+        click.echo(json.dumps(s, indent=2 if sys.stdout.isatty() else None))
         return
     console = Console()
     if watch is None:
@@ -246,6 +247,8 @@ def status(as_json: bool) -> None:
     rows = read_status()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        if any(r["health"] != "ok" for r in rows):
+            sys.exit(1)
         return
     if not rows:
         click.echo("netbpf manages no interface")

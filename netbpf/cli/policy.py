@@ -10,7 +10,6 @@ import json
 import click
 
 from netbpf.errors import PolicyError
-from netbpf.policy import load_policy, policy_schema
 
 
 @click.command(epilog="""\b
@@ -27,6 +26,8 @@ def validate(ctx: click.Context, files: tuple[str, ...], quiet: bool) -> None:
     Errors and warnings go to stderr as FILE:LINE:COL: path: message. A valid file prints a
     one-line summary. Exit status 2 when any file is invalid.
     """
+    from netbpf.policy import load_policy  # pydantic models load only when needed
+
     invalid = 0
     for file in files:
         try:
@@ -55,6 +56,8 @@ def schema() -> None:
       netbpf schema > netbpf-policy.schema.json
       # first line of the policy:  # yaml-language-server: $schema=netbpf-policy.schema.json
     """
+    from netbpf.policy import policy_schema
+
     click.echo(json.dumps(policy_schema(), indent=2))
 
 
