@@ -22,7 +22,7 @@ from typing import Callable
 
 from netbpf import abi
 from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
-from netbpf.errors import InputError, NetbpfError
+from netbpf.errors import NetbpfError
 from netbpf.fwtables import FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
 from netbpf.lbtables import LbState, LbTables, plan_lb, ring_cap_for
@@ -31,7 +31,7 @@ from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.state import (InterfaceState, PartState, RuleState, SetState, apply_lock,
                           health_file, iface_key, list_states, load_state, pin_dir,
-                          remove_state, save_state, staging_dirs)
+                          remove_state, save_state, staging_dirs, unpin_tree)
 
 FW_SOURCE = abi.BPF_DIR / "xdp" / "firewall.bpf.c"
 FW_PROG = "nb_fw_xdp"
@@ -671,16 +671,9 @@ def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
 
 
 def _remove_pins(d: Path) -> None:
-    """Unpin a directory tree (pins are files; removing one never touches the kernel object
-    while a program or fd still holds it)."""
-    if not d.exists():
-        return
-    for f in d.iterdir():
-        if f.is_dir():
-            _remove_pins(f)
-        else:
-            f.unlink()
-    d.rmdir()
+    """Unpin a directory tree (removing a pin never touches the kernel object while a program
+    or fd still holds it)."""
+    unpin_tree(d)
 
 
 # ---- detach ----

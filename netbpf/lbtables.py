@@ -15,7 +15,6 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from netbpf import abi
 from netbpf.errors import NetbpfError
 from netbpf.ir import LoadBalancerIR
 from netbpf.kernel import bpfsys

@@ -171,12 +171,12 @@ def list_states() -> list[InterfaceState]:
     return out
 
 
-def _unpin_tree(d: Path) -> None:
+def unpin_tree(d: Path) -> None:
     if not d.is_dir():
         return
     for f in d.iterdir():
         if f.is_dir():
-            _unpin_tree(f)
+            unpin_tree(f)
         else:
             f.unlink(missing_ok=True)
     d.rmdir()
@@ -190,7 +190,7 @@ def forget_netns(netns: str) -> list[str]:
     for key in keys:
         for d in (pin_dir(key), *staging_dirs(key)):
             try:
-                _unpin_tree(d)
+                unpin_tree(d)
             except OSError:
                 pass
         remove_state(key)

@@ -16,13 +16,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-NETBPF = str(Path(sys.executable).with_name("netbpf"))
 USER_PROG = Path(__file__).parent / "progs" / "user_counter.bpf.c"
+
+from netbpf_cli import netbpf
 
 POLICY = """\
 version: 1
@@ -58,14 +58,6 @@ SERVERS = textwrap.dedent("""
     print("ready", flush=True)
     time.sleep(3600)
 """)
-
-
-def netbpf(lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([NETBPF, "-n", lab.ns("gw"), *args], capture_output=True, text=True,
-                       timeout=120)
-    if check and p.returncode != 0:
-        raise AssertionError(f"netbpf {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,15 @@ Allowed packets arrive, dropped ones do not, and each rule's counter equals what
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw
 
-NETBPF = str(Path(sys.executable).with_name("netbpf"))
+
+from netbpf_cli import netbpf
 
 POLICY = """\
 version: 1
@@ -36,14 +35,6 @@ interfaces:
         - {{name: no-ping6, proto: icmpv6, icmp_type: echo-request, action: drop}}
         - {{name: allow-udp-9998, proto: udp, dport: 9998, action: allow}}
 """
-
-
-def netbpf(lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([NETBPF, "-n", lab.ns("gw"), *args], capture_output=True, text=True,
-                       timeout=120)
-    if check and p.returncode != 0:
-        raise AssertionError(f"netbpf {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 @pytest.fixture(params=["native", "generic"])

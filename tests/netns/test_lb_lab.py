@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-NETBPF = str(Path(sys.executable).with_name("netbpf"))
+from netbpf_cli import netbpf as run_netbpf
+
 VIP4, VIP6 = "10.20.0.100", "fd00:20::100"
 BACKENDS = {"b1": ("10.21.0.11", "fd00:21::11"), "b2": ("10.21.0.12", "fd00:21::12"),
             "b3": ("10.21.0.13", "fd00:21::13")}
@@ -55,12 +56,8 @@ def policy(weights=(1, 1, 2), backends=("b1", "b2", "b3"), family=4, mode="nat",
             + "\n".join(lines) + "\n" + extra)
 
 
-def netbpf(lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([NETBPF, "-n", lab.ns("lb"), *args], capture_output=True, text=True,
-                       timeout=120)
-    if check and p.returncode != 0:
-        raise AssertionError(f"netbpf {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
+def netbpf(lab, *args: str, check: bool = True):
+    return run_netbpf(lab, *args, node="lb", check=check)
 
 
 def apply(lab, tmp: Path, text: str) -> subprocess.CompletedProcess:
