@@ -37,13 +37,15 @@ FW_SOURCE = abi.BPF_DIR / "xdp" / "firewall.bpf.c"
 FW_PROG = "nb_fw_xdp"
 TC_SOURCE = abi.BPF_DIR / "tc" / "firewall.bpf.c"
 TC_EGRESS_PROG = "nb_fw_tc_eg"
+TC_INGRESS_PROG = "nb_fw_tc_in"
 PROG_PIN = "prog"
 # Maps of the ingress program that the egress program and later reloads open by pin:
 # tracked connections, load-balanced flows and their NAT, LB counters survive program changes.
 SHARED_MAPS = ("nb_ct", "nb_ct_cfg", "nb_lb_flows", "nb_lb_nat", "nb_lb_cnt")
-PARTS = {  # direction -> (hook, source, function, program type)
-    "ingress": ("xdp", FW_SOURCE, FW_PROG, "xdp"),
-    "egress": ("tc", TC_SOURCE, TC_EGRESS_PROG, "sched_cls"),
+PROGRAMS = {  # (direction, hook) -> (source, function, program type)
+    ("ingress", "xdp"): (FW_SOURCE, FW_PROG, "xdp"),
+    ("ingress", "tc"): (TC_SOURCE, TC_INGRESS_PROG, "sched_cls"),
+    ("egress", "tc"): (TC_SOURCE, TC_EGRESS_PROG, "sched_cls"),
 }
 # A packet being classified holds the old generation for microseconds (XDP and TC run under
 # RCU); the old generation's prefixes are removed only after this grace period.
@@ -66,21 +68,22 @@ class PartPlan:
     compiled: CompiledDirection
     shape: Shape
     conntrack: bool
+    hook: str = "xdp"                        # xdp | tc (egress is always tc)
     lb_ring_cap: int = 0                     # >0: built with the load balancer
     rules: list[RuleChange] = field(default_factory=list)
     old: PartState | None = None
 
     @property
-    def hook(self) -> str:
-        return PARTS[self.direction][0]
-
-    @property
     def source(self) -> Path:
-        return PARTS[self.direction][1]
+        return PROGRAMS[(self.direction, self.hook)][0]
 
     @property
     def func(self) -> str:
-        return PARTS[self.direction][2]
+        return PROGRAMS[(self.direction, self.hook)][1]
+
+    @property
+    def prog_type(self) -> str:
+        return PROGRAMS[(self.direction, self.hook)][2]
 
     @property
     def prog_hash(self) -> str:
@@ -186,19 +189,18 @@ def drift(st: InterfaceState) -> str | None:
         cur = attach.xdp_state(st.ifname, netns=st.netns)
     except NetbpfError:
         return "the interface is gone"
-    ing = st.parts.get("ingress")
-    if ing is not None:
-        if cur is None:
-            return "the XDP program was detached by someone else"
-        if cur.prog_id != ing.prog_id:
-            return f"another XDP program (id {cur.prog_id}) replaced ours"
-    eg = st.parts.get("egress")
-    if eg is not None:
-        f = _tc_filter(st, "egress")
+    for d, part in st.parts.items():
+        if part.hook == "xdp":
+            if cur is None:
+                return "the XDP program was detached by someone else"
+            if cur.prog_id != part.prog_id:
+                return f"another XDP program (id {cur.prog_id}) replaced ours"
+            continue
+        f = _tc_filter(st, d)
         if f is None:
-            return "the TC egress filter was removed by someone else"
-        if f.prog_id != eg.prog_id:
-            return f"another program (id {f.prog_id}) replaced our TC egress filter"
+            return f"the TC {d} filter was removed by someone else"
+        if f.prog_id != part.prog_id:
+            return f"another program (id {f.prog_id}) replaced our TC {d} filter"
     return None
 
 
@@ -214,7 +216,8 @@ def _plan_part(direction: str, ir: DirectionIR, sets, old: InterfaceState | None
     old_part = old.parts.get(direction) if old else None
     current = Shape(old_part.words, old_part.class_cap) if old_part else None
     shape = choose_shape(compiled.nrules, compiled.nclasses, current)
-    pp = PartPlan(direction, ir, compiled, shape, conntrack, old=old_part)
+    hook = "tc" if direction == "egress" else ir.hook
+    pp = PartPlan(direction, ir, compiled, shape, conntrack, hook=hook, old=old_part)
     new = _rule_states(compiled, ir)
     was = {r.name: r for r in old_part.rules} if old_part else {}
     for n, a, d, _ in new:
@@ -256,6 +259,9 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                 any(lb.mode == "nat" for lb in lbs):
             p.parts["egress"] = _plan_part("egress", iface.egress or DirectionIR("allow"),
                                            ir.sets, old, iface.conntrack)
+        if lbs and p.parts["ingress"].hook != "xdp":
+            raise NetbpfError(f"interfaces.{name}.ingress.hook: load balancer(s) "
+                              f"{', '.join(lb.name for lb in lbs)} need the xdp ingress hook")
         _plan_lb(p)
         _check_forwarding(p)
         with enter_netns(netns):
@@ -275,6 +281,8 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                     p.reasons.append(f"{d} program added")
                 elif d not in p.parts:
                     p.reasons.append(f"{d} program removed")
+                elif old.parts[d].hook != p.parts[d].hook:
+                    p.reasons.append(f"{d} hook {old.parts[d].hook} -> {p.parts[d].hook}")
                 elif old.parts[d].prog_hash != p.parts[d].prog_hash:
                     shape_now = p.parts[d].shape
                     was = Shape(old.parts[d].words, old.parts[d].class_cap)
@@ -504,7 +512,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         defines["NB_LB_RING_CAP"] = pp.lb_ring_cap
     if p.conntrack or p.lbs:
         defines["NB_SHARED_PIN"] = f'"{shared}"'
-    loaded = load_program(pp.source, defines, {pp.func: PARTS[pp.direction][3]})
+    loaded = load_program(pp.source, defines, {pp.func: pp.prog_type})
     try:
         tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
         reuse = not p.stale and _pins_usable(p.key, pp.old)
@@ -550,7 +558,8 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         else staging / "ingress"
     loaded, parts, attached = {}, {}, []
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
-    before_tc = _tc_filter(p.old, "egress") if p.old and p.old.parts.get("egress") else None
+    before_tc = {d: _tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
+                 if part.hook == "tc"}
     try:
         for d in ("ingress", "egress"):
             if d not in p.parts:
@@ -567,17 +576,26 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         states = {}
         for d, (pp, slots, tags) in parts.items():
             fd, prog_id = loaded[d].prog_fd(pp.func), loaded[d].prog_id(pp.func)
-            if d == "ingress":
+            if pp.hook == "xdp":
                 mode = _attach_xdp(p, fd, log)
             else:
                 created_clsact = attach.ensure_clsact(p.ifname, netns=p.netns) or created_clsact
-                attach.attach_tc(p.ifname, "egress", fd, pp.func, netns=p.netns)
+                attach.attach_tc(p.ifname, d, fd, pp.func, netns=p.netns)
                 mode = "tc"
             attached.append(d)
             states[d] = _part_state(pp, mode=mode, prog_id=prog_id, slots=slots, tags=tags)
-        if p.old and "egress" in p.old.parts and "egress" not in p.parts:
-            attach.detach_tc(p.ifname, "egress", netns=p.netns)
-            if p.old.created_clsact and attach.remove_clsact_if_unused(p.ifname, netns=p.netns):
+        # What the old state ran and the new one does not (a part gone, or a hook changed):
+        # removed only after its replacement is attached, so no packet goes unfiltered.
+        for d, part in (p.old.parts.items() if p.old else ()):
+            new = states.get(d)
+            if new is not None and new.hook == part.hook:
+                continue
+            if part.hook == "xdp":
+                attach.detach_xdp(p.ifname, None, prog_id=part.prog_id, netns=p.netns)
+            else:
+                attach.detach_tc(p.ifname, d, netns=p.netns)
+        if p.old and p.old.created_clsact and not any(s.hook == "tc" for s in states.values()):
+            if attach.remove_clsact_if_unused(p.ifname, netns=p.netns):
                 created_clsact = False
 
         if final.exists():
@@ -594,8 +612,8 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         for l in loaded.values():
             l.close()
     for d, ps in states.items():
-        where = f"in {ps.mode} mode" if ps.hook == "xdp" else "on tc egress"
-        log(f"{p.key}: attached {PARTS[d][2]} (program id {ps.prog_id}) {where}; "
+        where = f"in {ps.mode} mode" if ps.hook == "xdp" else f"on tc {d}"
+        log(f"{p.key}: attached {PROGRAMS[(d, ps.hook)][1]} (program id {ps.prog_id}) {where}; "
             f"{len(ps.rules)} {d} rules")
     log(f"{p.key}: loaded new programs ({', '.join(p.reasons)})")
     return st
@@ -610,12 +628,14 @@ def _fill_lb(p: IfacePlan, loaded) -> None:
     LbTables.from_loaded(loaded).write(p.lbs, p.lb_state, p.lb_changed, None, p.down)
 
 
-def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc, loaded) -> None:
+def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc: dict,
+               loaded) -> None:
     """Put back what ran before a failed apply: the old programs, or none."""
     for d in attached:
+        pp = p.parts[d]
         try:
-            if d == "ingress":
-                new_id = loaded[d].prog_id(FW_PROG)
+            new_id = loaded[d].prog_id(pp.func)
+            if pp.hook == "xdp":
                 if before_xdp is None:
                     attach.detach_xdp(p.ifname, None, prog_id=new_id, netns=p.netns)
                     continue
@@ -623,11 +643,12 @@ def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc, loaded)
                         bpfsys.prog_get_fd_by_id(new_id) as new_fd:
                     attach.attach_xdp(p.ifname, old_fd, before_xdp.mode, replace_prog_fd=new_fd,
                                       netns=p.netns)
-            elif before_tc is None:
-                attach.detach_tc(p.ifname, "egress", netns=p.netns)
+            elif before_tc.get(d) is None:
+                attach.detach_tc(p.ifname, d, netns=p.netns)
             else:
-                with bpfsys.prog_get_fd_by_id(before_tc.prog_id) as old_fd:
-                    attach.attach_tc(p.ifname, "egress", old_fd, TC_EGRESS_PROG, netns=p.netns)
+                with bpfsys.prog_get_fd_by_id(before_tc[d].prog_id) as old_fd:
+                    attach.attach_tc(p.ifname, d, old_fd, before_tc[d].name or pp.func,
+                                     netns=p.netns)
         except NetbpfError:
             pass  # the original error matters more; 'netbpf status' shows what is left
 
@@ -647,7 +668,7 @@ def _is_stray_netbpf(prog_id: int) -> bool:
 def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
     cur = attach.xdp_state(p.ifname, netns=p.netns)
     old = p.old.parts.get("ingress") if p.old else None
-    ours = cur is not None and old is not None and cur.prog_id == old.prog_id
+    ours = cur is not None and old is not None and old.hook == "xdp" and cur.prog_id == old.prog_id
     if cur is not None and not ours and _is_stray_netbpf(cur.prog_id):
         log(f"{p.key}: replacing netbpf program id {cur.prog_id} left by an interrupted apply")
         ours = True
@@ -700,24 +721,26 @@ def _detach_programs(st: InterfaceState, log: Log) -> bool:
         cur = attach.xdp_state(st.ifname, netns=st.netns)
     except NetbpfError:
         return False  # the interface is gone: its programs went with it
-    ing = st.parts.get("ingress")
-    if ing is not None and cur is not None:
-        if cur.prog_id == ing.prog_id:
-            attach.detach_xdp(st.ifname, cur.mode, netns=st.netns)
+    for d, part in st.parts.items():
+        name = PROGRAMS[(d, part.hook)][1]
+        if part.hook == "xdp":
+            if cur is None:
+                continue
+            if cur.prog_id == part.prog_id:
+                attach.detach_xdp(st.ifname, cur.mode, netns=st.netns)
+                removed = True
+                log(f"{st.key}: detached {name} (program id {part.prog_id}, {cur.mode} mode)")
+            else:
+                log(f"{st.key}: XDP program id {cur.prog_id} is not netbpf's "
+                    f"({part.prog_id}); left alone")
+            continue
+        f = _tc_filter(st, d)
+        if f is not None and f.prog_id == part.prog_id:
+            attach.detach_tc(st.ifname, d, netns=st.netns)
             removed = True
-            log(f"{st.key}: detached {FW_PROG} (program id {ing.prog_id}, {cur.mode} mode)")
-        else:
-            log(f"{st.key}: XDP program id {cur.prog_id} is not netbpf's ({ing.prog_id}); "
-                "left alone")
-    eg = st.parts.get("egress")
-    if eg is not None:
-        f = _tc_filter(st, "egress")
-        if f is not None and f.prog_id == eg.prog_id:
-            attach.detach_tc(st.ifname, "egress", netns=st.netns)
-            removed = True
-            log(f"{st.key}: detached {TC_EGRESS_PROG} (program id {eg.prog_id}, tc egress)")
+            log(f"{st.key}: detached {name} (program id {part.prog_id}, tc {d})")
         elif f is not None:
-            log(f"{st.key}: tc egress filter holds program {f.prog_id}, not netbpf's; left alone")
+            log(f"{st.key}: tc {d} filter holds program {f.prog_id}, not netbpf's; left alone")
     if st.created_clsact and attach.remove_clsact_if_unused(st.ifname, netns=st.netns):
         log(f"{st.key}: removed the clsact qdisc netbpf added")
     return removed

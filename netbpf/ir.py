@@ -46,6 +46,7 @@ class DirectionIR:
     default: str                                  # allow | drop
     rules: tuple[RuleIR, ...] = ()
     sample: int = 0                               # events: 1 in N for every rule and default
+    hook: str = "xdp"                             # ingress: xdp | tc; egress is always tc
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def _direction_ir(direction: Direction | None) -> DirectionIR | None:
         return None
     return DirectionIR(default=direction.default,
                        rules=tuple(rule_ir(r) for r in direction.rules),
-                       sample=direction.sample or 0)
+                       sample=direction.sample or 0, hook=direction.hook)
 
 
 def rule_ir(rule: Rule) -> RuleIR:

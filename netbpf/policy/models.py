@@ -7,7 +7,7 @@ Custom errors carry ctx 'at' (a sub-path) or 'problems' (several sub-paths) for 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PlainSerializer,
                       PlainValidator, PrivateAttr, Tag, WithJsonSchema, model_validator)
@@ -543,6 +543,14 @@ class Direction(StrictModel):
     sample: int = Field(None, ge=1, le=1 << 31,
                         description="1 in N packets of every rule and of the default action "
                                     "become events for 'netbpf events' (default: none).")
+    hook: Literal["xdp", "tc"] = Field(
+        "xdp", description="Where ingress rules run: xdp (before the stack, fastest) or tc "
+                           "(clsact ingress: after GRO, on any device).")
+
+
+class EgressDirection(Direction):
+    hook: Literal["tc"] = Field("tc", description="Egress rules always run on tc (clsact "
+                                                  "egress): XDP sees received packets only.")
 
 
 class XdpOptions(StrictModel):
@@ -590,7 +598,7 @@ class Interface(StrictModel):
         description="Replies of connections started from this side pass ingress whatever the "
                     "rules say: true, or a mapping with timeouts.")
     ingress: Direction = Field(None, description="Rules for received packets (XDP).")
-    egress: Direction = Field(None, description="Rules for sent packets (TC egress).")
+    egress: EgressDirection = Field(None, description="Rules for sent packets (TC egress).")
 
 
 class SetFile(StrictModel):

@@ -199,3 +199,37 @@ def test_user_filter_keeps_counting_after_apply_and_detach(make_lab, tmp_path):
     assert _user_filter_count(lab) >= c1 + 3
     qdiscs = lab.run("gw", ["tc", "qdisc", "show", "dev", "gw0"]).stdout
     assert "clsact" in qdiscs  # not ours to remove: the user created it
+
+
+# ---- the same firewall on the clsact ingress hook instead of XDP ----
+
+TC_HOOK_POLICY = POLICY.replace("    ingress:\n      default: drop", "    ingress:\n      hook: tc\n      default: drop")
+
+
+def test_tc_ingress_hook_enforces_rules_and_conntrack_then_yields_to_xdp(make_lab, tmp_path):
+    lab = make_lab("two-hosts")
+    server = lab.popen("client", [sys.executable, "-c", SERVERS], stdout=subprocess.PIPE,
+                       text=True)
+    assert server.stdout.readline().strip() == "ready"
+    policy = tmp_path / "tc.yaml"
+    policy.write_text(TC_HOOK_POLICY)
+    try:
+        out = netbpf(lab, "apply", str(policy)).stdout
+        assert "nb_fw_tc_in" in out and "on tc ingress" in out
+        filters = lab.run("gw", ["tc", "filter", "show", "dev", "gw0", "ingress"]).stdout
+        assert "nb_fw_tc_in" in filters
+        assert lab.run("gw", ["ip", "link", "show", "gw0"]).stdout.count("xdp") == 0
+        client = lab.addr("client", "client0")
+        assert lab.call("gw", tcp_roundtrip, client, 7000) == b"echo:hello"   # conntrack
+        assert lab.ping("client", lab.addr("gw", "gw0"))                     # allow-ping
+        with pytest.raises(OSError):                                         # default drop
+            lab.call("client", tcp_roundtrip, lab.addr("gw", "gw0"), 7100, 1.0)
+        policy.write_text(POLICY)
+        assert "ingress hook tc -> xdp" in netbpf(lab, "apply", str(policy)).stdout
+        filters = lab.run("gw", ["tc", "filter", "show", "dev", "gw0", "ingress"]).stdout
+        assert "nb_fw_tc_in" not in filters
+        assert lab.call("gw", tcp_roundtrip, client, 7000) == b"echo:hello"
+    finally:
+        netbpf(lab, "detach", "gw0", check=False)
+        server.kill()
+        server.wait()
