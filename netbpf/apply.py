@@ -512,7 +512,14 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         defines["NB_LB_RING_CAP"] = pp.lb_ring_cap
     if p.conntrack or p.lbs:
         defines["NB_SHARED_PIN"] = f'"{shared}"'
-    loaded = load_program(pp.source, defines, {pp.func: pp.prog_type})
+    if pp.hook == "xdp" and p.mode == "offload":
+        # an offloaded program is loaded for its device (bcc resolves the name in this netns);
+        # attach refuses first on drivers that cannot offload
+        attach.check_offload(p.ifname, netns=p.netns)
+        with enter_netns(p.netns):
+            loaded = load_program(pp.source, defines, {pp.func: pp.prog_type}, device=p.ifname)
+    else:
+        loaded = load_program(pp.source, defines, {pp.func: pp.prog_type})
     try:
         tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
         reuse = not p.stale and _pins_usable(p.key, pp.old)

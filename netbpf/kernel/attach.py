@@ -240,6 +240,11 @@ def _xdp_hint(err: int, mode: str, current: XdpState | None, replacing: bool) ->
     return ""
 
 
+def check_offload(ifname: str, *, netns: str | None = None) -> None:
+    """Raise NotSupported unless ifname's driver can run offloaded XDP programs."""
+    _check_offload(ifname, netns)
+
+
 def _check_offload(ifname: str, netns: str | None) -> None:
     driver = driver_name(ifname, netns)
     if driver not in OFFLOAD_DRIVERS:
