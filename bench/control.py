@@ -1,0 +1,121 @@
+"""Section 3: the control plane, as a user meets it: wall time and peak memory of the netbpf
+CLI (`-n nbbench-rx`, on rx0, XDP native) for big policies, beside a 1-rule apply (the floor)
+and beside iptables-restore / nft -f loading the same 10,000 rules. Not the data plane.
+
+"of which" rows time the pure-Python policy load in this process, to show where time goes.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from netbpf.policy import load_policy
+
+import netlab
+import workload
+from measure import Row, last_line, run_timed
+
+
+def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, log) -> None:
+    def row(key, label, unit="s", floor="control.apply.1"):
+        r = Row("control", key, label, unit, floor_key=floor)
+        rows[key] = r
+        return r
+
+    nb = netlab.netbpf_cmd() + ["-n", netlab.RX_NS]
+    tmp = Path(tempfile.mkdtemp(prefix="nbbench-cp-"))
+    big = f"{set_entries // 1_000_000}M" if set_entries >= 1_000_000 else f"{set_entries:,}"
+    p1, pn, pn_b, pset = (tmp / "one.yaml", tmp / "many.yaml", tmp / "many-b.yaml",
+                          tmp / "set.yaml")
+    p1.write_text(workload.policy_yaml(netlab.RX_IF, 1))
+    pn.write_text(workload.policy_yaml(netlab.RX_IF, n_rules))
+    pn_b.write_text(workload.policy_yaml(netlab.RX_IF, n_rules, changed=n_rules // 2))
+    (tmp / "big.txt").write_text(workload.set_file_text(set_entries))
+    pset.write_text(workload.set_policy_yaml(netlab.RX_IF, tmp / "big.txt"))
+
+    a1 = row("control.apply.1", "apply, 1 rule, first (floor)", floor=None)
+    an = row(f"control.apply.{n_rules}", f"apply, {n_rules:,} rules, first")
+    noop = row(f"control.noop.{n_rules}", f"re-apply, {n_rules:,} rules unchanged")
+    one = row(f"control.change1.{n_rules}", f"re-apply, 1 of {n_rules:,} rules changed")
+    st = row(f"control.stats.{n_rules}", f"stats --json, {n_rules:,} rules")
+    aset = row("control.apply.set", f"apply, {big}-entry set, first")
+    m1 = row("control.rss.1", "max RSS of apply, 1 rule (floor)", "MB", None)
+    mn = row(f"control.rss.{n_rules}", f"max RSS of apply, {n_rules:,} rules", "MB",
+             "control.rss.1")
+    mset = row("control.rss.set", f"max RSS of apply, {big}-entry set", "MB", "control.rss.1")
+    ipt = row(f"control.iptables.{n_rules}", f"iptables-legacy-restore, {n_rules:,} rules")
+    nft = row(f"control.nft.{n_rules}", f"nft -f, {n_rules:,} rules")
+    ld = row(f"control.load.{n_rules}", f"  of which load_policy(), {n_rules:,} rules")
+    ldset = row("control.load.set", f"  of which load_policy(), {big}-entry set")
+
+    def apply(path: Path, r: Row | None = None, rss: Row | None = None) -> str:
+        t = run_timed(nb + ["apply", str(path)])
+        if r is not None:
+            r.samples.append(t.wall_s)
+        if rss is not None:
+            rss.samples.append(t.max_rss_kb / 1024)
+        return t.stdout
+
+    def guarded(r: Row, fn) -> None:
+        """A failure is recorded on its row (and the interface detached); the rest go on."""
+        try:
+            fn()
+        except Exception as e:
+            r.note = f"failed: {last_line(str(e))}"
+            log(f"  {r.label}: {r.note}")
+        finally:
+            netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
+
+    def big_policy() -> None:
+        apply(pn, an, mn)
+        apply(pn, noop)
+        for path in (pn_b, pn):         # both directions: each is a one-rule edit
+            out = apply(path, one)
+            if "unchanged)" not in out:     # the plan must say the program (and id) stayed
+                one.note = "a new program was loaded (expected a map rewrite only)"
+        for _ in range(2):
+            st.samples.append(run_timed(nb + ["stats", netlab.RX_IF, "--json"]).wall_s)
+
+    try:
+        for k in range(rounds):
+            log(f"  round {k + 1}/{rounds}")
+            for _ in range(2):      # the floor twice: every other row is divided by it
+                guarded(a1, lambda: apply(p1, a1, m1))
+            guarded(an, big_policy)
+            guarded(aset, lambda: apply(pset, aset, mset))
+            for r, fn in ((ipt, _iptables_load), (nft, _nft_load)):
+                try:
+                    r.samples.append(fn(n_rules))
+                except Exception as e:
+                    r.note = f"failed: {last_line(str(e))}"
+            ld.samples.append(_load_time(pn))
+            ldset.samples.append(_load_time(pset))
+    finally:
+        netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _iptables_load(n: int) -> float:
+    text = workload.iptables_restore(n)
+    t0 = time.perf_counter()
+    netlab.in_ns(netlab.RX_NS, "iptables-legacy-restore", input=text)
+    dt = time.perf_counter() - t0
+    netlab.in_ns(netlab.RX_NS, "iptables-legacy", "-t", "raw", "-F", "PREROUTING")
+    return dt
+
+
+def _nft_load(n: int) -> float:
+    text = workload.nft_rules(n)
+    t0 = time.perf_counter()
+    netlab.in_ns(netlab.RX_NS, "nft", "-f", "-", input=text)
+    dt = time.perf_counter() - t0
+    netlab.in_ns(netlab.RX_NS, "nft", "delete", "table", "ip", workload.NFT_TABLE)
+    return dt
+
+
+def _load_time(path: Path) -> float:
+    t0 = time.perf_counter()
+    load_policy(path)
+    return time.perf_counter() - t0
