@@ -52,8 +52,10 @@ class Firewall:
         sets = sets or {}
         c = compile_direction(d, sets)
         self.shape = choose_shape(c.nrules, c.nclasses)
+        # built as apply builds it: the shape it picks, only the fields the rules use
         self.loaded = load_program(FW_SOURCE, {"NB_WORDS": self.shape.words,
-                                               "NB_CLASS_CAP": self.shape.class_cap},
+                                               "NB_CLASS_CAP": self.shape.class_cap,
+                                               "NB_FIELDS": c.field_mask},
                                    {FW_PROG: "xdp"})
         t = FwTables.from_loaded(self.loaded, self.shape.words, self.shape.class_cap)
         tags = {n: i + 1 for i, n in enumerate(sorted({r.set_name for r in c.setrefs}))}

@@ -69,6 +69,7 @@ class PartPlan:
     shape: Shape
     conntrack: bool
     hook: str = "xdp"                        # xdp | tc (egress is always tc)
+    fields: int = 0                          # classifier fields compiled in (NB_FIELDS)
     lb_ring_cap: int = 0                     # >0: built with the load balancer
     rules: list[RuleChange] = field(default_factory=list)
     old: PartState | None = None
@@ -87,7 +88,8 @@ class PartPlan:
 
     @property
     def prog_hash(self) -> str:
-        return program_hash(self.source, self.shape, self.conntrack, self.lb_ring_cap)
+        return program_hash(self.source, self.shape, self.conntrack, self.lb_ring_cap,
+                            self.fields)
 
     def changed_rules(self) -> list[RuleChange]:
         return [r for r in self.rules if r.what != "kept"]
@@ -139,12 +141,13 @@ class Plan:
 
 # ---- planning (no kernel writes) ----
 
-def program_hash(source: Path, shape: Shape, conntrack: bool, lb_ring_cap: int = 0) -> str:
+def program_hash(source: Path, shape: Shape, conntrack: bool, lb_ring_cap: int = 0,
+                 fields: int = 0) -> str:
     h = hashlib.sha256(source.read_bytes())
     for hdr in sorted((abi.BPF_DIR / "include").glob("*.h")):
         h.update(hdr.name.encode() + hdr.read_bytes())
     h.update(f"words={shape.words} classes={shape.class_cap} ct={int(conntrack)} "
-             f"lb={lb_ring_cap}".encode())
+             f"lb={lb_ring_cap} fields={fields:#x}".encode())
     return h.hexdigest()[:16]
 
 
@@ -217,7 +220,12 @@ def _plan_part(direction: str, ir: DirectionIR, sets, old: InterfaceState | None
     current = Shape(old_part.words, old_part.class_cap) if old_part else None
     shape = choose_shape(compiled.nrules, compiled.nclasses, current)
     hook = "tc" if direction == "egress" else ir.hook
-    pp = PartPlan(direction, ir, compiled, shape, conntrack, hook=hook, old=old_part)
+    # Fields the program is built with: the ones the rules use; a running program that
+    # already has them all is kept (rule edits stay map writes).
+    used = compiled.field_mask
+    fields = old_part.fields if old_part and used & ~old_part.fields == 0 else used
+    pp = PartPlan(direction, ir, compiled, shape, conntrack, hook=hook, fields=fields,
+                  old=old_part)
     new = _rule_states(compiled, ir)
     was = {r.name: r for r in old_part.rules} if old_part else {}
     for n, a, d, _ in new:
@@ -286,8 +294,13 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                 elif old.parts[d].prog_hash != p.parts[d].prog_hash:
                     shape_now = p.parts[d].shape
                     was = Shape(old.parts[d].words, old.parts[d].class_cap)
-                    p.reasons.append(f"{d} program " + ("shape changed" if shape_now != was
-                                                         else "code or features changed"))
+                    if shape_now != was:
+                        why = "shape changed"
+                    elif old.parts[d].fields != p.parts[d].fields:
+                        why = "rules use new match fields"
+                    else:
+                        why = "code or features changed"
+                    p.reasons.append(f"{d} program {why}")
             if old.requested_mode != iface.xdp_mode:
                 p.reasons.append(f"xdp mode {old.requested_mode} -> {iface.xdp_mode}")
             if (not p.reasons and all(_part_unchanged(pp, ir.sets) for pp in p.parts.values())
@@ -418,7 +431,8 @@ def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
                 tags: dict[str, SetState]) -> PartState:
     rules = [RuleState(n, a, d, s, line, pp.direction) for (n, a, d, line), s in
              zip(_rule_states(pp.compiled, pp.ir), slots)]
-    return PartState(direction=pp.direction, hook=pp.hook, mode=mode, prog_id=prog_id,
+    return PartState(direction=pp.direction, hook=pp.hook, fields=pp.fields, mode=mode,
+                     prog_id=prog_id,
                      prog_hash=pp.prog_hash, words=pp.shape.words,
                      class_cap=pp.shape.class_cap, default_action=pp.ir.default,
                      rules=rules, sets=list(tags.values()), sample=pp.ir.sample)
@@ -504,7 +518,8 @@ def _pins_usable(key: str, old: PartState | None) -> bool:
 
 def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Path):
     """Compile, load and fill one part; pin its maps and program into staging."""
-    defines = {"NB_WORDS": pp.shape.words, "NB_CLASS_CAP": pp.shape.class_cap}
+    defines = {"NB_WORDS": pp.shape.words, "NB_CLASS_CAP": pp.shape.class_cap,
+               "NB_FIELDS": pp.fields}
     if p.conntrack:
         defines["NB_CONNTRACK"] = 1
     if p.lbs:

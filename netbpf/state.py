@@ -81,6 +81,7 @@ class PartState:
     rules: list[RuleState] = field(default_factory=list)
     sets: list[SetState] = field(default_factory=list)
     sample: int = 0          # the direction's event sampling (1 in N; 0 none)
+    fields: int = 0x7ff      # classifier fields compiled in (NB_FIELDS)
 
     @classmethod
     def from_json(cls, data: dict) -> "PartState":

@@ -184,10 +184,20 @@ static __always_inline int nb_rate_ok(struct nb_rule *r, struct nb_pkt *p)
     return ok;
 }
 
-#define NB_AND(member, i)                                                            \
-    (v0->member[i] & v1->member[i] & v2->member[i] & v3->member[i] & v4->member[i] &  \
-     v5->member[i] & v6->member[i] & v7->member[i] & v8->member[i] & v9->member[i] &  \
-     v10->member[i])
+/* NB_FIELDS: fields compiled in (bit f = field f, NB_F_SET0 + k = set reference k). The
+ * controller builds the program with the fields its policy uses, so an unused field costs no
+ * lookup and no load per packet; a policy that starts using another field gets a new program. */
+#ifndef NB_FIELDS
+#define NB_FIELDS ((1 << NB_NFIELDS) - 1)
+#endif
+#define NB_HAS(f) (((NB_FIELDS) >> (f)) & 1)
+#define NB_T(k, member, i) (NB_HAS(k) ? v##k->member[i] : ~0ULL)
+#define NB_TC(k) (NB_HAS(k) ? v##k->count : ~0ULL)
+#define NB_AND(member, i)                                                              \
+    (NB_T(0, member, i) & NB_T(1, member, i) & NB_T(2, member, i) & NB_T(3, member, i) &  \
+     NB_T(4, member, i) & NB_T(5, member, i) & NB_T(6, member, i) & NB_T(7, member, i) &  \
+     NB_T(8, member, i) & NB_T(9, member, i) & NB_T(10, member, i))
+#define NB_VEC(k) struct nb_vec *v##k = NB_HAS(k) ? nb_vec_of(gen, id[k]) : 0
 
 /* Classify a parsed packet; count it; return NB_ACT_ALLOW or NB_ACT_DROP. */
 static __always_inline int nb_classify(struct nb_pkt *p, __u32 len)
@@ -206,45 +216,44 @@ static __always_inline int nb_classify(struct nb_pkt *p, __u32 len)
 #pragma unroll
     for (int f = 0; f < NB_NFIELDS; f++)
         id[f] = NB_CLASS_ALL;
-    if (mask & (1 << NB_F_SRC))
+    if (NB_HAS(NB_F_SRC) && (mask & (1 << NB_F_SRC)))
         id[NB_F_SRC] = nb_addr_class(p, gen, NB_F_SRC, p->src, cfg->wild_id[NB_F_SRC]);
-    if (mask & (1 << NB_F_DST))
+    if (NB_HAS(NB_F_DST) && (mask & (1 << NB_F_DST)))
         id[NB_F_DST] = nb_addr_class(p, gen, NB_F_DST, p->dst, cfg->wild_id[NB_F_DST]);
-    if (mask & (1 << NB_F_PROTO))
+    if (NB_HAS(NB_F_PROTO) && (mask & (1 << NB_F_PROTO)))
         id[NB_F_PROTO] = nb_proto_class(NB_PROTO_IDX(gen, p->proto),
                                         cfg->wild_id[NB_F_PROTO]);
-    if (mask & (1 << NB_F_SPORT))
+    if (NB_HAS(NB_F_SPORT) && (mask & (1 << NB_F_SPORT)))
         id[NB_F_SPORT] = p->has_ports ?
             nb_port_class(NB_PORT_IDX(gen, 0, p->sport), cfg->wild_id[NB_F_SPORT]) :
             cfg->wild_id[NB_F_SPORT];
-    if (mask & (1 << NB_F_DPORT))
+    if (NB_HAS(NB_F_DPORT) && (mask & (1 << NB_F_DPORT)))
         id[NB_F_DPORT] = p->has_ports ?
             nb_port_class(NB_PORT_IDX(gen, 1, p->dport), cfg->wild_id[NB_F_DPORT]) :
             cfg->wild_id[NB_F_DPORT];
-    if (mask & (1 << NB_F_ICMP))
+    if (NB_HAS(NB_F_ICMP) && (mask & (1 << NB_F_ICMP)))
         id[NB_F_ICMP] = p->has_icmp ?
             nb_icmp_class(NB_ICMP_IDX(gen, ((__u32)p->icmp_type << 8) | p->icmp_code),
                            cfg->wild_id[NB_F_ICMP]) :
             cfg->wild_id[NB_F_ICMP];
-    if (mask & (1 << NB_F_FLAGS))
+    if (NB_HAS(NB_F_FLAGS) && (mask & (1 << NB_F_FLAGS)))
         id[NB_F_FLAGS] = p->has_flags ?
             nb_flags_class(NB_FLAGS_IDX(gen, p->tcp_flags), cfg->wild_id[NB_F_FLAGS]) :
             cfg->wild_id[NB_F_FLAGS];
 #pragma unroll
     for (int k = 0; k < NB_MAX_SETREFS; k++)
-        id[NB_F_SET0 + k] = nb_setref_class(p, cfg, k);
+        if (NB_HAS(NB_F_SET0 + k))
+            id[NB_F_SET0 + k] = nb_setref_class(p, cfg, k);
 
-    struct nb_vec *v0 = nb_vec_of(gen, id[0]), *v1 = nb_vec_of(gen, id[1]),
-                  *v2 = nb_vec_of(gen, id[2]), *v3 = nb_vec_of(gen, id[3]),
-                  *v4 = nb_vec_of(gen, id[4]), *v5 = nb_vec_of(gen, id[5]),
-                  *v6 = nb_vec_of(gen, id[6]), *v7 = nb_vec_of(gen, id[7]),
-                  *v8 = nb_vec_of(gen, id[8]), *v9 = nb_vec_of(gen, id[9]),
-                  *v10 = nb_vec_of(gen, id[10]);
-    if (!v0 || !v1 || !v2 || !v3 || !v4 || !v5 || !v6 || !v7 || !v8 || !v9 || !v10)
+    NB_VEC(0); NB_VEC(1); NB_VEC(2); NB_VEC(3); NB_VEC(4); NB_VEC(5);
+    NB_VEC(6); NB_VEC(7); NB_VEC(8); NB_VEC(9); NB_VEC(10);
+    if ((NB_HAS(0) && !v0) || (NB_HAS(1) && !v1) || (NB_HAS(2) && !v2) || (NB_HAS(3) && !v3) ||
+        (NB_HAS(4) && !v4) || (NB_HAS(5) && !v5) || (NB_HAS(6) && !v6) || (NB_HAS(7) && !v7) ||
+        (NB_HAS(8) && !v8) || (NB_HAS(9) && !v9) || (NB_HAS(10) && !v10))
         return NB_ACT_ALLOW;
 
-    __u64 counted = v0->count & v1->count & v2->count & v3->count & v4->count & v5->count &
-                    v6->count & v7->count & v8->count & v9->count & v10->count;
+    __u64 counted = NB_TC(0) & NB_TC(1) & NB_TC(2) & NB_TC(3) & NB_TC(4) & NB_TC(5) &
+                    NB_TC(6) & NB_TC(7) & NB_TC(8) & NB_TC(9) & NB_TC(10);
     if (cfg->ncount < 64)
         counted &= (1ULL << cfg->ncount) - 1;
 

@@ -17,9 +17,12 @@ XDP_VERDICTS = {1: "drop", 2: "pass", 0: "aborted", 3: "tx", 4: "redirect"}
 
 
 class FwProg:
-    def __init__(self, words: int, class_cap: int):
-        self.loaded = load_program(FW_SOURCE, {"NB_WORDS": words, "NB_CLASS_CAP": class_cap},
-                                   {FW_PROG: "xdp"}, cache=True)
+    def __init__(self, words: int, class_cap: int, fields: int | None = None):
+        """fields: NB_FIELDS to build with (None: every field, as a superset policy would)."""
+        defines = {"NB_WORDS": words, "NB_CLASS_CAP": class_cap}
+        if fields is not None:
+            defines["NB_FIELDS"] = fields
+        self.loaded = load_program(FW_SOURCE, defines, {FW_PROG: "xdp"}, cache=True)
         self.tables = FwTables.from_loaded(self.loaded, words, class_cap)
         self.fd = self.loaded.prog_fd(FW_PROG)
         self.compiled = None

@@ -14,6 +14,7 @@ from cases.firewall import CASES, eth, v4
 from unit.fw_builders import direction, rule
 
 from netbpf import abi
+from netbpf.compile import compile_direction
 from netbpf.ir import SetIR
 
 from fwprog import FwProg
@@ -35,6 +36,20 @@ def test_case_verdict_and_counters(fw, case):
     assert totals[case.verdict] == 1
     if case.rule is None and case.model:
         assert totals["default"] == 1
+
+
+_SPECIALISED: dict[int, FwProg] = {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case_verdict_with_only_the_used_fields_compiled_in(case):
+    """What netbpf apply loads: a program built with just the fields the policy uses."""
+    fields = compile_direction(case.policy, case.sets).field_mask
+    if fields not in _SPECIALISED:
+        _SPECIALISED[fields] = FwProg(words=4, class_cap=256, fields=fields)
+    prog = _SPECIALISED[fields]
+    prog.install(case.policy, case.sets)
+    assert prog.run(case.packet) == case.verdict
 
 
 def test_counters_count_bytes_per_rule(fw):
