@@ -25,7 +25,7 @@ from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direc
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
-from netbpf.lbtables import LbState, LbTables, plan_lb, ring_cap_for
+from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
@@ -527,14 +527,19 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         defines["NB_LB_RING_CAP"] = pp.lb_ring_cap
     if p.conntrack or p.lbs:
         defines["NB_SHARED_PIN"] = f'"{shared}"'
+    functions = {pp.func: pp.prog_type}
+    if p.lbs and pp.hook == "xdp":
+        functions[LB_ENTRY] = "xdp"
     if pp.hook == "xdp" and p.mode == "offload":
         # an offloaded program is loaded for its device (bcc resolves the name in this netns);
         # attach refuses first on drivers that cannot offload
         attach.check_offload(p.ifname, netns=p.netns)
         with enter_netns(p.netns):
-            loaded = load_program(pp.source, defines, {pp.func: pp.prog_type}, device=p.ifname)
+            loaded = load_program(pp.source, defines, functions, device=p.ifname)
     else:
-        loaded = load_program(pp.source, defines, {pp.func: pp.prog_type})
+        loaded = load_program(pp.source, defines, functions)
+    if LB_ENTRY in functions:
+        link_lb_entry(loaded)
     try:
         tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
         reuse = not p.stale and _pins_usable(p.key, pp.old)

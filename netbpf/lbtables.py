@@ -156,6 +156,15 @@ def _vip_key(v: VipState) -> bytes:
     return struct.pack("<BBH", v.family, v.proto, v.port) + v.addr.to_bytes(width, "big").ljust(16, b"\0")
 
 
+LB_ENTRY = "nb_lb_entry"      # the balancer's own XDP program, reached by tail call
+
+
+def link_lb_entry(loaded) -> None:
+    """Point the firewall's tail-call slot at the balancer program loaded beside it."""
+    fd = loaded.prog_fd(LB_ENTRY)
+    bpfsys.map_update(loaded.maps["nb_lb_jump"].fd, _U32.pack(0), _U32.pack(fd))
+
+
 class LbTables:
     def __init__(self, fds: dict[str, object], owned: bool):
         missing = [n for n in LB_MAPS if n not in fds]

@@ -199,9 +199,34 @@ static __always_inline int nb_rate_ok(struct nb_rule *r, struct nb_pkt *p)
      NB_T(8, member, i) & NB_T(9, member, i) & NB_T(10, member, i))
 #define NB_VEC(k) struct nb_vec *v##k = NB_HAS(k) ? nb_vec_of(gen, id[k]) : 0
 
-/* Classify a parsed packet; count it; return NB_ACT_ALLOW or NB_ACT_DROP. */
-static __always_inline int nb_classify(struct nb_pkt *p, __u32 len)
+/* Count rules a packet matched, counted by nb_count_rules() as the program's very last step:
+ * the loop's exits each reach the code after it in a different state, and the verifier would
+ * re-check all of that code (the load balancer) once per exit. */
+struct nb_pending {
+    __u64 counted;
+    __u32 gen;
+};
+
+static __always_inline void nb_count_rules(struct nb_pending *pend, __u32 len)
 {
+    __u64 counted = pend->counted;
+    __u32 gen = pend->gen & 1;
+    for (int c = 0; c < NB_MAX_COUNT_RULES; c++) {
+        if (!counted)
+            break;
+        __u32 ci = gen * NB_MAX_COUNT_RULES + nb_ctz64(counted);
+        counted &= counted - 1;
+        __u32 *slot = nb_fw_crules.lookup(&ci);
+        if (slot)
+            nb_count(*slot, len, 0);
+    }
+}
+
+/* Classify a parsed packet; count it (count rules: see nb_pending); return NB_ACT_ALLOW or
+ * NB_ACT_DROP. */
+static __always_inline int nb_classify(struct nb_pkt *p, __u32 len, struct nb_pending *pend)
+{
+    pend->counted = 0;
     __u32 zero = 0;
     struct nb_gen *g = nb_fw_gen.lookup(&zero);
     if (!g)
@@ -304,15 +329,8 @@ scanned:;
         nb_sample(p, cfg->default_sample, NB_EVENT_DEFAULT, len, act, 0);
     }
 
-    for (int c = 0; c < NB_MAX_COUNT_RULES; c++) {
-        if (!counted)
-            break;
-        __u32 ci = gen * NB_MAX_COUNT_RULES + nb_ctz64(counted);
-        counted &= counted - 1;
-        __u32 *slot = nb_fw_crules.lookup(&ci);
-        if (slot)
-            nb_count(*slot, len, 0);
-    }
+    pend->counted = counted;
+    pend->gen = gen;
 
     if (rate_dropped)
         nb_stat(NB_STAT_RATE_DROP, len);

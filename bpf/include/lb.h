@@ -173,6 +173,15 @@ static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, _
     return bpf_redirect(fib.ifindex, 0);
 }
 
+static __always_inline int nb_lb_is_vip(struct nb_pkt *p)
+{
+    if (!p->has_ports)
+        return 0;
+    struct nb_vip_key vk = {.family = p->family, .proto = p->proto, .port = p->dport};
+    __builtin_memcpy(vk.addr, p->dst, 16);
+    return nb_lb_vips.lookup(&vk) != 0;
+}
+
 /* -1: not for a VIP (the caller passes it on); else the XDP verdict. */
 static __always_inline int nb_lb_xdp(struct xdp_md *ctx, struct nb_pkt *p, __u32 len)
 {

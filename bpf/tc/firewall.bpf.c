@@ -45,8 +45,11 @@ static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
         return TC_ACT_OK;
     }
 #endif
-    if (nb_classify(&p, len) == NB_ACT_DROP)
+    struct nb_pending pend;
+    if (nb_classify(&p, len, &pend) == NB_ACT_DROP) {
+        nb_count_rules(&pend, len);
         return TC_ACT_SHOT;
+    }
 #ifdef NB_CONNTRACK
     if (egress)
         nb_ct_egress(&p);
@@ -55,6 +58,7 @@ static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
     if (egress)
         nb_lb_reverse(skb, &p);
 #endif
+    nb_count_rules(&pend, len);
     return TC_ACT_OK;
 }
 

@@ -1,7 +1,8 @@
 /* firewall.bpf.c - XDP ingress: parse -> conntrack -> classify -> act -> count -> balance.
  * Tables come from the controller (netbpf/compile.py via netbpf/apply.py); this program never
  * changes when rules change. Non-IP frames pass; malformed frames drop (docs/dataplane.md).
- * Built with NB_LB, packets the firewall allows to a VIP go to the load balancer (lb.h). */
+ * Built with NB_LB, packets the firewall allows to a VIP go to the load balancer (lb.h) by a
+ * tail call: the balancer is verified as its own program, not once per path of the classifier. */
 #include <uapi/linux/bpf.h>
 #include "netbpf_abi.h"
 #include "parse.h"
@@ -11,6 +12,18 @@
 #endif
 #ifdef NB_LB
 #include "lb.h"
+BPF_PROG_ARRAY(nb_lb_jump, 1);     /* [0] = nb_lb_entry, set by the controller after load */
+
+int nb_lb_entry(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct nb_pkt p = {};
+    if (nb_parse(data, data_end, &p) != NB_PARSE_OK)
+        return XDP_PASS;
+    int lb = nb_lb_xdp(ctx, &p, data_end - data);
+    return lb >= 0 ? lb : XDP_PASS;
+}
 #endif
 
 int nb_fw_xdp(struct xdp_md *ctx)
@@ -38,12 +51,14 @@ int nb_fw_xdp(struct xdp_md *ctx)
         return XDP_PASS;
     }
 #endif
-    if (nb_classify(&p, len) == NB_ACT_DROP)
+    struct nb_pending pend;
+    int act = nb_classify(&p, len, &pend);
+    nb_count_rules(&pend, len);
+    if (act == NB_ACT_DROP)
         return XDP_DROP;
 #ifdef NB_LB
-    int lb = nb_lb_xdp(ctx, &p, len);
-    if (lb >= 0)
-        return lb;
+    if (nb_lb_is_vip(&p))
+        nb_lb_jump.call(ctx, 0);    /* does not return; falls through only if unset */
 #endif
     return XDP_PASS;
 }

@@ -79,7 +79,8 @@ def test_loaded_maps_have_the_mirrored_sizes():
     from netbpf.kernel.loader import load_program
 
     loaded = load_program(FW_SOURCE, {"NB_WORDS": 4, "NB_CLASS_CAP": 64, "NB_CONNTRACK": 1,
-                                      "NB_LB": 1}, {FW_PROG: "xdp"}, cache=True)
+                                      "NB_LB": 1}, {FW_PROG: "xdp", "nb_lb_entry": "xdp"},
+                          cache=True)
     m = loaded.maps
     expect = {
         "nb_fw_cfg": (4, ctypes.sizeof(abi.NbFwCfg)), "nb_fw_rules": (4, ctypes.sizeof(abi.NbRule)),

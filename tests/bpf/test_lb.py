@@ -24,7 +24,7 @@ from netbpf.fwtables import FwTables
 from netbpf.ir import BackendIR, LoadBalancerIR
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.lbtables import LbState, LbTables, plan_lb
+from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb
 
 VIP4, VIP6 = "10.20.0.100", "fd00:20::100"
 XDP_DROP, XDP_PASS = 1, 2
@@ -41,7 +41,8 @@ def lb_ir(vip: str, weights=(1, 1, 2), proto=6, mode="nat") -> LoadBalancerIR:
 @pytest.fixture(scope="module")
 def prog():
     loaded = load_program(FW_SOURCE, {"NB_WORDS": 1, "NB_CLASS_CAP": 64, "NB_LB": 1},
-                          {FW_PROG: "xdp"}, cache=True)
+                          {FW_PROG: "xdp", LB_ENTRY: "xdp"}, cache=True)
+    link_lb_entry(loaded)
     fw = FwTables.from_loaded(loaded, 1, 64)
     fw.write_generation(0, compile_direction(direction()), [], [], {})
     fw.flip(0)
