@@ -119,7 +119,9 @@ def load_policy(path: str | Path) -> LoadedPolicy:
     view = view_of_model(model) if model is not None else view_of_data(data)
 
     digest = hashlib.sha256(raw)
-    _read_set_files(view, path.parent, display, report, digest)
+    # set files are relative to the policy itself, also when it was reached through a symlink
+    base_dir = path.resolve().parent
+    _read_set_files(view, base_dir, display, report, digest)
 
     def line_of(loc: Loc) -> int:
         return doc.position(loc)[0]
@@ -133,7 +135,7 @@ def load_policy(path: str | Path) -> LoadedPolicy:
     for dv in view.directions:
         for index, rule in dv.rules:
             rule._line = line_of(dv.loc + ("rules", index))
-    ir = policy_to_ir(model, path.parent)
+    ir = policy_to_ir(model, base_dir)
     notes = _Report(display, doc)
     for loc, msg in warnings:
         notes.at(loc, msg)
