@@ -16,6 +16,30 @@ from rich.table import Table
 from netbpf.errors import PolicyError
 
 
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def _capabilities() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def require_privileges(ctx: click.Context) -> None:
+    """One clear line instead of a kernel error deep inside: what this command needs."""
+    caps = _capabilities()
+    has = lambda c: bool(caps >> c & 1)  # noqa: E731
+    if (has(CAP_BPF) or has(CAP_SYS_ADMIN)) and has(CAP_NET_ADMIN):
+        return
+    click.echo(f"netbpf {ctx.info_name}: needs root, or CAP_BPF and CAP_NET_ADMIN (and "
+               "CAP_SYS_ADMIN for -n NETNS); run it with sudo", err=True)
+    raise SystemExit(1)
+
+
 def _netns(ctx: click.Context) -> str | None:
     return ctx.find_root().obj.netns if ctx.find_root().obj else None
 
@@ -91,6 +115,7 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
       netbpf apply policies/demo.yaml --dry-run
       netbpf -n lab-gw apply policies/demo.yaml
     """
+    require_privileges(ctx)
     from netbpf.apply import apply_plan, plan_apply
 
     loaded = _load_policy(policy)
@@ -110,6 +135,7 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
 @click.pass_context
 def detach(ctx: click.Context, interface: str) -> None:
     """Remove what netbpf attached and pinned on INTERFACE (nothing else)."""
+    require_privileges(ctx)
     from netbpf.apply import detach as do_detach
 
     do_detach(interface, _netns(ctx), log=click.echo)
@@ -206,6 +232,7 @@ def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None
       netbpf -n lab-gw stats gw0 --json
       netbpf stats eth0 --watch 2
     """
+    require_privileges(ctx)
     from netbpf.stats import read_stats
 
     netns = _netns(ctx)
@@ -240,8 +267,10 @@ def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None
 
 @click.command()
 @click.option("-j", "--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(as_json: bool) -> None:
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
     """Every interface netbpf manages: mode, program, policy, and drift from what was applied."""
+    require_privileges(ctx)
     from netbpf.status import read_status
 
     rows = read_status()
@@ -281,6 +310,7 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
       netbpf -n lab-lb lb-health policies/lb.yaml
       netbpf lb-health policies/lb.yaml --once
     """
+    require_privileges(ctx)
     from netbpf.apply import apply_plan, plan_apply
     from netbpf.errors import InputError
     from netbpf.health import check_once, targets, write_down
@@ -344,6 +374,7 @@ def events(ctx: click.Context, interface: str, as_json: bool, direction: str,
       netbpf events eth0
       netbpf -n lab-gw events gw0 --json --count 10
     """
+    require_privileges(ctx)
     from netbpf.events import follow
 
     dirs = ("ingress", "egress") if direction == "both" else (direction,)

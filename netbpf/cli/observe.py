@@ -32,6 +32,9 @@ def exporter(ctx: click.Context, listen: str, verbose: bool) -> None:
       netbpf exporter --listen [::1]:9105
       netbpf -n lab-gw exporter --listen 127.0.0.1:9200
     """
+    from netbpf.cli.dataplane import require_privileges
+
+    require_privileges(ctx)
     try:
         from netbpf import exporter as exp
     except ModuleNotFoundError as e:
