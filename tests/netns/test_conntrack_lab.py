@@ -144,11 +144,21 @@ def test_egress_rule_blocks_udp_to_one_port_not_another(gw):
     assert eg["no-udp-5000"] >= 1
 
 
-def test_conntrack_table_is_bounded_lru(gw):
-    """Only egress creates entries, and the LRU table never grows past its capacity."""
-    s = stats(gw)
-    assert s["conntrack"]["capacity"] == 65536
-    assert s["conntrack"]["entries"] <= s["conntrack"]["capacity"]
+def test_inbound_flood_cannot_fill_the_conntrack_table(gw):
+    """Only egress creates entries: 3,000 unsolicited datagrams from distinct ports add none,
+    and a connection started from the gateway still works right after."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    before = stats(gw)["conntrack"]
+    assert before["capacity"] == 65536
+    frame = Ether(src=gw.mac("client", "client0"), dst=gw.mac("gw", "gw0")) / \
+        IP(src=gw.addr("client", "client0"), dst=gw.addr("gw", "gw0"))
+    gw.send("client", [frame / UDP(sport=20000 + i, dport=6000 + i % 100) for i in range(3000)])
+    after = stats(gw)
+    assert after["conntrack"]["entries"] <= before["entries"] + 2   # our own traffic only
+    assert after["parts"]["ingress"]["totals"]["drop"]["packets"] >= 3000
+    assert gw.call("gw", tcp_roundtrip, gw.addr("client", "client0"), 7000) == b"echo:hello"
 
 
 # ---- a user's own clsact filter lives beside netbpf's ----

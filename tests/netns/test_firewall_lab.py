@@ -109,3 +109,23 @@ def test_detach_removes_program_and_pins(two_hosts, tmp_path):
     assert not list(Path("/sys/fs/bpf/netbpf").glob(f"{two_hosts.ns('gw')}:*"))
     gone = netbpf(two_hosts, "stats", "gw0", check=False)
     assert gone.returncode == 1 and "not managed by netbpf" in gone.stderr
+
+
+def test_counters_of_unchanged_rules_survive_a_reapply(two_hosts, tmp_path):
+    """Adding a rule (even one that needs a new program) must not zero the others' counts."""
+    lab = two_hosts
+    policy = tmp_path / "fw.yaml"
+    policy.write_text(POLICY.format(mode="native"))
+    netbpf(lab, "apply", str(policy))
+    try:
+        gw4 = lab.addr("gw", "gw0", 4)
+        assert arrived(lab, [IP(dst=gw4) / UDP(dport=9999) / Raw(b"m-keep")] * 6, b"m-keep") == 0
+        grown = POLICY.format(mode="native") + \
+            "        - {name: new-tcp-flags, proto: tcp, tcp_flags: \"syn,!ack\", dport: 7, action: drop}\n"
+        policy.write_text(grown)
+        out = netbpf(lab, "apply", str(policy)).stdout
+        assert "+ new-tcp-flags" in out and "load programs" in out   # a new field: new program
+        counted = {r["name"]: r["packets"] for r in stats(lab)["rules"]}
+        assert counted["drop-udp-9999"] == 6 and counted["new-tcp-flags"] == 0
+    finally:
+        netbpf(lab, "detach", "gw0", check=False)
