@@ -23,7 +23,7 @@ from typing import Callable
 from netbpf import abi
 from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
 from netbpf.errors import NetbpfError
-from netbpf.fwtables import FwTables
+from netbpf.fwtables import CounterCarry, FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
 from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for
 from netbpf.kernel import attach, bpfsys
@@ -190,8 +190,20 @@ def drift(st: InterfaceState) -> str | None:
             return "pins are missing"
     try:
         cur = attach.xdp_state(st.ifname, netns=st.netns)
-    except NetbpfError:
+        with enter_netns(st.netns):
+            ifindex = socket.if_nametoindex(st.ifname)
+    except (NetbpfError, OSError):
         return "the interface is gone"
+    if ifindex != st.ifindex:
+        return f"the interface was re-created (ifindex {st.ifindex} -> {ifindex})"
+    for d, part in st.parts.items():
+        try:
+            with bpfsys.obj_get(pin_dir(st.key) / d / "nb_fw_gen") as fd:
+                raw = bpfsys.map_lookup(fd, (0).to_bytes(4, "little"), 4)
+        except NetbpfError:
+            return "pins are missing"
+        if raw is not None and int.from_bytes(raw, "little") & 1 != part.gen:
+            return f"the {d} rules are half-applied (an apply was interrupted)"
     for d, part in st.parts.items():
         if part.hook == "xdp":
             if cur is None:
@@ -368,19 +380,43 @@ def _set_digests(c: CompiledDirection, sets: dict[str, SetIR]) -> dict[str, str]
 
 # ---- execution ----
 
-def apply_plan(plan: Plan, log: Log = print) -> list[InterfaceState]:
-    """Make the plan so. Holds the apply lock; each interface either switches whole or not."""
-    done = []
+def apply_policy(loaded_policy, policy_path: str, netns: str | None, log: Log = print,
+                 show_plan: Callable[[Plan], None] | None = None) -> Plan:
+    """Plan and apply under the apply lock, so the plan is made against the state it changes
+    (a plan made before waiting for another apply would work from a stale state)."""
     with apply_lock(wait_message=log):
-        for p in plan.interfaces:
-            if p.what == "unchanged":
-                done.append(p.old)
-                continue
-            if p.what == "remove":
-                detach_key(p.key, log)
-                continue
-            st = _apply_new_programs(plan, p, log) if p.new_program else _apply_update(plan, p, log)
-            done.append(st)
+        remove_leftovers()
+        plan = plan_apply(loaded_policy, policy_path, netns)
+        if show_plan:
+            show_plan(plan)
+        if plan.changes:
+            apply_plan(plan, log, locked=True)
+        return plan
+
+
+def remove_leftovers() -> None:
+    """Staging pins of an apply that was killed (only an apply holding the lock uses them)."""
+    for d in staging_dirs("x"):
+        for leftover in (d.parent.iterdir() if d.parent.is_dir() else ()):
+            _remove_pins(leftover)
+
+
+def apply_plan(plan: Plan, log: Log = print, locked: bool = False) -> list[InterfaceState]:
+    """Make the plan so; each interface either switches whole or not. Takes the apply lock
+    unless the caller holds it (apply_policy)."""
+    if not locked:
+        with apply_lock(wait_message=log):
+            return apply_plan(plan, log, locked=True)
+    done = []
+    for p in plan.interfaces:
+        if p.what == "unchanged":
+            done.append(p.old)
+            continue
+        if p.what == "remove":
+            detach_key(p.key, log)
+            continue
+        st = _apply_new_programs(plan, p, log) if p.new_program else _apply_update(plan, p, log)
+        done.append(st)
     return done
 
 
@@ -428,14 +464,14 @@ def _allocate_tags(c: CompiledDirection, sets: dict[str, SetIR],
 
 
 def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
-                tags: dict[str, SetState]) -> PartState:
+                tags: dict[str, SetState], gen: int = 0) -> PartState:
     rules = [RuleState(n, a, d, s, line, pp.direction) for (n, a, d, line), s in
              zip(_rule_states(pp.compiled, pp.ir), slots)]
     return PartState(direction=pp.direction, hook=pp.hook, fields=pp.fields, mode=mode,
                      prog_id=prog_id,
                      prog_hash=pp.prog_hash, words=pp.shape.words,
                      class_cap=pp.shape.class_cap, default_action=pp.ir.default,
-                     rules=rules, sets=list(tags.values()), sample=pp.ir.sample)
+                     rules=rules, sets=list(tags.values()), sample=pp.ir.sample, gen=gen)
 
 
 def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
@@ -469,32 +505,40 @@ def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
 
 
 def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
-    """Same programs: per part, write the inactive generation, flip, then clear the old one."""
-    parts = {}
-    for d, pp in p.parts.items():
-        old = pp.old
-        tables = FwTables.from_pins(pin_dir(p.key) / d, old.words, old.class_cap)
-        try:
+    """Same programs: write every part's inactive generation, flip the parts back to back,
+    record it, then clear the old generations. A kill between the two flips leaves the state
+    file at the old generations: drift() sees the mismatch and the next apply repairs it."""
+    parts, opened, olds = {}, {}, {}
+    try:
+        for d, pp in p.parts.items():
+            old = pp.old
+            tables = opened[d] = FwTables.from_pins(pin_dir(p.key) / d, old.words, old.class_cap)
             active = tables.active_gen()
-            gen = 1 - active
             slots, fresh = _allocate_slots(_rule_states(pp.compiled, pp.ir), old,
                                            abi.slot_cap(old.words), reuse=True)
             tags, to_write = _allocate_tags(pp.compiled, plan.sets, old)
+            for name in to_write:
+                tables.delete_set(tags[name].tag)   # a killed apply may have left entries
             tables.zero_slots(fresh)
-            _fill(tables, pp, plan.sets, gen, slots, tags, to_write)
-            tables.flip(gen)
+            _fill(tables, pp, plan.sets, 1 - active, slots, tags, to_write)
+            olds[d] = active
             parts[d] = _part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots,
-                                   tags=tags)
-            time.sleep(GRACE_S)
-            tables.clear_generation(active)
-            live = {t.tag for t in tags.values()}
-            for s in old.sets:
+                                   tags=tags, gen=1 - active)
+        for d, tables in opened.items():
+            tables.flip(1 - olds[d])
+        time.sleep(GRACE_S)
+        for d, tables in opened.items():
+            tables.clear_generation(olds[d])
+            live = {t.tag for t in parts[d].sets}
+            for s in p.parts[d].old.sets:
                 if s.tag not in live:
                     tables.delete_set(s.tag)
-        finally:
+    finally:
+        for tables in opened.values():
             tables.close()
-        log(f"{p.key}: {d} generation {gen} active, {len(pp.rules)} rules "
-            f"(program id {old.prog_id} unchanged)")
+    for d, ps in parts.items():
+        log(f"{p.key}: {d} generation {ps.gen} active, {len(ps.rules)} rules "
+            f"(program id {ps.prog_id} unchanged)")
     if p.conntrack:
         with bpfsys.obj_get(pin_dir(p.key) / "ingress" / "nb_ct_cfg") as fd:
             _write_ct_timeouts(fd, p.ct_timeouts)
@@ -548,22 +592,20 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         tags, to_write = _allocate_tags(pp.compiled, plan.sets, None)
         _fill(tables, pp, plan.sets, 0, slots, tags, to_write)
         tables.flip(0)
+        carry = None
         if reuse:
             kept = {(r.name, r.digest) for r in pp.old.rules}
             keep = [s for (n, _, d, _), s in zip(_rule_states(pp.compiled, pp.ir), slots)
                     if (n, d) in kept]
             old_tables = FwTables.from_pins(pin_dir(p.key) / pp.direction, pp.old.words,
                                             pp.old.class_cap)
-            try:
-                tables.copy_counters_from(old_tables, keep)
-            finally:
-                old_tables.close()
+            carry = CounterCarry(old_tables, tables, keep)
         # bcc pins a BPF_TABLE_PINNED map itself when it creates one: skip what is there
         names = [n for n in loaded.maps if (pp.direction == "ingress" or n not in SHARED_MAPS)
                  and not (staging / pp.direction / n).exists()]
         loaded.pin_maps(staging / pp.direction, names)
         bpfsys.obj_pin(loaded.prog_fd(pp.func), staging / pp.direction / PROG_PIN)
-        return loaded, slots, tags
+        return loaded, slots, tags, carry
     except BaseException:
         loaded.close()
         raise
@@ -583,7 +625,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     # the shared maps where the running ones pinned them (or create them in staging).
     shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
         else staging / "ingress"
-    loaded, parts, attached = {}, {}, []
+    loaded, parts, attached, carries = {}, {}, [], []
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
     before_tc = {d: _tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
                  if part.hook == "tc"}
@@ -592,14 +634,18 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             if d not in p.parts:
                 continue
             pp = p.parts[d]
-            loaded[d], slots, tags = _load_part(plan, p, pp, staging, shared)
+            loaded[d], slots, tags, carry = _load_part(plan, p, pp, staging, shared)
             parts[d] = (pp, slots, tags)
+            if carry:
+                carries.append(carry)
         if p.conntrack:
             _write_ct_timeouts(loaded["ingress"].maps["nb_ct_cfg"].fd, p.ct_timeouts)
         if p.lbs:
             _fill_lb(p, loaded["ingress"])
 
-        created_clsact = p.old.created_clsact if p.old else False
+        created_clsact = p.old.created_clsact if p.old else _clsact_only_ours(p)
+        for carry in carries:       # as late as possible: see CounterCarry
+            carry.copy()
         states = {}
         for d, (pp, slots, tags) in parts.items():
             fd, prog_id = loaded[d].prog_fd(pp.func), loaded[d].prog_id(pp.func)
@@ -625,6 +671,8 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             if attach.remove_clsact_if_unused(p.ifname, netns=p.netns):
                 created_clsact = False
 
+        for carry in carries:
+            carry.catch_up()
         if final.exists():
             os.rename(final, retired)
         os.rename(staging, final)
@@ -636,6 +684,8 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         _remove_pins(staging)
         raise
     finally:
+        for carry in carries:
+            carry.old.close()
         for l in loaded.values():
             l.close()
     for d, ps in states.items():
@@ -644,6 +694,18 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             f"{len(ps.rules)} {d} rules")
     log(f"{p.key}: loaded new programs ({', '.join(p.reasons)})")
     return st
+
+
+def _clsact_only_ours(p: IfacePlan) -> bool:
+    """No state to say who added the clsact qdisc (first apply, or the state file was lost):
+    it is ours when nothing but netbpf's filters hang on it."""
+    try:
+        filters = [f for d in ("ingress", "egress")
+                   for f in attach.list_tc_filters(p.ifname, d, netns=p.netns)]
+    except NetbpfError:
+        return False
+    return bool(filters) and all(f.prio == attach.NB_TC_PRIO and f.handle == attach.NB_TC_HANDLE
+                                 for f in filters)
 
 
 def _fill_lb(p: IfacePlan, loaded) -> None:

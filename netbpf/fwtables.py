@@ -212,14 +212,50 @@ class FwTables:
                 out[_U32.unpack(k)[0]] = (p, b, d)
         return out
 
-    def copy_counters_from(self, other: "FwTables", slots: list[int]) -> None:
-        """Carry counters of kept rules (and the totals) into a freshly loaded program."""
-        for name, which in (("nb_fw_cnt", slots), ("nb_fw_stats", range(abi.NB_STAT_MAX))):
-            src, dst = other.maps[name], self.maps[name]
-            size = bpfsys.percpu_value_size(src.value_size)
-            for s in which:
-                per_cpu = bpfsys.map_lookup_percpu(src.fd, _U32.pack(s), src.value_size)
-                if per_cpu:
-                    stride = size // len(per_cpu)
-                    blob = b"".join(v.ljust(stride, b"\0") for v in per_cpu)
-                    bpfsys.map_update(dst.fd, _U32.pack(s), blob)
+    def read_percpu(self, name: str, keys) -> dict[int, list[tuple[int, int, int]]]:
+        """(packets, bytes, drops) per CPU for each key of a per-CPU counter map."""
+        m = self.maps[name]
+        out = {}
+        for k in keys:
+            per_cpu = bpfsys.map_lookup_percpu(m.fd, _U32.pack(k), m.value_size)
+            if per_cpu:
+                out[k] = [struct.unpack_from("<QQQ", v) for v in per_cpu]
+        return out
+
+    def write_percpu(self, name: str, values: dict[int, list[tuple[int, int, int]]]) -> None:
+        m = self.maps[name]
+        stride = (m.value_size + 7) // 8 * 8
+        for k, per_cpu in values.items():
+            blob = b"".join(struct.pack("<QQQ", *v).ljust(stride, b"\0") for v in per_cpu)
+            bpfsys.map_update(m.fd, _U32.pack(k), blob)
+
+
+COUNTER_MAPS = ("nb_fw_cnt", "nb_fw_stats")
+
+
+class CounterCarry:
+    """Carry counters from a running program to its replacement: copy just before the swap,
+    then add what the old program counted between the copy and the swap, so a program change
+    loses (almost) nothing."""
+
+    def __init__(self, old: FwTables, new: FwTables, slots: list[int]):
+        self.old, self.new = old, new
+        self.keys = {"nb_fw_cnt": list(slots), "nb_fw_stats": list(range(abi.NB_STAT_MAX))}
+        self.snap: dict[str, dict] = {}
+
+    def copy(self) -> None:
+        for name, keys in self.keys.items():
+            self.snap[name] = self.old.read_percpu(name, keys)
+            self.new.write_percpu(name, self.snap[name])
+
+    def catch_up(self) -> None:
+        for name, keys in self.keys.items():
+            later = self.old.read_percpu(name, keys)
+            now = self.new.read_percpu(name, keys)
+            out = {}
+            for k, per_cpu in later.items():
+                before = self.snap[name].get(k, [(0, 0, 0)] * len(per_cpu))
+                cur = now.get(k, [(0, 0, 0)] * len(per_cpu))
+                out[k] = [tuple(c + l - b for c, l, b in zip(cv, lv, bv))
+                          for cv, lv, bv in zip(cur, per_cpu, before)]
+            self.new.write_percpu(name, out)

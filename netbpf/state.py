@@ -82,6 +82,7 @@ class PartState:
     sets: list[SetState] = field(default_factory=list)
     sample: int = 0          # the direction's event sampling (1 in N; 0 none)
     fields: int = 0x7ff      # classifier fields compiled in (NB_FIELDS)
+    gen: int = 0             # the generation this state's rules were written to
 
     @classmethod
     def from_json(cls, data: dict) -> "PartState":

@@ -6,6 +6,7 @@ Each subcommand group lives in its own module and registers itself in COMMAND_MO
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -55,6 +56,9 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Pins, state, lock and health files are root's alone, whatever umask the shell had:
+    # a world-writable pin directory would let anyone swap a map under the data plane.
+    os.umask(0o077)
     try:
         rv = cli.main(args=argv, prog_name="netbpf", standalone_mode=False)
     except click.exceptions.Abort:

@@ -101,7 +101,7 @@ def _print_plan(plan) -> None:
 
 
 @click.command()
-@click.argument("policy", type=click.Path(dir_okay=False))
+@click.argument("policy")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
 @click.pass_context
 def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
@@ -115,19 +115,17 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
       netbpf apply policies/demo.yaml --dry-run
       netbpf -n lab-gw apply policies/demo.yaml
     """
-    require_privileges(ctx)
-    from netbpf.apply import apply_plan, plan_apply
+    from netbpf.apply import apply_policy, plan_apply
 
-    loaded = _load_policy(policy)
-    plan = plan_apply(loaded, policy, _netns(ctx))
-    _print_plan(plan)
+    loaded = _load_policy(policy)          # bad input is reported first, as by validate
+    require_privileges(ctx)
     if dry_run:
+        _print_plan(plan_apply(loaded, policy, _netns(ctx)))
         click.echo("dry run: nothing changed")
         return
+    plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
     if not plan.changes:
         click.echo("nothing to do: the running policy is this one")
-        return
-    apply_plan(plan, log=click.echo)
 
 
 @click.command()
@@ -298,7 +296,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 @click.command("lb-health")
-@click.argument("policy", type=click.Path(dir_okay=False))
+@click.argument("policy")
 @click.option("--once", is_flag=True, help="One round of checks (and apply), then exit.")
 @click.pass_context
 def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
@@ -311,7 +309,7 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
       netbpf lb-health policies/lb.yaml --once
     """
     require_privileges(ctx)
-    from netbpf.apply import apply_plan, plan_apply
+    from netbpf.apply import apply_policy
     from netbpf.errors import InputError
     from netbpf.health import check_once, targets, write_down
     from netbpf.kernel.netns import enter_netns
@@ -340,9 +338,8 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
             if changed or first:
                 for key, ids in down.items():
                     write_down(key, ids)
-                plan = plan_apply(loaded, policy, netns)
+                plan = apply_policy(loaded, policy, netns, log=lambda m: None)
                 if plan.changes:
-                    apply_plan(plan, log=lambda m: None)
                     log("applied: load balancer tables follow the backends' health")
             first = False
             if once:

@@ -59,7 +59,7 @@ def tc_filter_del(lab) -> None:
 
 # case -> (what someone does, what status must say, what is enforced while drifted)
 DRIFTS = {
-    "interface-recreated": (recreate_link, "detached", ((), ())),
+    "interface-recreated": (recreate_link, "re-created", ((), ())),
     "pins-removed": (remove_pins, "pins are missing", ((1,), (1,))),
     "state-removed": (remove_state, "pins without state", ((1,), (1,))),
     "xdp-detached": (xdp_off, "XDP program was detached", ((), (1,))),
@@ -86,10 +86,7 @@ def gw(make_lab, tmp_path):
         netbpf(lab, "detach", "gw0", check=False)
 
 
-LOST_CLSACT = pytest.mark.xfail(strict=True, reason=(
-    "after the state file is lost, apply adopts the running programs but records "
-    "created_clsact=False (ensure_clsact found netbpf's own qdisc; _apply_new_programs: "
-    "'p.old.created_clsact if p.old else False'), so detach leaves the clsact qdisc behind"))
+LOST_CLSACT = ()  # fixed: was a strict xfail
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=LOST_CLSACT) if c == "state-removed"

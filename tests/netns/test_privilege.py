@@ -143,11 +143,6 @@ def test_pins_lock_and_state_are_not_writable_by_other_users(gw):
     assert probes.dropped() == ({1}, {1})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pin directories are made with mkdir's default mode, so under umask 0 /sys/fs/bpf/netbpf/"
-    "<key>/ and its ingress/, egress/ are 0777 and any user can rename or unlink netbpf's pins "
-    "(Loaded.pin_maps and _apply_new_programs: Path.mkdir(parents=True) without mode=0o755/"
-    "0o700); the state directory and files set their modes and are fine"))
 def test_apply_under_umask_0_leaves_nothing_writable_by_other_users(gw):
     lab, probes, d = gw
     netbpf(lab, "detach", "gw0")

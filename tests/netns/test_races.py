@@ -247,11 +247,6 @@ def test_second_apply_waits_for_the_lock_then_its_policy_runs_whole(gw, tmp_path
     assert assert_whole(lab, probes, {1: p1, 2: p2}) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "apply plans outside the apply lock: a plan made before another apply loaded a program of "
-    "a new shape updates the new program's maps with the old shape (apply_plan reuses "
-    "IfacePlan.old from plan_apply; _apply_update -> FwTables.from_pins(old.words, "
-    "old.class_cap)) and exits 1 'program and state disagree'"))
 def test_apply_planned_before_a_shape_change_still_applies_whole(gw, tmp_path):
     lab, probes = gw
     netbpf(lab, "apply", str(write(tmp_path, "p0.yaml", policy(0))))
@@ -263,11 +258,6 @@ def test_apply_planned_before_a_shape_change_still_applies_whole(gw, tmp_path):
     assert assert_whole(lab, probes, {1: big, 2: small}) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "apply plans outside the apply lock: a plan made before another apply loaded a program "
-    "with more classes (same word count) writes its tables at the old class_cap offsets into "
-    "the new program's maps, exits 0 and records its policy, which the program does not "
-    "enforce (_apply_update -> FwTables.from_pins(old.words, old.class_cap))"))
 def test_apply_planned_before_a_class_cap_change_still_enforces_its_policy(gw, tmp_path):
     lab, probes = gw
     netbpf(lab, "apply", str(write(tmp_path, "p0.yaml", policy(0))))
@@ -279,10 +269,6 @@ def test_apply_planned_before_a_class_cap_change_still_enforces_its_policy(gw, t
     assert assert_whole(lab, probes, {1: wide, 2: small}) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "apply plans outside the apply lock: with a plan made before another apply wrote a set, "
-    "_allocate_tags(old=stale state) hands out the tag the other apply just filled and "
-    "write_set adds to it, so the set of the policy that wins holds both sets' addresses"))
 def test_apply_planned_before_another_set_change_keeps_the_sets_apart(gw, tmp_path):
     lab, probes = gw
     for addr in ("192.0.2.1", "198.51.100.1"):
@@ -318,10 +304,6 @@ def reaches(lab, addr: str) -> bool:
             s.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "two first applies at once: the second, planned before the first attached anything, "
-    "records created_clsact=False (ensure_clsact found the first one's qdisc), so detach "
-    "leaves the clsact qdisc netbpf added behind (apply_plan runs a plan made outside the lock)"))
 def test_two_first_applies_at_once_leave_nothing_behind_after_detach(gw, tmp_path):
     lab, probes = gw
     p1, p2 = write(tmp_path, "p1.yaml", policy(1)), write(tmp_path, "p2.yaml", policy(2))

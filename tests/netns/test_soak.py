@@ -252,11 +252,7 @@ def test_traffic_survives_an_apply_every_second(gw, tmp_path):
     assert status_row(lab)["health"] == "ok"
 
 
-LOSES_COUNTS = pytest.mark.xfail(strict=True, reason=(
-    "a program change loses the counts the old program makes after copy_counters_from: "
-    "_load_part copies the ingress counters, then the egress program is compiled and loaded "
-    "(~0.4 s) before the XDP swap, and everything counted meanwhile is gone (about 80 of 200 "
-    "packets/s per program change here); nb_fw_stats totals likewise"))
+LOSES_COUNTS = ()  # fixed: was a strict xfail
 
 
 @pytest.mark.parametrize("change", ["rules", pytest.param("programs", marks=LOSES_COUNTS)])
