@@ -173,25 +173,19 @@ static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, _
     return bpf_redirect(fib.ifindex, 0);
 }
 
-static __always_inline int nb_lb_is_vip(struct nb_pkt *p)
+static __always_inline struct nb_vip *nb_lb_vip_of(struct nb_pkt *p)
 {
     if (!p->has_ports)
         return 0;
     struct nb_vip_key vk = {.family = p->family, .proto = p->proto, .port = p->dport};
     __builtin_memcpy(vk.addr, p->dst, 16);
-    return nb_lb_vips.lookup(&vk) != 0;
+    return nb_lb_vips.lookup(&vk);
 }
 
-/* -1: not for a VIP (the caller passes it on); else the XDP verdict. */
-static __always_inline int nb_lb_xdp(struct xdp_md *ctx, struct nb_pkt *p, __u32 len)
+/* Balance a packet already known to be for vip (a copy: the caller's lookup). */
+static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
+                                         struct nb_vip *vip, __u32 len)
 {
-    if (!p->has_ports)
-        return -1;
-    struct nb_vip_key vk = {.family = p->family, .proto = p->proto, .port = p->dport};
-    __builtin_memcpy(vk.addr, p->dst, 16);
-    struct nb_vip *vip = nb_lb_vips.lookup(&vk);
-    if (!vip)
-        return -1;
     struct nb_flow_key fk = {.family = p->family, .proto = p->proto, .sport = p->sport,
                              .dport = p->dport};
     __builtin_memcpy(fk.saddr, p->src, 16);

@@ -14,14 +14,25 @@
 #include "lb.h"
 BPF_PROG_ARRAY(nb_lb_jump, 1);     /* [0] = nb_lb_entry, set by the controller after load */
 
+/* What the firewall already knows, handed to the balancer across the tail call (same CPU,
+ * no preemption in between), so it neither parses again nor looks the VIP up again. */
+struct nb_lb_handoff {
+    struct nb_pkt p;
+    struct nb_vip vip;
+    __u32 len;
+    __u32 pad;
+};
+BPF_PERCPU_ARRAY(nb_lb_scratch, struct nb_lb_handoff, 1);
+
 int nb_lb_entry(struct xdp_md *ctx)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct nb_pkt p = {};
-    if (nb_parse(data, data_end, &p) != NB_PARSE_OK)
+    __u32 zero = 0;
+    struct nb_lb_handoff *h = nb_lb_scratch.lookup(&zero);
+    if (!h)
         return XDP_PASS;
-    int lb = nb_lb_xdp(ctx, &p, data_end - data);
+    struct nb_pkt p = h->p;
+    struct nb_vip vip = h->vip;
+    int lb = nb_lb_balance(ctx, &p, &vip, h->len);
     return lb >= 0 ? lb : XDP_PASS;
 }
 #endif
@@ -57,8 +68,17 @@ int nb_fw_xdp(struct xdp_md *ctx)
     if (act == NB_ACT_DROP)
         return XDP_DROP;
 #ifdef NB_LB
-    if (nb_lb_is_vip(&p))
-        nb_lb_jump.call(ctx, 0);    /* does not return; falls through only if unset */
+    struct nb_vip *vip = nb_lb_vip_of(&p);
+    if (vip) {
+        __u32 zero = 0;
+        struct nb_lb_handoff *h = nb_lb_scratch.lookup(&zero);
+        if (h) {
+            h->p = p;
+            h->vip = *vip;
+            h->len = len;
+            nb_lb_jump.call(ctx, 0);    /* does not return; falls through only if unset */
+        }
+    }
 #endif
     return XDP_PASS;
 }
