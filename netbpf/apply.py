@@ -31,6 +31,7 @@ from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.state import (InterfaceState, PartState, RuleState, SetState, apply_lock,
                           health_file, iface_key, list_states, load_state, pin_dir,
+                          state_file,
                           remove_state, save_state, staging_dirs, unpin_tree)
 
 FW_SOURCE = abi.BPF_DIR / "xdp" / "firewall.bpf.c"
@@ -395,10 +396,14 @@ def apply_policy(loaded_policy, policy_path: str, netns: str | None, log: Log = 
 
 
 def remove_leftovers() -> None:
-    """Staging pins of an apply that was killed (only an apply holding the lock uses them)."""
+    """Staging pins and half-written state files of an apply that was killed (only an apply
+    holding the lock uses them)."""
     for d in staging_dirs("x"):
         for leftover in (d.parent.iterdir() if d.parent.is_dir() else ()):
             _remove_pins(leftover)
+    state_dir = state_file("x").parent
+    for tmp in (state_dir.glob("*.tmp*") if state_dir.is_dir() else ()):
+        tmp.unlink(missing_ok=True)
 
 
 def apply_plan(plan: Plan, log: Log = print, locked: bool = False) -> list[InterfaceState]:
