@@ -29,10 +29,10 @@ from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
-from netbpf.state import (InterfaceState, PartState, RuleState, SetState, apply_lock,
-                          health_file, iface_key, list_states, load_state, pin_dir,
-                          state_file,
-                          remove_state, save_state, staging_dirs, unpin_tree)
+from netbpf.state import (STAGING_DIRS, InterfaceState, PartState, RuleState, SetState,
+                          apply_lock, health_file, iface_key, list_states, load_state, pin_dir,
+                          prune_pin_roots, remove_state, save_state, staging_dirs, state_file,
+                          unpin_tree)
 
 FW_SOURCE = abi.BPF_DIR / "xdp" / "firewall.bpf.c"
 FW_PROG = "nb_fw_xdp"
@@ -114,6 +114,7 @@ class IfacePlan:
     lb_removed: list[str] = field(default_factory=list)
     down: set[str] = field(default_factory=set)
     stale: bool = False          # the interface was re-created: old pins describe nothing live
+    ifindex: int = 0
 
     @property
     def new_program(self) -> bool:
@@ -160,7 +161,7 @@ def _rule_states(c: CompiledDirection, ir: DirectionIR) -> list[tuple[str, str, 
     return out
 
 
-def _health_down(key: str) -> set[str]:
+def health_down(key: str) -> set[str]:
     """Backends `netbpf lb-health` last found down (netbpf/health.py writes the file)."""
     try:
         return set(json.loads(health_file(key).read_text()).get("down", []))
@@ -168,13 +169,12 @@ def _health_down(key: str) -> set[str]:
         return set()
 
 
-def _interface_exists(ifname: str, netns: str | None) -> bool:
+def _ifindex(ifname: str, netns: str | None) -> int | None:
     with enter_netns(netns):
         try:
-            socket.if_nametoindex(ifname)
-            return True
+            return socket.if_nametoindex(ifname)
         except OSError:
-            return False
+            return None
 
 
 def _tc_filter(st: InterfaceState, direction: str):
@@ -265,7 +265,8 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
     names += [lb.interface for lb in ir.load_balancers.values() if lb.interface not in names]
     for name in dict.fromkeys(names):
         iface = ir.interfaces.get(name) or InterfaceIR(name=name)
-        if not _interface_exists(name, netns):
+        ifindex = _ifindex(name, netns)
+        if ifindex is None:
             raise NetbpfError(f"no interface '{name}' in {netns_label(netns)}; "
                               f"see 'ip{' -n ' + netns if netns else ''} link'")
         key = iface_key(name, netns)
@@ -273,7 +274,7 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
         lbs = [lb for lb in ir.load_balancers.values() if lb.interface == name]
         p = IfacePlan(key=key, ifname=name, netns=netns, what="update", mode=iface.xdp_mode,
                       conntrack=iface.conntrack, ct_timeouts=_ct_timeouts(iface), old=old,
-                      lbs=lbs, down=_health_down(key))
+                      lbs=lbs, down=health_down(key))
         p.parts["ingress"] = _plan_part("ingress", iface.ingress or DirectionIR("allow"),
                                         ir.sets, old, iface.conntrack)
         if iface.conntrack or (iface.egress and iface.egress.rules) or \
@@ -285,8 +286,7 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                               f"{', '.join(lb.name for lb in lbs)} need the xdp ingress hook")
         _plan_lb(p)
         _check_forwarding(p)
-        with enter_netns(netns):
-            ifindex = socket.if_nametoindex(name)
+        p.ifindex = ifindex
         if old is not None and old.ifindex != ifindex:
             p.stale = True
             p.reasons.append(f"interface was re-created (ifindex {old.ifindex} -> {ifindex})")
@@ -398,9 +398,9 @@ def apply_policy(loaded_policy, policy_path: str, netns: str | None, log: Log = 
 def remove_leftovers() -> None:
     """Staging pins and half-written state files of an apply that was killed (only an apply
     holding the lock uses them)."""
-    for d in staging_dirs("x"):
-        for leftover in (d.parent.iterdir() if d.parent.is_dir() else ()):
-            _remove_pins(leftover)
+    for d in STAGING_DIRS:
+        for leftover in (d.iterdir() if d.is_dir() else ()):
+            unpin_tree(leftover)
     state_dir = state_file("x").parent
     for tmp in (state_dir.glob("*.tmp*") if state_dir.is_dir() else ()):
         tmp.unlink(missing_ok=True)
@@ -481,9 +481,7 @@ def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
 
 def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
                  created_clsact: bool) -> InterfaceState:
-    with enter_netns(p.netns):
-        ifindex = socket.if_nametoindex(p.ifname)
-    return InterfaceState(key=p.key, ifname=p.ifname, netns=p.netns, ifindex=ifindex,
+    return InterfaceState(key=p.key, ifname=p.ifname, netns=p.netns, ifindex=p.ifindex,
                           requested_mode=p.mode, conntrack=p.conntrack,
                           ct_timeouts=p.ct_timeouts, created_clsact=created_clsact,
                           policy_path=plan.policy_path, policy_hash=plan.policy_hash,
@@ -622,7 +620,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     final = pin_dir(p.key)
     staging, retired = staging_dirs(p.key)
     for d in (staging, retired):
-        _remove_pins(d)
+        unpin_tree(d)
     staging.mkdir(parents=True)
     retired.parent.mkdir(parents=True, exist_ok=True)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -681,12 +679,12 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         if final.exists():
             os.rename(final, retired)
         os.rename(staging, final)
-        _remove_pins(retired)
+        unpin_tree(retired)
         st = _iface_state(plan, p, states, created_clsact)
         save_state(st)
     except BaseException:
         _roll_back(p, attached, before_xdp, before_tc, loaded)
-        _remove_pins(staging)
+        unpin_tree(staging)
         raise
     finally:
         for carry in carries:
@@ -785,12 +783,6 @@ def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
     return mode
 
 
-def _remove_pins(d: Path) -> None:
-    """Unpin a directory tree (removing a pin never touches the kernel object while a program
-    or fd still holds it)."""
-    unpin_tree(d)
-
-
 # ---- detach ----
 
 def detach_key(key: str, log: Log = print) -> bool:
@@ -801,11 +793,12 @@ def detach_key(key: str, log: Log = print) -> bool:
         removed |= _detach_programs(st, log)
     for d in (pin_dir(key), *staging_dirs(key)):
         if d.exists():
-            _remove_pins(d)
+            unpin_tree(d)
             removed = True
     if st is not None:
         remove_state(key)
         removed = True
+    prune_pin_roots()
     return removed
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from netbpf.ir import addr_text
 from netbpf.lbtables import backend_identity
 from netbpf.state import health_file, iface_key
 
@@ -39,11 +40,9 @@ def targets(loaded_policy, netns: str | None) -> list[Target]:
         tcp = lb_model.health.tcp
         lb = loaded_policy.ir.load_balancers[name]
         for b in lb.backends:
-            import ipaddress
-            addr = str(ipaddress.ip_address(b.addr) if b.family == 4
-                       else ipaddress.IPv6Address(b.addr))
             out.append(Target(iface_key(lb.interface, netns), name,
-                              backend_identity(name, b.family, b.addr, b.port), b.family, addr,
+                              backend_identity(name, b.family, b.addr, b.port), b.family,
+                              addr_text(b.family, b.addr),
                               tcp.port or b.port, float(tcp.interval), float(tcp.timeout)))
     return out
 

@@ -5,7 +5,13 @@ dataclasses with policy_to_ir(). The compiler (netbpf/compile.py) only ever sees
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
+
+
+def addr_text(family: int, addr: int) -> str:
+    """The usual text of an IR address ('10.0.0.1', '2001:db8::1'); family decides, not size."""
+    return str(ipaddress.IPv4Address(addr) if family == 4 else ipaddress.IPv6Address(addr))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ allocation without a kernel. Not the data path (bpf/include/lb.h), not Maglev (m
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import struct
 from array import array
@@ -16,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from netbpf.errors import NetbpfError
-from netbpf.ir import LoadBalancerIR
+from netbpf.ir import LoadBalancerIR, addr_text
 from netbpf.kernel import bpfsys
 from netbpf.maglev import NO_BACKEND, maglev_table
 
@@ -32,7 +31,7 @@ _U32 = struct.Struct("<I")
 
 
 def backend_identity(lb: str, family: int, addr: int, port: int) -> str:
-    return f"{lb}|{ipaddress.ip_address(addr) if family == 4 else ipaddress.IPv6Address(addr)}|{port}"
+    return f"{lb}|{addr_text(family, addr)}|{port}"
 
 
 @dataclass

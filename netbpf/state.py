@@ -36,11 +36,24 @@ def pin_dir(key: str) -> Path:
     return PIN_ROOT / key
 
 
+# (new, retired) trees used while swapping programs. bpffs refuses '.' in names, hence a
+# sibling tree rather than suffixes.
+STAGING_ROOT = PIN_ROOT.with_name(PIN_ROOT.name + "_staging")
+STAGING_DIRS = (STAGING_ROOT / "new", STAGING_ROOT / "old")
+
+
 def staging_dirs(key: str) -> tuple[Path, Path]:
-    """(new, retired) pin directories used while swapping programs. bpffs refuses '.' in
-    names, hence a sibling tree rather than suffixes."""
-    root = PIN_ROOT.with_name(PIN_ROOT.name + "_staging")
-    return root / "new" / key, root / "old" / key
+    return STAGING_DIRS[0] / key, STAGING_DIRS[1] / key
+
+
+def prune_pin_roots() -> None:
+    """Remove netbpf's pin directories once nothing is pinned in them (callers hold the
+    apply lock, so no apply is about to use them)."""
+    for d in (*STAGING_DIRS, STAGING_ROOT, PIN_ROOT):
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # absent, or still holds something
 
 
 def state_file(key: str) -> Path:
@@ -187,16 +200,18 @@ def unpin_tree(d: Path) -> None:
 def forget_netns(netns: str) -> list[str]:
     """Drop pins, state and health files of every interface key in netns (the namespace is
     gone, so its programs are detached already). Returns the keys forgotten. Files only."""
-    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
-    keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
-    for key in keys:
-        for d in (pin_dir(key), *staging_dirs(key)):
-            try:
-                unpin_tree(d)
-            except OSError:
-                pass
-        remove_state(key)
-        health_file(key).unlink(missing_ok=True)
+    with apply_lock():
+        keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
+        keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
+        for key in keys:
+            for d in (pin_dir(key), *staging_dirs(key)):
+                try:
+                    unpin_tree(d)
+                except OSError:
+                    pass
+            remove_state(key)
+            health_file(key).unlink(missing_ok=True)
+        prune_pin_roots()
     return sorted(keys)
 
 

@@ -5,15 +5,15 @@ formats them. Not the exporter or the event reader, not any write.
 """
 from __future__ import annotations
 
-import ipaddress
 import struct
 import time
 
 from netbpf import abi
-from netbpf.apply import _health_down, drift
+from netbpf.apply import drift, health_down
 from netbpf.lbtables import NB_LB_MAX_VIPS, PROTO_NAMES, LbState, LbTables
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import FwTables
+from netbpf.ir import addr_text
 from netbpf.kernel import bpfsys
 from netbpf.kernel.netns import netns_label
 from netbpf.state import InterfaceState, PartState, iface_key, load_state, pin_dir
@@ -45,7 +45,7 @@ def read_stats(ifname: str, netns: str | None) -> dict:
 
 def _load_balancers(st: InterfaceState) -> list[dict]:
     lb = LbState.from_json(st.lb)
-    down = _health_down(st.key)
+    down = health_down(st.key)
     try:
         t = LbTables.from_pins(pin_dir(st.key) / "ingress")
     except NetbpfError as e:
@@ -65,8 +65,7 @@ def _load_balancers(st: InterfaceState) -> list[dict]:
             backends.append({"address": addr, "port": int(port), "id": bid,
                              "state": "down" if ident in down else "up",
                              "packets": bp, "bytes": bb, "connections": bc})
-        vip = ipaddress.ip_address(v.addr) if v.family == 4 else ipaddress.IPv6Address(v.addr)
-        out.append({"name": v.name, "vip": str(vip), "port": v.port,
+        out.append({"name": v.name, "vip": addr_text(v.family, v.addr), "port": v.port,
                     "proto": PROTO_NAMES.get(v.proto, str(v.proto)), "mode": v.mode,
                     "table_size": v.size, "packets": p, "bytes": b, "connections": c,
                     "backends": backends})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,18 @@ def _require_privileges(request):
             if os.environ.get("CI"):
                 pytest.fail(why)
             pytest.skip(why)
+
+
+@pytest.fixture
+def world_dir():
+    """A directory uid 65534 can enter and read (pytest's tmp_path is private to root), for
+    running netbpf as an unprivileged user; emptied even when a test made files unreadable."""
+    d = Path(tempfile.mkdtemp(prefix="nb-world-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        for p in d.rglob("*"):
+            if not p.is_symlink():
+                p.chmod(0o700 if p.is_dir() else 0o600)
+        shutil.rmtree(d)

@@ -4,7 +4,6 @@ netbpf/cli/__init__.py.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import sys
 import time
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from netbpf.errors import PolicyError
+from netbpf.ir import addr_text
 
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
@@ -90,7 +90,7 @@ def _print_plan(plan) -> None:
                 st = plan.sets[s]
                 click.echo(f"    set {s}: {len(st.v4)} IPv4 + {len(st.v6)} IPv6 entries")
         for lb in p.lbs:
-            vip = ipaddress.ip_address(lb.vip) if lb.family == 4 else ipaddress.IPv6Address(lb.vip)
+            vip = addr_text(lb.family, lb.vip)
             what = "new table" if lb.name in p.lb_changed else "unchanged"
             live = sum(1 for b in lb.backends if b.weight > 0)
             click.echo(f"  load balancer {lb.name}: {vip} port {lb.port} "
@@ -324,10 +324,10 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
     def log(msg: str) -> None:
         click.echo(f"{time.strftime('%H:%M:%S')} {msg}")
 
-    from netbpf.apply import _health_down
+    from netbpf.apply import health_down
 
     # start from what the last run found, so a recovery is reported as one
-    down: dict[str, set[str]] = {t.key: _health_down(t.key) for t in ts}
+    down: dict[str, set[str]] = {t.key: health_down(t.key) for t in ts}
     interval = min(t.interval for t in ts)
     log(f"checking {len(ts)} backends every {interval:g} s")
     first = True

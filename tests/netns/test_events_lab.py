@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
-NETBPF = str(Path(sys.executable).with_name("netbpf"))
+from netbpf_cli import NETBPF
 
 POLICY = """\
 version: 1

@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,27 +31,16 @@ NEEDS = re.compile(r"\broot\b|CAP_BPF|CAP_NET_ADMIN")
 
 
 @pytest.fixture
-def shared_dir():
-    """Policies uid 65534 can read (pytest's tmp_path is private to root)."""
-    d = Path(tempfile.mkdtemp(prefix="nb-priv-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d)
-
-
-@pytest.fixture
-def gw(make_lab, shared_dir):
+def gw(make_lab, world_dir):
     lab = make_lab("two-hosts")
     probes = Probes(lab, tags=(1, 2))
     for tag in (1, 2):
-        p = shared_dir / f"p{tag}.yaml"
+        p = world_dir / f"p{tag}.yaml"
         p.write_text(policy(tag))
         p.chmod(0o644)
-    netbpf(lab, "apply", str(shared_dir / "p1.yaml"))
+    netbpf(lab, "apply", str(world_dir / "p1.yaml"))
     try:
-        yield lab, probes, shared_dir
+        yield lab, probes, world_dir
     finally:
         probes.close()
         netbpf(lab, "detach", "gw0", check=False)

@@ -10,10 +10,8 @@ Runs without root; as root, the unreadable-file cases drop to uid 65534 with set
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,20 +50,6 @@ def assert_clear_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err and err.strip(), err
     for n in needles:
         assert n in err, f"{n!r} not in:\n{err}"
-
-
-@pytest.fixture
-def world_dir():
-    """A directory uid 65534 can enter (pytest's tmp_path is private to root)."""
-    d = Path(tempfile.mkdtemp(prefix="nb-input-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        for p in d.rglob("*"):
-            if not p.is_symlink():
-                p.chmod(0o700 if p.is_dir() else 0o600)
-        shutil.rmtree(d)
 
 
 def write_policy(d: Path, policy: str = POLICY, set_text: str = GOOD_SET) -> Path:
