@@ -194,7 +194,9 @@ class LbTables:
             for b in lb.backends:
                 ident = backend_identity(lb.name, b.family, b.addr, b.port)
                 width = 4 if b.family == 4 else 16
-                val = struct.pack("<BBHI", b.family, 0, b.port, NB_BE_ACTIVE) + \
+                # a backend found down is inactive: its flows are dead, balance them again
+                flags = 0 if ident in down else NB_BE_ACTIVE
+                val = struct.pack("<BBHI", b.family, 0, b.port, flags) + \
                     b.addr.to_bytes(width, "big").ljust(16, b"\0")
                 bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(new.backends[ident]), val)
         for name in changed:

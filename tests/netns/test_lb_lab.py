@@ -173,7 +173,7 @@ def test_captured_packets_have_valid_checksums(lb):
 
 
 def test_same_five_tuple_keeps_its_backend(lb):
-    sports = list(range(41000, 41040))
+    sports = list(range(21000, 21040))   # below the ephemeral range
     first, f1 = lb.call("client", connect, VIP4, 40, sports)
     again, f2 = lb.call("client", connect, VIP4, 40, sports)
     assert f1 == f2 == [] and first == again
@@ -212,7 +212,7 @@ def test_draining_backend_keeps_open_connections_and_gets_no_new_ones(reset):
 
 def test_removing_a_backend_moves_only_its_flows(reset):
     lab = reset
-    sports = list(range(42000, 42090))
+    sports = list(range(22000, 22090))   # below the ephemeral range
     before, f1 = lab.call("client", connect, VIP4, 90, sports)
     apply(lab, lab.tmp, policy(weights=(1, 1), backends=("b1", "b2")))
     after, f2 = lab.call("client", connect, VIP4, 90, sports)
@@ -237,6 +237,9 @@ def test_health_check_takes_a_dead_backend_out(reset):
     f = lab.tmp / "health.yaml"
     f.write_text(policy(health=True))
     netbpf(lab, "apply", str(f))
+    sports = list(range(23000, 23060))        # below the ephemeral range
+    before, fails = lab.call("client", connect, VIP4, 60, sports)
+    assert fails == [] and "b2" in before
     lab.servers["b2"].kill()
     lab.servers["b2"].wait()
     try:
@@ -244,6 +247,9 @@ def test_health_check_takes_a_dead_backend_out(reset):
         assert "backend 10.21.0.12:8080 DOWN" in out
         got, fails = lab.call("client", connect, VIP4, 60)
         assert fails == [] and "b2" not in got
+        # the flows b2 had are balanced again, not sent to the dead backend
+        again, fails = lab.call("client", connect, VIP4, 60, sports)
+        assert fails == [] and "b2" not in again
         assert [b["state"] for b in lb_stats(lab)["backends"]] == ["up", "down", "up"]
     finally:
         lab.servers["b2"] = start_server(lab, "b2")
