@@ -5,6 +5,7 @@ netbpf/cli/__init__.py.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -115,6 +116,11 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
       netbpf apply policies/demo.yaml --dry-run
       netbpf -n lab-gw apply policies/demo.yaml
     """
+    if not dry_run and os.geteuid() == 0:
+        from netbpf.unchanged import input_unchanged
+        if input_unchanged(policy, _netns(ctx)):
+            click.echo("nothing to do: the running policy is this one (input unchanged)")
+            return
     from netbpf.apply import apply_policy, plan_apply
 
     loaded = _load_policy(policy)          # bad input is reported first, as by validate
