@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from netbpf import abi
+from netbpf import abi, progress
 from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
 from netbpf.drift import drift, is_netbpf_program, netns_gone, tc_filter
 from netbpf.errors import NetbpfError
@@ -43,6 +43,7 @@ from netbpf.state import (InterfaceState, Journal, PartState, RuleState,
 # A packet being classified holds the old generation for microseconds (XDP and TC run under
 # RCU); the old generation's prefixes are removed only after this grace period.
 GRACE_S = 0.05
+BIG_SET = 10_000       # entries: writing a set this big is worth a progress line
 
 Log = Callable[[str], None]
 
@@ -478,7 +479,10 @@ def _write_ct_timeouts(fd, timeouts: dict) -> None:
 def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
           tags: dict[str, SetState], to_write: list[str]) -> None:
     for name in to_write:
-        tables.write_set(tags[name].tag, sets[name])
+        s = sets[name]
+        if len(s.v4) + len(s.v6) >= BIG_SET:
+            progress.step(f"writing set {name} ({len(s.v4) + len(s.v6):,} entries)")
+        tables.write_set(tags[name].tag, s)
     c = pp.compiled
     by_name = {r.name: r for r in pp.ir.rules}
     samples = [by_name[r.name].sample or pp.ir.sample for r in c.rules]
@@ -566,6 +570,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
     functions = {pp.func: pp.prog_type}
     if p.lbs and pp.hook == "xdp":
         functions[LB_ENTRY] = "xdp"
+    progress.step(f"{p.key}: compiling and verifying {pp.func}")
     if pp.hook == "xdp" and p.mode == "offload":
         # an offloaded program is loaded for its device (bcc resolves the name in this netns);
         # attach refuses first on drivers that cannot offload

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 import time
 
 import click
@@ -101,6 +102,19 @@ def _print_plan(plan) -> None:
             click.echo(f"  - load balancer {name}")
 
 
+@contextmanager
+def _progress():
+    """Long steps (compiling, big sets) on a terminal as a transient spinner line; nothing
+    when stdout is a pipe or a file."""
+    from netbpf import progress
+
+    if not sys.stdout.isatty():
+        yield
+        return
+    with Console().status("") as spinner, progress.shown_with(spinner.update):
+        yield
+
+
 @click.command()
 @click.argument("policy")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
@@ -129,7 +143,8 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
         _print_plan(plan_apply(loaded, policy, _netns(ctx)))
         click.echo("dry run: nothing changed")
         return
-    plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
+    with _progress():
+        plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
     if not plan.changes:
         click.echo("nothing to do: the running policy is this one")
 

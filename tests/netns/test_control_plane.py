@@ -87,3 +87,36 @@ def test_a_rule_only_change_does_not_import_the_compiler(gw, tmp_path):
     r = subprocess.run([sys.executable, "-c", RULE_ONLY, lab.ns("gw"), str(p3)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("bcc imported"), r.stdout + r.stderr
+
+
+def _on_a_terminal(cmd: list[str]) -> str:
+    """Run cmd with stdout on a pseudo-terminal; everything it wrote there."""
+    import os
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen(cmd, stdout=slave, stderr=subprocess.PIPE, env={**os.environ,
+                         "TERM": "xterm", "COLUMNS": "100"})
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:           # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(120) == 0, p.stderr.read()
+    return out.decode(errors="replace")
+
+
+def test_long_steps_show_progress_on_a_terminal_and_nothing_in_a_pipe(gw, tmp_path):
+    from netbpf_cli import NETBPF
+    lab = gw
+    p1 = write(tmp_path, "p1.yaml", policy(1))
+    tty = _on_a_terminal([NETBPF, "-n", lab.ns("gw"), "apply", str(p1)])
+    assert "compiling and verifying nb_fw_xdp" in tty, tty
+    netbpf(lab, "detach", "gw0")
+    piped = netbpf(lab, "apply", str(p1)).stdout
+    assert "compiling" not in piped and "\x1b" not in piped, piped
