@@ -11,7 +11,6 @@ Not the CLI (netbpf/cli/dataplane.py), not map layouts (netbpf/fwtables.py).
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import time
 from array import array
@@ -34,11 +33,11 @@ from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
                              TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE)
 from netbpf.recover import recover, recover_all
-from netbpf.state import (InterfaceState, Journal, PartState, RuleState,
-                          SetState, apply_lock, health_down, iface_key, list_states, split_key,
-                          load_journal, load_state, pin_dir, prune_pin_roots, remove_journal,
-                          remove_lock, remove_state, save_journal, save_state, staging_dirs,
-                          state_file, unpin_tree, make_pin_dirs, REPAIR_HASH)
+from netbpf.state import (REPAIR_HASH, apply_lock, health_down, iface_key, InterfaceState,
+                          Journal, list_states, load_journal, load_state, make_pin_dirs,
+                          PartState, pin_dir, prune_pin_roots, remove_journal, remove_lock,
+                          remove_state, rename_pins, RuleState, save_journal, save_state,
+                          SetState, split_key, staging_dirs, state_file, unpin_tree)
 
 # A packet being classified holds the old generation for microseconds (XDP and TC run under
 # RCU); the old generation's prefixes are removed only after this grace period.
@@ -680,9 +679,9 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         for carry in carries:
             carry.catch_up()
         if final.exists():
-            os.rename(final, retired)
+            rename_pins(final, retired)
             kill_point("program:pins-retired")
-        os.rename(staging, final)
+        rename_pins(staging, final)
         kill_point("program:pins-renamed")
         unpin_tree(retired)
         st = _iface_state(plan, p, states, created_clsact)

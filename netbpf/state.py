@@ -70,6 +70,18 @@ def make_pin_dirs(*dirs: Path) -> None:
                 raise
 
 
+def rename_pins(src: Path, dst: Path) -> None:
+    """Move a pin directory; dst's parent is made again if a prune removed it meanwhile."""
+    for attempt in range(5):
+        try:
+            make_pin_dirs(dst.parent)
+            os.rename(src, dst)
+            return
+        except FileNotFoundError:
+            if attempt == 4 or not src.exists():
+                raise
+
+
 def state_file(key: str) -> Path:
     return STATE_ROOT / "state" / f"{key}.json"
 
