@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from netbpf import abi
+from netbpf import abi, snapshot
 from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import CounterCarry, FwTables
@@ -392,6 +392,9 @@ def apply_policy(loaded_policy, policy_path: str, netns: str | None, log: Log = 
             show_plan(plan)
         if plan.changes:
             apply_plan(plan, log, locked=True)
+        # copies of the files for status, show and commit-confirmed rollback (issue 15)
+        snapshot.record([p.key for p in plan.interfaces if p.what != "remove"],
+                        loaded_policy, policy_path, netns)
         return plan
 
 
@@ -798,6 +801,7 @@ def detach_key(key: str, log: Log = print) -> bool:
     if st is not None:
         remove_state(key)
         removed = True
+    snapshot.forget(key)
     prune_pin_roots()
     return removed
 

@@ -103,29 +103,44 @@ def _print_plan(plan) -> None:
 @click.command()
 @click.argument("policy")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
+@click.option("--confirm", "confirm_s", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Roll back to the previous policy after SECONDS unless 'netbpf confirm'.")
+@click.option("--force", is_flag=True,
+              help="Apply even when it would drop this ssh session or a protect: flow.")
+@click.option("--selftest", "selftest", is_flag=True,
+              help="Probe every rule of the attached programs afterwards (exit 1 on a miss).")
+@click.option("--verbose", "-v", is_flag=True, help="Print every change of a long plan.")
 @click.pass_context
-def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
+def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | None,
+          force: bool, selftest: bool, verbose: bool) -> None:
     """Validate POLICY, show the plan, and make the data plane match it.
 
     \b
     Rule changes rewrite maps atomically (the program and its id stay); a failure leaves
-    the previous policy running. The same policy twice changes nothing.
+    the previous policy running. The same policy twice changes nothing. A policy that would
+    drop the ssh session apply runs from, or a flow under 'protect:', is refused (exit 2).
     \b
     Examples:
       netbpf apply policies/demo.yaml --dry-run
       netbpf -n lab-gw apply policies/demo.yaml
+      netbpf apply gw.yaml --confirm 60      # then 'netbpf confirm', or it rolls back
     """
     from netbpf.apply import apply_policy, plan_apply
+    from netbpf.cli import safety
 
     loaded = _load_policy(policy)          # bad input is reported first, as by validate
     require_privileges(ctx)
+    safety.guard_lockout(loaded, _netns(ctx), force)
+    show = safety.plan_printer(verbose)
     if dry_run:
-        _print_plan(plan_apply(loaded, policy, _netns(ctx)))
+        show(plan_apply(loaded, policy, _netns(ctx)))
         click.echo("dry run: nothing changed")
         return
-    plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
+    plan = safety.apply_confirmed(loaded, policy, _netns(ctx), confirm_s, apply_policy, show)
     if not plan.changes:
         click.echo("nothing to do: the running policy is this one")
+    if selftest:
+        safety.selftest_plan(plan)
 
 
 @click.command()
