@@ -306,6 +306,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
         t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), applied,
                   r["health"])
     Console().print(t)
+    for r in rows:
+        if r.get("policy_file") in ("changed", "gone"):
+            where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]
+            how = "changed since" if r["policy_file"] == "changed" else "is gone since"
+            click.echo(f"{where}: {r['policy_path']} {how} it was applied "
+                       f"('netbpf show {r['interface']}' prints what runs)")
     if any(r["health"] != "ok" for r in rows):
         sys.exit(1)
 
