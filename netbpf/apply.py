@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from netbpf import abi, snapshot
-from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
+from netbpf.compile import (CompiledDirection, Shape, choose_shape, compile_direction,
+                            counter_key)
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import CounterCarry, FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
@@ -436,11 +437,11 @@ def _allocate_slots(new: list[tuple[str, str, str, int]], old: PartState | None,
     if old is not None:
         used = {r.slot for r in old.rules}
         if reuse:
-            kept = {(r.name, r.digest): r.slot for r in old.rules}
+            kept = {(r.name, counter_key(r.digest)): r.slot for r in old.rules}
     slots, fresh = [], []
     free = (s for s in range(cap) if s not in used)
     for name, _, digest, _ in new:
-        s = kept.get((name, digest))
+        s = kept.get((name, counter_key(digest)))
         if s is None:
             s = next(free, None)
             if s is None:
@@ -600,9 +601,9 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         tables.flip(0)
         carry = None
         if reuse:
-            kept = {(r.name, r.digest) for r in pp.old.rules}
+            kept = {(r.name, counter_key(r.digest)) for r in pp.old.rules}
             keep = [s for (n, _, d, _), s in zip(_rule_states(pp.compiled, pp.ir), slots)
-                    if (n, d) in kept]
+                    if (n, counter_key(d)) in kept]
             old_tables = FwTables.from_pins(pin_dir(p.key) / pp.direction, pp.old.words,
                                             pp.old.class_cap)
             carry = CounterCarry(old_tables, tables, keep)

@@ -374,16 +374,21 @@ def _canon_addr(m: AddrMatch | None):
 
 def rule_digest(r: RuleIR) -> str:
     """Short stable hash of what a rule is (not where it is: line and position are left out),
-    so the apply layer can keep the counters of rules an edit did not change."""
+    so the apply layer can keep the counters of rules an edit did not change. Event sampling
+    is a suffix, not part of the hash: it changes the rule, not what its counters count."""
     rate = (r.rate_pps, r.rate_burst, r.rate_per) if r.action == "rate_limit" else None
     content = [r.name, r.action, _canon_addr(r.src), _canon_addr(r.dst), r.proto,
                None if r.sport is None else _merge(r.sport),
                None if r.dport is None else _merge(r.dport),
                r.icmp_type, r.icmp_code, r.tcp_flags, rate]
-    if r.sample:
-        content.append(["sample", r.sample])
     text = json.dumps(content, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return f"{digest}/s{r.sample}" if r.sample else digest
+
+
+def counter_key(digest: str) -> str:
+    """The part of a rule digest its counters belong to: match and action (not sampling)."""
+    return digest.partition("/")[0]
 
 
 # ---------------------------------------------------------------- program shape

@@ -34,29 +34,47 @@ def guard_lockout(loaded, netns: str | None, force: bool) -> None:
                      "back by itself unless 'netbpf confirm' follows)")
 
 
-def plan_printer(verbose: bool):
+def plan_printer(verbose: bool, as_json: bool = False):
+    import functools
+
     from netbpf.cli.dataplane import _print_plan
 
-    return _print_plan
+    if as_json:
+        return lambda plan: None         # the JSON plan is printed once, at the end
+    return functools.partial(_print_plan, verbose=verbose)
+
+
+def logger(as_json: bool):
+    """Progress lines: stdout for people, stderr when stdout carries JSON."""
+    return (lambda m: click.echo(m, err=True)) if as_json else click.echo
+
+
+def print_plan_json(plan, as_json: bool, applied: bool) -> None:
+    if as_json:
+        import json
+
+        from netbpf.plandiff import plan_json
+
+        click.echo(json.dumps(plan_json(plan) | {"applied": applied}, indent=2, default=str))
 
 
 def apply_confirmed(loaded, policy: str, netns: str | None, seconds: float | None,
-                    apply_policy, show):
+                    apply_policy, show, log=click.echo):
     """apply_policy, with a rollback timer armed first when seconds is given (armed before
     any change, so a SIGKILL right after the apply still rolls back)."""
     if seconds is None:
-        return apply_policy(loaded, policy, netns, log=click.echo, show_plan=show)
+        return apply_policy(loaded, policy, netns, log=log, show_plan=show)
     from netbpf import confirm, state
 
-    with state.apply_lock(wait_message=click.echo):
+    with state.apply_lock(wait_message=log):
         cid = confirm.arm(confirm.affected_keys(loaded, policy, netns), seconds, netns)
     try:
-        plan = apply_policy(loaded, policy, netns, log=click.echo, show_plan=show)
+        plan = apply_policy(loaded, policy, netns, log=log, show_plan=show)
     except BaseException:
         confirm.disarm(cid)
         raise
     confirm.applied(cid)
-    click.echo(f"confirm within {seconds:g} s with 'netbpf confirm', or the previous policy "
+    log(f"confirm within {seconds:g} s with 'netbpf confirm', or the previous policy "
                f"comes back by itself (timer pid {confirm.read_pending()['timer_pid']})")
     return plan
 
