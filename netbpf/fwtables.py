@@ -310,6 +310,7 @@ class FwTables:
         other.write_generation(gen, img.compiled, img.rule_slots, img.count_slots,
                                {f"tag{t}": t for t in set_tags}, img.samples, img.default_sample)
         for tag in set_tags:
+            other.delete_set(tag)
             other.write_set(tag, self.read_set(tag))
         other.flip(gen)
 
