@@ -254,6 +254,10 @@ def _part_unchanged(pp: PartPlan, sets) -> bool:
     old = pp.old
     return (old is not None and not pp.changed_rules()
             and [r.name for r in old.rules] == [n for n, *_ in _rule_states(pp.compiled, pp.ir)]
+            # rule states list terminal rules before count rules: the file order tells
+            # whether a count rule moved across a terminal one (found by selftest)
+            and [r.name for r in sorted(old.rules, key=lambda r: (r.pos, r.line))]
+            == [r.name for r in pp.ir.rules]
             and old.default_action == pp.ir.default and old.sample == pp.ir.sample
             and _set_digests(pp.compiled, sets) == {s.name: s.digest for s in old.sets})
 
@@ -474,7 +478,8 @@ def _allocate_tags(c: CompiledDirection, sets: dict[str, SetIR],
 
 def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
                 tags: dict[str, SetState], gen: int = 0) -> PartState:
-    rules = [RuleState(n, a, d, s, line, pp.direction) for (n, a, d, line), s in
+    pos = {r.name: i for i, r in enumerate(pp.ir.rules)}
+    rules = [RuleState(n, a, d, s, line, pp.direction, pos[n]) for (n, a, d, line), s in
              zip(_rule_states(pp.compiled, pp.ir), slots)]
     return PartState(direction=pp.direction, hook=pp.hook, fields=pp.fields, mode=mode,
                      prog_id=prog_id,

@@ -83,6 +83,10 @@ def diff_direction(direction: str, new: DirectionIR, old: DirectionIR | None,
                 out.settings.append((attr, a, b))
     old_rules = {r.name: r for r in old.rules} if old is not None else {}
     new_rules = {r.name: r for r in new.rules}
+    was_order = [r.name for r in old.rules if r.name in new_rules] if old is not None else []
+    now_order = [r.name for r in new.rules if r.name in old_rules]
+    if was_order != now_order:
+        out.settings.append(("rule order", was_order, now_order))
     for c in changes:
         d = RuleDiff(c.name, c.what, c.action)
         was, now = old_rules.get(c.name), new_rules.get(c.name)

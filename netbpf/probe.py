@@ -92,7 +92,7 @@ def _addr_points(m, sets: dict[str, SetIR], family: int) -> list[tuple[int, bool
         s = sets.get(m.set_name)
         entries = (s.v4 if family == 4 else s.v6)[:2] if s else ()
     else:
-        entries = [(p.addr, p.plen) for p in m.prefixes if p.family == family][:2]
+        entries = [(p.addr, p.plen) for p in m.prefixes if p.family == family][:8]
     w = _WIDTH[family]
     out = []
     for addr, plen in entries:
@@ -110,7 +110,7 @@ def _ports(ranges) -> list[tuple[int, bool]]:
     if ranges is None:
         return [(40000, True)]
     out = []
-    for lo, hi in ranges[:2]:
+    for lo, hi in ranges[:8]:
         out += [(lo, True), (hi, True)]
         if lo > 0:
             out.append((lo - 1, False))

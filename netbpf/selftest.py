@@ -16,7 +16,7 @@ from netbpf.inspect import ProgramCopy, interface_state
 from netbpf.ir import DirectionIR, addr_text
 from netbpf.probe import frame, rule_probes
 
-MAX_PROBES_PER_RULE = 10
+MAX_PROBES_PER_RULE = 40
 
 
 @dataclass

@@ -69,6 +69,7 @@ class RuleState:
     slot: int
     line: int = 0
     direction: str = "ingress"
+    pos: int = -1            # place in the file's rule list (count and terminal rules together)
 
 
 @dataclass
