@@ -179,15 +179,47 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _prepare(data: dict) -> dict:
+    """Load the saved policies before the deadline (imports and parsing take about a second
+    on a busy machine): at the deadline only the apply itself is left."""
+    from netbpf import apply  # noqa: F401 - imported now, not at the deadline
+    from netbpf.policy import load_policy
+
+    loaded = {}
+    for key, t in data["targets"].items():
+        if t.get("copy"):
+            try:
+                loaded[key] = load_policy(Path(t["copy"]) / "files" / snapshot.POLICY_NAME)
+            except NetbpfError:
+                pass                      # reported by rollback(), which loads it again
+    return loaded
+
+
+def _last_change(data: dict) -> float | None:
+    """When a killed apply last saved an interface's state (its change was live by then):
+    the N seconds count from there, as they would have from its report."""
+    times = []
+    for key in data["targets"]:
+        try:
+            times.append(state.state_file(key).stat().st_mtime)
+        except OSError:
+            pass
+    latest = max(times, default=0.0)
+    return latest if latest > data["armed_at"] else None
+
+
 def run_timer(cid: str) -> int:
     gone_at = None
+    prepared = None
     while True:
         data = read_pending()
         if data is None or data["id"] != cid:
             return 0                    # confirmed, or replaced by a newer --confirm
         if gone_at is None and not data.get("applied_at") and \
                 not _pid_alive(data["applier_pid"]):
-            gone_at = time.time()
+            gone_at = _last_change(data) or time.time()
+        if prepared is None:
+            prepared = _prepare(data)
         due = _deadline(data, gone_at)
         if due is not None and time.time() >= due:
             break
@@ -199,14 +231,14 @@ def run_timer(cid: str) -> int:
             return 0
         os.replace(pending_file(), rolling)
     try:
-        rollback(data)
+        rollback(data, prepared=prepared)
     finally:
         rolling.unlink(missing_ok=True)
         shutil.rmtree(confirm_dir() / cid, ignore_errors=True)
     return 0
 
 
-def rollback(data: dict, log=None) -> None:
+def rollback(data: dict, log=None, prepared: dict | None = None) -> None:
     """Re-apply each saved policy under its original path; detach what had none."""
     from netbpf.apply import apply_policy, detach_key
     from netbpf.policy import load_policy
@@ -227,7 +259,7 @@ def rollback(data: dict, log=None) -> None:
         done.add(what)
         copy = Path(t["copy"]) / "files" / snapshot.POLICY_NAME
         try:
-            loaded = load_policy(copy)
+            loaded = (prepared or {}).get(key) or load_policy(copy)
             apply_policy(loaded, t["policy_path"], t.get("netns"), log=log)
             log(f"{key}: previous policy {t['policy_path']} applied again")
         except NetbpfError as e:

@@ -35,9 +35,9 @@ def test_sampling_change_reuses_the_counter_slot_and_a_match_change_does_not():
     old = PartState("ingress", "xdp", "generic", 1, "h", 1, 64, "allow",
                     rules=[RuleState("web", "allow", rule_digest(before), 5)])
     sampled = [("web", "allow", rule_digest(web(((80, 80),), sample=3)), 1)]
-    assert _allocate_slots(sampled, old, 256, reuse=True) == ([5], [])
+    assert _allocate_slots(sampled, old, 256) == ([5], [])
     widened = [("web", "allow", rule_digest(web(((80, 81),))), 1)]
-    slots, fresh = _allocate_slots(widened, old, 256, reuse=True)
+    slots, fresh = _allocate_slots(widened, old, 256)
     assert slots != [5] and fresh == slots
 
 
