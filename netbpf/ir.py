@@ -23,9 +23,15 @@ class Prefix:
 
 @dataclass(frozen=True)
 class AddrMatch:
-    """Exactly one of prefixes (non-empty) or set_name is given."""
+    """Exactly one of prefixes (non-empty) or set_name is given.
+
+    negated: the match is everything else (of the families the prefixes name; of both for a
+    set). Only the policy models produce it: policy_to_ir() expands it to complement prefixes,
+    so the compiler never sees it.
+    """
     prefixes: tuple[Prefix, ...] = ()
     set_name: str | None = None
+    negated: bool = False
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,14 @@ Address = Annotated[
 
 def _check_ports(value: Any) -> tuple[tuple[int, int], ...]:
     _no_null(value)
+    if isinstance(value, dict):
+        # {not: ...}: the complement ranges; stored as such, so compiler and shadowing need
+        # nothing new (ports are a 16-bit space: the complement has at most n + 1 ranges)
+        inner = _negated(value)
+        complement = complement_ranges(_check_ports(inner))
+        if not complement:
+            raise fail("{not: ...} of every port matches no port")
+        return complement
     items = value if isinstance(value, list) else [value]
     if not items:
         raise fail("must not be empty; remove the key to match any port")
@@ -184,21 +192,48 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple(merged)
 
 
+def complement_ranges(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    out, start = [], 0
+    for lo, hi in ranges:
+        if lo > start:
+            out.append((start, lo - 1))
+        start = hi + 1
+    if start <= 65535:
+        out.append((start, 65535))
+    return tuple(out)
+
+
+def _negated(value: dict) -> Any:
+    if set(value) != {"not"}:
+        raise fail("a mapping here negates a match: write {not: VALUE} "
+                   f"(got keys {', '.join(map(str, value))})")
+    if isinstance(value["not"], dict):
+        raise fail("{not: {not: ...}} : negate once")
+    _no_null(value["not"])
+    return value["not"]
+
+
 def _ports_yaml(ranges: tuple[tuple[int, int], ...]) -> list[Any]:
     return [lo if lo == hi else f"{lo}-{hi}" for lo, hi in ranges]
 
 
 _PORT_ITEM = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 65535},
                         {"type": "string", "pattern": r"^\d+(-\d+)?$"}]}
+_PORTS = {"anyOf": [_PORT_ITEM, {"type": "array", "items": _PORT_ITEM, "minItems": 1}]}
 Ports = Annotated[
     tuple[tuple[int, int], ...], PlainValidator(_check_ports),
     PlainSerializer(_nullable(_ports_yaml)),
-    WithJsonSchema({"anyOf": [_PORT_ITEM, {"type": "array", "items": _PORT_ITEM, "minItems": 1}],
+    WithJsonSchema({"anyOf": [*_PORTS["anyOf"], {
+        "type": "object", "properties": {"not": _PORTS}, "required": ["not"],
+        "additionalProperties": False, "description": "every port but these"}],
                     "examples": [22, "8000-8100", [80, 443]]})]
 
 
 def _check_addr_match(value: Any) -> AddrMatch:
     _no_null(value)
+    if isinstance(value, dict):
+        inner = _check_addr_match(_negated(value))
+        return AddrMatch(prefixes=inner.prefixes, set_name=inner.set_name, negated=True)
     if isinstance(value, str) and value.startswith("@"):
         return AddrMatch(set_name=_check_set_ref(value))
     items = value if isinstance(value, list) else [value]
@@ -233,8 +268,10 @@ def _check_set_ref(text: str) -> str:
 
 def _addr_match_yaml(match: AddrMatch) -> Any:
     if match.set_name is not None:
-        return "@" + match.set_name
-    return [format_prefix(p.family, p.addr, p.plen) for p in match.prefixes]
+        text: Any = "@" + match.set_name
+    else:
+        text = [format_prefix(p.family, p.addr, p.plen) for p in match.prefixes]
+    return {"not": text} if match.negated else text
 
 
 _ADDR_ITEM = {"type": "string", "description": "IPv4/IPv6 address or network in CIDR form"}
@@ -243,7 +280,9 @@ AddrSpec = Annotated[
     PlainSerializer(_nullable(_addr_match_yaml)),
     WithJsonSchema({"anyOf": [
         {"type": "string", "pattern": "^@", "description": "'@' and the name of a set"},
-        _ADDR_ITEM, {"type": "array", "items": _ADDR_ITEM, "minItems": 1}],
+        _ADDR_ITEM, {"type": "array", "items": _ADDR_ITEM, "minItems": 1},
+        {"type": "object", "required": ["not"], "additionalProperties": False,
+         "description": "every address but these (of their families), or not in the set"}],
         "examples": ["10.0.0.0/8", ["192.0.2.1", "2001:db8::/32"], "@admins"]})]
 
 
