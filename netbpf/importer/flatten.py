@@ -197,10 +197,6 @@ class Flattener:
         if action is None:
             self.warn(r.where, f"verdict '{r.verdict}' has no netbpf counterpart; not imported")
             return
-        if action == "reject":
-            self.warn(r.where, "REJECT imported as drop: netbpf has no reject action yet "
-                               "(senders time out instead of being refused)")
-            action = "drop"
         if r.verdict == "log":
             notes.append("LOG becomes a count rule (see 'netbpf stats' and 'netbpf events')")
         if r.ct is not None:

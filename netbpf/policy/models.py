@@ -457,7 +457,7 @@ class RateLimitAction(StrictModel):
     rate_limit: RateLimit = Field(description="Allow up to pps packets per second, drop the rest.")
 
 
-ActionWord = _one_of("allow", "drop", "count")
+ActionWord = _one_of("allow", "drop", "reject", "count")
 
 
 def _action_kind(value: Any) -> str | None:
@@ -471,7 +471,8 @@ def _action_kind(value: Any) -> str | None:
 Action = Annotated[
     Union[Annotated[ActionWord, Tag("word")], Annotated[RateLimitAction, Tag("rate_limit")]],
     Discriminator(_action_kind, custom_error_type="netbpf",
-                  custom_error_message="must be allow, drop, count or a rate_limit mapping")]
+                  custom_error_message="must be allow, drop, reject, count or a rate_limit "
+                                       "mapping")]
 
 
 class Rule(StrictModel):
@@ -490,7 +491,8 @@ class Rule(StrictModel):
         None, description="ICMP code 0-255; needs icmp_type.")
     tcp_flags: TcpFlags = Field(None, description="'syn,!ack': syn set and ack clear, other "
                                                   "flags ignored; needs proto tcp.")
-    action: Action = Field(description="allow, drop, count (count and go on), or "
+    action: Action = Field(description="allow, drop, reject (drop and answer: TCP RST, else "
+                                       "ICMP port unreachable), count (count and go on), or "
                                        "{rate_limit: {pps, burst, per}}.")
     sample: int = Field(None, ge=1, le=1 << 31,
                         description="1 in N packets this rule decides become events for "

@@ -46,14 +46,14 @@ def test_real_world_rulesets_import_to_valid_policies(args):
 def test_source_lines_are_named_in_comments_and_warnings():
     r = run("iptables", str(CASES / "router.v4"), "-i", "gw0")
     assert f"# {CASES / 'router.v4'}:17: -A services -p tcp" in r.stdout
-    assert f"{CASES / 'router.v4'}:16: warning: REJECT imported as drop" in r.stderr
+    assert f"{CASES / 'router.v4'}:19: warning: --reject-with" not in r.stderr
     assert "ipset 'blocked': contents unknown" in r.stderr
 
 
 def test_user_chain_is_flattened_with_the_jump_matches_and_return_negated():
     r = run("iptables", str(CASES / "router.v4"), "-i", "gw0")
     # '-A mgmt -s 10.10.0.0/25 -j RETURN' then '-p tcp --dport 22 -j REJECT'
-    assert 'src: {not: ["10.10.0.0/25"]}, proto: "tcp", dport: [22]' in r.stdout
+    assert 'src: {not: ["10.10.0.0/25"]}, proto: "tcp", dport: [22], action: "reject"' in r.stdout
     # '-A INPUT -i gw0 -j services': services' rules land on gw0
     assert 'dport: {not: ["1024-65535"]}' in r.stdout
 
