@@ -51,6 +51,8 @@ class RuleIR:
     rate_per: str = "src"                         # src | rule
     sample: int = 0                               # 1 in N decided packets -> event; 0: inherit
     line: int = 0                                 # line in the policy file (for messages)
+    source_index: int | None = None               # its rule's index in the file, when known:
+                                                  # one file rule may lower to several (ct)
 
 
 @dataclass(frozen=True)

@@ -210,12 +210,12 @@ class Flattener:
                 return
             if states == {"invalid"} and action in ("drop", "reject", "count"):
                 if fields.get("proto") not in (None, "tcp") or "tcp_flags" in fields:
-                    self.warn(r.where, "ct state invalid is imported for TCP flag "
-                                       "combinations only; this rule is not imported")
+                    self.warn(r.where, "ct state invalid is matched for TCP only; this "
+                                       "rule is not imported")
                     return
-                for n, flags in enumerate(INVALID_TCP_FLAGS):
-                    d.rules.append(OutRule(r, {**fields, "proto": "tcp", "tcp_flags": flags},
-                                           action, [INVALID_NOTE] if n == 0 else []))
+                fields["ct"] = "invalid"
+                iface.conntrack = iface.conntrack or r.where
+                d.rules.append(OutRule(r, fields, action, [INVALID_NOTE]))
                 return
             elif "new" in states and states <= {"new", "established", "related", "untracked"}:
                 if states & {"established", "related"} and action == "allow":
@@ -248,38 +248,9 @@ class Flattener:
 
 
 _ANY = {4: "0.0.0.0/0", 6: "::/0"}
-INVALID_NOTE = ("ct state invalid: TCP flag combinations Linux conntrack calls invalid "
-                "(netbpf does not see sequence numbers or untracked FIN/RST)")
+INVALID_NOTE = ("ct state invalid: netbpf matches the TCP flag combinations Linux calls "
+                "invalid, not out-of-window or untracked FIN/RST")
 
-
-def _invalid_tcp_flags() -> list[str]:
-    """Linux nf_conntrack_proto_tcp's tcp_valid_flags, inverted, as few 'flags' matches.
-
-    Over FIN SYN RST ACK URG (PSH ECE CWR ignored) nine combinations are valid; every other
-    one marks the packet INVALID whatever the connection. Covered greedily by cubes.
-    """
-    names = {0x01: "fin", 0x02: "syn", 0x04: "rst", 0x10: "ack", 0x20: "urg"}
-    bits = list(names)
-    valid = {0x02, 0x22, 0x12, 0x04, 0x14, 0x11, 0x31, 0x10, 0x30}
-    allm = [sum(b for i, b in enumerate(bits) if n >> i & 1) for n in range(32)]
-    invalid = {m for m in allm if m not in valid}
-    cubes = []
-    for mask in allm:
-        for value in allm:
-            if value & ~mask:
-                continue
-            members = {m for m in allm if m & mask == value}
-            if mask and members <= invalid:
-                cubes.append((mask, value, members))
-    left, out = set(invalid), []
-    while left:
-        mask, value, members = max(cubes, key=lambda c: (len(c[2] & left), -bin(c[0]).count("1")))
-        left -= members
-        out.append(",".join(("" if value & b else "!") + names[b] for b in bits if mask & b))
-    return out
-
-
-INVALID_TCP_FLAGS = _invalid_tcp_flags()
 
 
 def _table_family(parts, r: SrcRule) -> int | None:

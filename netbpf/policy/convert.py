@@ -5,6 +5,7 @@ Pure translation: every check has already run (models.py, checks.py). Set files 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from netbpf.errors import InputError
@@ -51,8 +52,20 @@ def _direction_ir(direction: Direction | None, sets: dict[str, SetIR]) -> Direct
     if direction is None:
         return None
     return DirectionIR(default=direction.default,
-                       rules=tuple(rule_ir(r, sets) for r in direction.rules),
+                       rules=tuple(x for i, r in enumerate(direction.rules)
+                                   for x in rules_ir(r, sets, i)),
                        sample=direction.sample or 0, hook=direction.hook)
+
+
+def rules_ir(rule: Rule, sets: dict[str, SetIR], index: int) -> list[RuleIR]:
+    """One file rule -> its IR rules: one, or for 'ct: invalid' one per TCP-flag match that
+    covers the combinations Linux conntrack calls invalid (the classifier matches one
+    (mask, value) per rule; they share the name, so 'netbpf stats' adds them up)."""
+    base = replace(rule_ir(rule, sets), source_index=index)
+    if rule.ct != "invalid":
+        return [base]
+    return [replace(base, proto=vocab.PROTO_TCP, tcp_flags=flags)
+            for flags in vocab.ct_invalid_flag_matches()]
 
 
 def rule_ir(rule: Rule, sets: dict[str, SetIR] | None = None) -> RuleIR:

@@ -437,6 +437,17 @@ PacketRate = int_range(1, 1_000_000_000)
 IcmpCode = int_range(0, 255)
 Weight = int_range(0, 65535)
 RatePer = _one_of("src", "rule")
+
+
+def _check_ct(value: Any) -> str:
+    _no_null(value)
+    if value != "invalid":
+        raise fail(f"must be invalid (got {describe(value)}): netbpf rules see the packets "
+                   "conntrack did not pass, so 'invalid' is the one state to match")
+    return value
+
+
+CtState = Annotated[str, PlainValidator(_check_ct), WithJsonSchema({"enum": ["invalid"]})]
 Verdict = _one_of("allow", "drop")
 XdpMode = _one_of("auto", "native", "generic", "offload")
 LbProto = _one_of("tcp", "udp")
@@ -491,6 +502,9 @@ class Rule(StrictModel):
         None, description="ICMP code 0-255; needs icmp_type.")
     tcp_flags: TcpFlags = Field(None, description="'syn,!ack': syn set and ack clear, other "
                                                   "flags ignored; needs proto tcp.")
+    ct: CtState = Field(None, description="invalid: TCP packets whose flags no connection "
+                                          "carries (as Linux conntrack's INVALID); needs "
+                                          "conntrack on the interface.")
     action: Action = Field(description="allow, drop, reject (drop and answer: TCP RST, else "
                                        "ICMP port unreachable), count (count and go on), or "
                                        "{rate_limit: {pps, burst, per}}.")
@@ -527,6 +541,15 @@ class Rule(StrictModel):
                 self._icmp_number = number
         if self.icmp_code is not None and self.icmp_type is None:
             problems.append((("icmp_code",), "icmp_code needs icmp_type"))
+        if self.ct is not None:
+            if proto not in (None, vocab.PROTO_TCP):
+                problems.append((("ct",), "ct: invalid matches TCP packets; proto must be tcp "
+                                          f"or left out (proto is {vocab.proto_name(proto)})"))
+            if self.tcp_flags is not None:
+                problems.append((("tcp_flags",), "ct: invalid already decides on the TCP flags; "
+                                                 "remove tcp_flags"))
+            if self.icmp_type is not None:
+                problems.append((("ct",), "ct: invalid matches TCP packets, not ICMP"))
         if self.tcp_flags is not None and proto != vocab.PROTO_TCP:
             problems.append((("tcp_flags",), "tcp_flags needs proto tcp "
                                              f"(proto is {vocab.proto_name(proto)})"))
@@ -640,6 +663,21 @@ class Interface(StrictModel):
                     "rules say: true, or a mapping with timeouts.")
     ingress: Direction = Field(None, description="Rules for received packets (XDP).")
     egress: EgressDirection = Field(None, description="Rules for sent packets (TC egress).")
+
+    @model_validator(mode="after")
+    def _ct_needs_conntrack(self) -> Interface:
+        if self.conntrack.enabled:
+            return self
+        problems: list[Problem] = []
+        for key in ("ingress", "egress"):
+            d = getattr(self, key)
+            for i, r in enumerate(d.rules if d else ()):
+                if r.ct is not None:
+                    problems.append(((key, "rules", i, "ct"),
+                                     "ct: invalid needs conntrack: true on this interface"))
+        if problems:
+            raise fail_all(problems)
+        return self
 
 
 class SetFile(StrictModel):
