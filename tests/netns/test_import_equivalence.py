@@ -13,26 +13,25 @@ sources exercise negation and sets.
 """
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TWO_HOSTS, _require_lab
-
-from netbpf.lab import Lab
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from netbpf.lab import Lab
+
+from conftest import TWO_HOSTS, _require_lab
 from netbpf_cli import NETBPF, netbpf
 
-PREFIX_TAG = 'e'
+PREFIX_TAG = "e"   # own_lab's namespaces: nbi<pid>e-
+
 
 @pytest.fixture(scope="module")
 def own_lab(_no_lab_left_behind):

@@ -8,19 +8,19 @@ are right) and its sockets see 'connection refused' at once, where a drop would 
 """
 from __future__ import annotations
 
-import os
-
 import errno
+import os
 import socket
 
 import pytest
-from conftest import TWO_HOSTS, _require_lab
 
 from netbpf.lab import Lab
 
+from conftest import TWO_HOSTS, _require_lab
 from netbpf_cli import netbpf
 
-PREFIX_TAG = 'r'
+PREFIX_TAG = "r"   # own_lab's namespaces: nbi<pid>r-
+
 
 @pytest.fixture(scope="module")
 def own_lab(_no_lab_left_behind):
