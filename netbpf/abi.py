@@ -32,6 +32,11 @@ NB_MAX_VIPS = 256
 NB_ACT_ALLOW = 1
 NB_ACT_DROP = 2
 NB_ACT_RATE = 3
+NB_ACT_REJECT = 4
+
+NB_REJECT_PPS = 1000
+NB_REJECT_BURST = 100
+NB_REJECT_QUOTE = 64
 
 NB_RL_PER_SRC = 0
 NB_RL_PER_RULE = 1
@@ -60,13 +65,14 @@ NB_STAT_LB_TX = 8
 NB_STAT_LB_REDIRECT = 9
 NB_STAT_LB_STACK = 10
 NB_STAT_LB_DROP = 11
-NB_STAT_MAX = 12
+NB_STAT_REJECT = 12
+NB_STAT_MAX = 13
 STAT_NAMES = {
     NB_STAT_PASS: "pass", NB_STAT_DROP: "drop", NB_STAT_DEFAULT: "default",
     NB_STAT_NONIP: "non_ip", NB_STAT_MALFORMED: "malformed", NB_STAT_FRAGMENT: "fragment",
     NB_STAT_RATE_DROP: "rate_limited", NB_STAT_CT_REPLY: "conntrack_reply",
     NB_STAT_LB_TX: "lb_tx", NB_STAT_LB_REDIRECT: "lb_redirect", NB_STAT_LB_STACK: "lb_stack",
-    NB_STAT_LB_DROP: "lb_drop",
+    NB_STAT_LB_DROP: "lb_drop", NB_STAT_REJECT: "reject_sent",
 }
 
 NB_CT_ENTRIES = 65536

@@ -27,6 +27,7 @@ from netbpf.errors import NetbpfError
 from netbpf.faults import kill_point
 from netbpf.fwtables import CounterCarry, FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
+from netbpf.reject import REJECT_ENTRY, link_reject_entry
 from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.loader import load_program
@@ -575,7 +576,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         defines["NB_LB_RING_CAP"] = pp.lb_ring_cap
     if p.conntrack or p.lbs:
         defines["NB_SHARED_PIN"] = f'"{shared}"'
-    functions = {pp.func: pp.prog_type}
+    functions = {pp.func: pp.prog_type, REJECT_ENTRY[pp.prog_type]: pp.prog_type}
     if p.lbs and pp.hook == "xdp":
         functions[LB_ENTRY] = "xdp"
     progress.step(f"{p.key}: compiling and verifying {pp.func}")
@@ -589,6 +590,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         loaded = load_program(pp.source, defines, functions)
     if LB_ENTRY in functions:
         link_lb_entry(loaded)
+    link_reject_entry(loaded, pp.prog_type)
     try:
         tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
         # Fresh counter maps: rules take slots 0..n-1 whatever the old program used, and the

@@ -23,7 +23,8 @@ from netbpf import abi
 from netbpf.errors import InputError
 from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
 
-ACTIONS = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP, "rate_limit": abi.NB_ACT_RATE}
+ACTIONS = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP, "rate_limit": abi.NB_ACT_RATE,
+           "reject": abi.NB_ACT_REJECT}
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 DEFAULTS = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP}
 RATE_PER = {"src": abi.NB_RL_PER_SRC, "rule": abi.NB_RL_PER_RULE}

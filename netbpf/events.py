@@ -17,7 +17,7 @@ from netbpf.kernel.netns import netns_label
 from netbpf.state import iface_key, load_state, pin_dir
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-ACTION_NAMES = {abi.NB_ACT_ALLOW: "allow", abi.NB_ACT_DROP: "drop"}
+ACTION_NAMES = {abi.NB_ACT_ALLOW: "allow", abi.NB_ACT_DROP: "drop", abi.NB_ACT_REJECT: "reject"}
 
 _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 

@@ -23,9 +23,15 @@ class Prefix:
 
 @dataclass(frozen=True)
 class AddrMatch:
-    """Exactly one of prefixes (non-empty) or set_name is given."""
+    """Exactly one of prefixes (non-empty) or set_name is given.
+
+    negated: the match is everything else (of the families the prefixes name; of both for a
+    set). Only the policy models produce it: policy_to_ir() expands it to complement prefixes,
+    so the compiler never sees it.
+    """
     prefixes: tuple[Prefix, ...] = ()
     set_name: str | None = None
+    negated: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class RuleIR:
     rate_per: str = "src"                         # src | rule
     sample: int = 0                               # 1 in N decided packets -> event; 0: inherit
     line: int = 0                                 # line in the policy file (for messages)
+    source_index: int | None = None               # its rule's index in the file, when known:
+                                                  # one file rule may lower to several (ct)
 
 
 @dataclass(frozen=True)

@@ -86,11 +86,19 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
         gen = tables.active_gen()
     finally:
         tables.close()
-    rules = []
+    rules: list[dict] = []
+    by_name: dict[str, dict] = {}
     for r in part.rules:
         p, b, d = counters.get(r.slot, (0, 0, 0))
-        rules.append({"name": r.name, "direction": part.direction, "action": r.action,
-                      "line": r.line, "packets": p, "bytes": b, "rate_limited": d})
+        if r.name in by_name:       # one file rule lowered to several (ct: invalid): one row
+            row = by_name[r.name]
+            row["packets"] += p
+            row["bytes"] += b
+            row["rate_limited"] += d
+            continue
+        by_name[r.name] = {"name": r.name, "direction": part.direction, "action": r.action,
+                           "line": r.line, "packets": p, "bytes": b, "rate_limited": d}
+        rules.append(by_name[r.name])
     tot = {}
     for i, name in abi.STAT_NAMES.items():
         p, b, _ = totals.get(i, (0, 0, 0))

@@ -222,8 +222,8 @@ static __always_inline void nb_count_rules(struct nb_pending *pend, __u32 len)
     }
 }
 
-/* Classify a parsed packet; count it (count rules: see nb_pending); return NB_ACT_ALLOW or
- * NB_ACT_DROP. */
+/* Classify a parsed packet; count it (count rules: see nb_pending); return NB_ACT_ALLOW,
+ * NB_ACT_DROP or NB_ACT_REJECT. */
 static __always_inline int nb_classify(struct nb_pkt *p, __u32 len, struct nb_pending *pend)
 {
     pend->counted = 0;
@@ -314,8 +314,8 @@ scanned:;
     }
     if (r) {
         counted &= r->count_mask;
-        if (r->action == NB_ACT_DROP) {
-            act = NB_ACT_DROP;
+        if (r->action == NB_ACT_DROP || r->action == NB_ACT_REJECT) {
+            act = r->action;            /* reject: a drop the action stage answers (reject.h) */
         } else if (r->action == NB_ACT_RATE) {
             act = nb_rate_ok(r, p) ? NB_ACT_ALLOW : NB_ACT_DROP;
             rate_dropped = act == NB_ACT_DROP;
@@ -336,7 +336,7 @@ scanned:;
         nb_stat(NB_STAT_RATE_DROP, len);
     if (p->fragment)
         nb_stat(NB_STAT_FRAGMENT, len);
-    nb_stat(act == NB_ACT_DROP ? NB_STAT_DROP : NB_STAT_PASS, len);
+    nb_stat(act == NB_ACT_ALLOW ? NB_STAT_PASS : NB_STAT_DROP, len);
     return act;
 }
 

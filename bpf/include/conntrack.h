@@ -22,6 +22,20 @@ BPF_ARRAY(nb_ct_cfg, struct nb_ct_cfg, 1);
 #define NB_TCP_RST 0x04
 #define NB_TCP_ACK 0x10
 
+/* Linux conntrack's tcp_valid_flags: over FIN SYN RST ACK URG (PSH ECE CWR ignored) these
+ * combinations are the only ones a connection carries; any other is INVALID. Such a packet
+ * is never let through as a reply: it meets the rules, where 'ct: invalid' can drop it (the
+ * rule itself is lowered to TCP-flag matches by netbpf/policy/convert.py). */
+static __always_inline int nb_ct_tcp_flags_valid(__u8 flags)
+{
+    switch (flags & 0x37) {
+    case 0x02: case 0x22: case 0x12: case 0x04: case 0x14:
+    case 0x11: case 0x31: case 0x10: case 0x30:
+        return 1;
+    }
+    return 0;
+}
+
 /* Key of the connection p belongs to, oriented as it went out (reply: swap). 0: untracked. */
 static __always_inline int nb_ct_key_of(struct nb_pkt *p, struct nb_ct_key *k, int reply)
 {
@@ -98,6 +112,8 @@ static __always_inline int nb_ct_ingress(struct nb_pkt *p)
 {
     struct nb_ct_key k = {};
     if (!nb_ct_key_of(p, &k, 1))
+        return 0;
+    if (p->proto == IPPROTO_TCP && !nb_ct_tcp_flags_valid(p->tcp_flags))
         return 0;
     if (p->has_icmp_id && p->icmp_type != 0 && p->icmp_type != 129)
         return 0;

@@ -31,6 +31,12 @@
 #define NB_ACT_ALLOW 1
 #define NB_ACT_DROP 2
 #define NB_ACT_RATE 3                       /* token bucket: within rate allow, over rate drop */
+#define NB_ACT_REJECT 4                     /* drop and answer: TCP RST, else port unreachable */
+
+/* ---- reject replies (reject.h) ---- */
+#define NB_REJECT_PPS 1000                  /* replies per second, all CPUs together */
+#define NB_REJECT_BURST 100                 /* replies sent back to back before the rate holds */
+#define NB_REJECT_QUOTE 64                  /* bytes of the refused packet an ICMP error quotes */
 
 #define NB_RL_PER_SRC 0                     /* one bucket per (rule, source address) */
 #define NB_RL_PER_RULE 1                    /* one bucket per rule */
@@ -65,7 +71,8 @@
 #define NB_STAT_LB_REDIRECT 9               /* balanced, redirected to another interface */
 #define NB_STAT_LB_STACK 10                 /* balanced (NAT), forwarded by the kernel */
 #define NB_STAT_LB_DROP 11                  /* VIP packet with no backend or no route */
-#define NB_STAT_MAX 12
+#define NB_STAT_REJECT 12                   /* reject replies sent (XDP_TX or redirected) */
+#define NB_STAT_MAX 13
 
 /* ---- map layouts ---- */
 struct nb_gen {                             /* nb_fw_gen[0]: the one value an apply flips */

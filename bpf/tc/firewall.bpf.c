@@ -8,6 +8,7 @@
 #include "netbpf_abi.h"
 #include "parse.h"
 #include "classify.h"
+#include "reject.h"
 #ifdef NB_CONNTRACK
 #include "conntrack.h"
 #endif
@@ -17,6 +18,53 @@
 
 /* Headers must be in the linear part for direct access; pulling is a no-op when they are. */
 #define NB_PULL_LEN 256
+
+/* Reject replies are built by their own program, reached by a tail call (see the XDP
+ * program). A refused packet we were sending goes back up our own stack (ingress of the
+ * same device); a refused received one goes back out of it. */
+struct nb_rej_handoff {
+    struct nb_pkt p;
+    __u32 egress;
+    __u32 pad;
+};
+BPF_PROG_ARRAY(nb_rej_jump, 1);     /* [0] = nb_rej_tc, set by the controller after load */
+BPF_PERCPU_ARRAY(nb_rej_scratch, struct nb_rej_handoff, 1);
+
+int nb_rej_tc(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct nb_rej_handoff *h = nb_rej_scratch.lookup(&zero);
+    if (!h)
+        return TC_ACT_SHOT;
+    struct nb_pkt p = h->p;
+    int egress = h->egress;
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct nb_reject_plan rp = {};
+    __u8 quote[NB_REJECT_QUOTE] = {};
+    if (nb_reject_plan(data, data_end, &p, &rp) < 0)
+        return TC_ACT_SHOT;
+    __u64 q = rp.quote;
+    asm volatile("" : "+r"(q));     /* keep the mask below: the verifier needs the bound */
+    q &= 2 * NB_REJECT_QUOTE - 1;
+    __u32 l3 = rp.l3_off;
+    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE || bpf_skb_load_bytes(skb, l3, quote, q)))
+        return TC_ACT_SHOT;
+    if (bpf_skb_change_tail(skb, rp.new_len, 0) || bpf_skb_pull_data(skb, rp.new_len))
+        return TC_ACT_SHOT;
+    data = (void *)(long)skb->data;
+    data_end = (void *)(long)skb->data_end;
+    if (nb_reject_write(data, data_end, &p, &rp, quote) < 0)
+        return TC_ACT_SHOT;
+    __u32 iph = p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
+    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
+                    bpf_skb_store_bytes(skb, l3 + iph + NB_ICMP_HDR, quote, q, 0)))
+        return TC_ACT_SHOT;
+    /* the checksums are whole now: nothing downstream may trust or finish an old one */
+    bpf_csum_level(skb, BPF_CSUM_LEVEL_RESET);
+    nb_stat(NB_STAT_REJECT, rp.new_len);
+    return bpf_redirect(skb->ifindex, egress ? BPF_F_INGRESS : 0);
+}
 
 static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
 {
@@ -46,8 +94,18 @@ static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
     }
 #endif
     struct nb_pending pend;
-    if (nb_classify(&p, len, &pend) == NB_ACT_DROP) {
+    int act = nb_classify(&p, len, &pend);
+    if (act != NB_ACT_ALLOW) {
         nb_count_rules(&pend, len);
+        if (act == NB_ACT_REJECT) {
+            __u32 zero = 0;
+            struct nb_rej_handoff *h = nb_rej_scratch.lookup(&zero);
+            if (h) {
+                h->p = p;
+                h->egress = egress;
+                nb_rej_jump.call(skb, 0);   /* does not return; falls through (drop) if unset */
+            }
+        }
         return TC_ACT_SHOT;
     }
 #ifdef NB_CONNTRACK

@@ -7,6 +7,7 @@
 #include "netbpf_abi.h"
 #include "parse.h"
 #include "classify.h"
+#include "reject.h"
 #ifdef NB_CONNTRACK
 #include "conntrack.h"
 #endif
@@ -36,6 +37,60 @@ int nb_lb_entry(struct xdp_md *ctx)
     return lb >= 0 ? lb : XDP_PASS;
 }
 #endif
+
+/* Reject replies are built by their own program, reached by a tail call, so the verifier
+ * checks the packet rewriting once, not once per path through the classifier. */
+BPF_PROG_ARRAY(nb_rej_jump, 1);     /* [0] = nb_rej_xdp, set by the controller after load */
+BPF_PERCPU_ARRAY(nb_rej_scratch, struct nb_pkt, 1);
+
+int nb_rej_xdp(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct nb_pkt *sp = nb_rej_scratch.lookup(&zero);
+    if (!sp)
+        return XDP_DROP;
+    struct nb_pkt p = *sp;
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct nb_reject_plan rp = {};
+    __u8 quote[NB_REJECT_QUOTE] = {};
+    if (nb_reject_plan(data, data_end, &p, &rp) < 0)
+        return XDP_DROP;
+    __u64 q = rp.quote;
+    asm volatile("" : "+r"(q));     /* keep the mask below: the verifier needs the bound */
+    q &= 2 * NB_REJECT_QUOTE - 1;
+    __u32 l3 = rp.l3_off;
+    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
+                    nb_xdp_load_bytes(ctx, l3, quote, q)))
+        return XDP_DROP;
+    __u32 iph = p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
+    if (!rp.tcp) {
+        /* Room for the new IP and ICMP headers goes in front (XDP guarantees headroom, not
+         * tailroom): the refused packet then already sits where the ICMP quote belongs, and
+         * only its L2 header moves to the new front. */
+        __u8 l2[NB_L2_MAX] = {};
+        __u32 n = l3 & 31;
+        if (n < 14 || n > NB_L2_MAX || nb_xdp_load_bytes(ctx, 0, l2, n))
+            return XDP_DROP;
+        if (bpf_xdp_adjust_head(ctx, -(int)(iph + NB_ICMP_HDR)))
+            return XDP_DROP;
+        if (nb_xdp_store_bytes(ctx, 0, l2, n))
+            return XDP_DROP;
+    }
+    __u64 new_len = rp.new_len;
+    asm volatile("" : "+r"(new_len));   /* bounded: clang may add it to a packet pointer */
+    new_len &= 0x1ff;
+    data = (void *)(long)ctx->data;
+    data_end = (void *)(long)ctx->data_end;
+    if (bpf_xdp_adjust_tail(ctx, (int)new_len - (int)(data_end - data)))
+        return XDP_DROP;
+    data = (void *)(long)ctx->data;
+    data_end = (void *)(long)ctx->data_end;
+    if (nb_reject_write(data, data_end, &p, &rp, quote) < 0)
+        return XDP_DROP;
+    nb_stat(NB_STAT_REJECT, rp.new_len);
+    return XDP_TX;
+}
 
 int nb_fw_xdp(struct xdp_md *ctx)
 {
@@ -67,6 +122,15 @@ int nb_fw_xdp(struct xdp_md *ctx)
     nb_count_rules(&pend, len);
     if (act == NB_ACT_DROP)
         return XDP_DROP;
+    if (act == NB_ACT_REJECT) {
+        __u32 zero = 0;
+        struct nb_pkt *sp = nb_rej_scratch.lookup(&zero);
+        if (sp) {
+            *sp = p;
+            nb_rej_jump.call(ctx, 0);   /* does not return; falls through (drop) if unset */
+        }
+        return XDP_DROP;
+    }
 #ifdef NB_LB
     struct nb_vip *vip = nb_lb_vip_of(&p);
     if (vip) {

@@ -14,7 +14,7 @@ import click
 from netbpf.errors import NetbpfError
 
 COMMAND_MODULES = ("netbpf.cli.lab", "netbpf.cli.policy", "netbpf.cli.dataplane", "netbpf.cli.observe",
-                   "netbpf.cli.safety", "netbpf.cli.inspect")
+                   "netbpf.cli.safety", "netbpf.cli.inspect", "netbpf.cli.importer")
 
 EPILOG = """\b
 Examples:

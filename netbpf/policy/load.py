@@ -167,11 +167,25 @@ def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
             d = getattr(iface, direction)
             if d is None:
                 continue
+            # A file rule lowered to several IR rules (ct: invalid) is shadowed only when all
+            # of them are; messages name file rules by their index in the file.
+            parts: dict[int, int] = {}
+            for j, r in enumerate(d.rules):
+                key = r.source_index if r.source_index is not None else j
+                parts[key] = parts.get(key, 0) + 1
+            hits: dict[int, list[int]] = {}
             for j, i in find_shadowed(d.rules, ir.sets):
-                shadowed, by = d.rules[j], d.rules[i]
+                key = d.rules[j].source_index
+                hits.setdefault(j if key is None else key, []).append(i)
+            for key, bys in sorted(hits.items()):
+                if len(bys) < parts[key]:
+                    continue
+                shadowed = next(r for j, r in enumerate(d.rules)
+                                if (r.source_index if r.source_index is not None else j) == key)
+                by = d.rules[bys[0]]
                 through = covering_entries(by, shadowed, ir.sets)
                 via = f" (through {', '.join(through)})" if through else ""
-                notes.at(("interfaces", ifname, direction, "rules", j),
+                notes.at(("interfaces", ifname, direction, "rules", key),
                          f"rule '{shadowed.name}' is shadowed by rule '{by.name}' "
                          f"(line {by.line}){via} and can never match")
 

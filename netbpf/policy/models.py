@@ -137,6 +137,14 @@ Address = Annotated[
 
 def _check_ports(value: Any) -> tuple[tuple[int, int], ...]:
     _no_null(value)
+    if isinstance(value, dict):
+        # {not: ...}: the complement ranges; stored as such, so compiler and shadowing need
+        # nothing new (ports are a 16-bit space: the complement has at most n + 1 ranges)
+        inner = _negated(value)
+        complement = complement_ranges(_check_ports(inner))
+        if not complement:
+            raise fail("{not: ...} of every port matches no port")
+        return complement
     items = value if isinstance(value, list) else [value]
     if not items:
         raise fail("must not be empty; remove the key to match any port")
@@ -184,21 +192,48 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple(merged)
 
 
+def complement_ranges(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    out, start = [], 0
+    for lo, hi in ranges:
+        if lo > start:
+            out.append((start, lo - 1))
+        start = hi + 1
+    if start <= 65535:
+        out.append((start, 65535))
+    return tuple(out)
+
+
+def _negated(value: dict) -> Any:
+    if set(value) != {"not"}:
+        raise fail("a mapping here negates a match: write {not: VALUE} "
+                   f"(got keys {', '.join(map(str, value))})")
+    if isinstance(value["not"], dict):
+        raise fail("{not: {not: ...}} : negate once")
+    _no_null(value["not"])
+    return value["not"]
+
+
 def _ports_yaml(ranges: tuple[tuple[int, int], ...]) -> list[Any]:
     return [lo if lo == hi else f"{lo}-{hi}" for lo, hi in ranges]
 
 
 _PORT_ITEM = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 65535},
                         {"type": "string", "pattern": r"^\d+(-\d+)?$"}]}
+_PORTS = {"anyOf": [_PORT_ITEM, {"type": "array", "items": _PORT_ITEM, "minItems": 1}]}
 Ports = Annotated[
     tuple[tuple[int, int], ...], PlainValidator(_check_ports),
     PlainSerializer(_nullable(_ports_yaml)),
-    WithJsonSchema({"anyOf": [_PORT_ITEM, {"type": "array", "items": _PORT_ITEM, "minItems": 1}],
+    WithJsonSchema({"anyOf": [*_PORTS["anyOf"], {
+        "type": "object", "properties": {"not": _PORTS}, "required": ["not"],
+        "additionalProperties": False, "description": "every port but these"}],
                     "examples": [22, "8000-8100", [80, 443]]})]
 
 
 def _check_addr_match(value: Any) -> AddrMatch:
     _no_null(value)
+    if isinstance(value, dict):
+        inner = _check_addr_match(_negated(value))
+        return AddrMatch(prefixes=inner.prefixes, set_name=inner.set_name, negated=True)
     if isinstance(value, str) and value.startswith("@"):
         return AddrMatch(set_name=_check_set_ref(value))
     items = value if isinstance(value, list) else [value]
@@ -233,8 +268,10 @@ def _check_set_ref(text: str) -> str:
 
 def _addr_match_yaml(match: AddrMatch) -> Any:
     if match.set_name is not None:
-        return "@" + match.set_name
-    return [format_prefix(p.family, p.addr, p.plen) for p in match.prefixes]
+        text: Any = "@" + match.set_name
+    else:
+        text = [format_prefix(p.family, p.addr, p.plen) for p in match.prefixes]
+    return {"not": text} if match.negated else text
 
 
 _ADDR_ITEM = {"type": "string", "description": "IPv4/IPv6 address or network in CIDR form"}
@@ -243,7 +280,9 @@ AddrSpec = Annotated[
     PlainSerializer(_nullable(_addr_match_yaml)),
     WithJsonSchema({"anyOf": [
         {"type": "string", "pattern": "^@", "description": "'@' and the name of a set"},
-        _ADDR_ITEM, {"type": "array", "items": _ADDR_ITEM, "minItems": 1}],
+        _ADDR_ITEM, {"type": "array", "items": _ADDR_ITEM, "minItems": 1},
+        {"type": "object", "required": ["not"], "additionalProperties": False,
+         "description": "every address but these (of their families), or not in the set"}],
         "examples": ["10.0.0.0/8", ["192.0.2.1", "2001:db8::/32"], "@admins"]})]
 
 
@@ -398,6 +437,17 @@ PacketRate = int_range(1, 1_000_000_000)
 IcmpCode = int_range(0, 255)
 Weight = int_range(0, 65535)
 RatePer = _one_of("src", "rule")
+
+
+def _check_ct(value: Any) -> str:
+    _no_null(value)
+    if value != "invalid":
+        raise fail(f"must be invalid (got {describe(value)}): netbpf rules see the packets "
+                   "conntrack did not pass, so 'invalid' is the one state to match")
+    return value
+
+
+CtState = Annotated[str, PlainValidator(_check_ct), WithJsonSchema({"enum": ["invalid"]})]
 Verdict = _one_of("allow", "drop")
 XdpMode = _one_of("auto", "native", "generic", "offload")
 LbProto = _one_of("tcp", "udp")
@@ -418,7 +468,7 @@ class RateLimitAction(StrictModel):
     rate_limit: RateLimit = Field(description="Allow up to pps packets per second, drop the rest.")
 
 
-ActionWord = _one_of("allow", "drop", "count")
+ActionWord = _one_of("allow", "drop", "reject", "count")
 
 
 def _action_kind(value: Any) -> str | None:
@@ -432,7 +482,8 @@ def _action_kind(value: Any) -> str | None:
 Action = Annotated[
     Union[Annotated[ActionWord, Tag("word")], Annotated[RateLimitAction, Tag("rate_limit")]],
     Discriminator(_action_kind, custom_error_type="netbpf",
-                  custom_error_message="must be allow, drop, count or a rate_limit mapping")]
+                  custom_error_message="must be allow, drop, reject, count or a rate_limit "
+                                       "mapping")]
 
 
 class Rule(StrictModel):
@@ -451,7 +502,11 @@ class Rule(StrictModel):
         None, description="ICMP code 0-255; needs icmp_type.")
     tcp_flags: TcpFlags = Field(None, description="'syn,!ack': syn set and ack clear, other "
                                                   "flags ignored; needs proto tcp.")
-    action: Action = Field(description="allow, drop, count (count and go on), or "
+    ct: CtState = Field(None, description="invalid: TCP packets whose flags no connection "
+                                          "carries (as Linux conntrack's INVALID); needs "
+                                          "conntrack on the interface.")
+    action: Action = Field(description="allow, drop, reject (drop and answer: TCP RST, else "
+                                       "ICMP port unreachable), count (count and go on), or "
                                        "{rate_limit: {pps, burst, per}}.")
     sample: int = Field(None, ge=1, le=1 << 31,
                         description="1 in N packets this rule decides become events for "
@@ -486,6 +541,15 @@ class Rule(StrictModel):
                 self._icmp_number = number
         if self.icmp_code is not None and self.icmp_type is None:
             problems.append((("icmp_code",), "icmp_code needs icmp_type"))
+        if self.ct is not None:
+            if proto not in (None, vocab.PROTO_TCP):
+                problems.append((("ct",), "ct: invalid matches TCP packets; proto must be tcp "
+                                          f"or left out (proto is {vocab.proto_name(proto)})"))
+            if self.tcp_flags is not None:
+                problems.append((("tcp_flags",), "ct: invalid already decides on the TCP flags; "
+                                                 "remove tcp_flags"))
+            if self.icmp_type is not None:
+                problems.append((("ct",), "ct: invalid matches TCP packets, not ICMP"))
         if self.tcp_flags is not None and proto != vocab.PROTO_TCP:
             problems.append((("tcp_flags",), "tcp_flags needs proto tcp "
                                              f"(proto is {vocab.proto_name(proto)})"))
@@ -599,6 +663,21 @@ class Interface(StrictModel):
                     "rules say: true, or a mapping with timeouts.")
     ingress: Direction = Field(None, description="Rules for received packets (XDP).")
     egress: EgressDirection = Field(None, description="Rules for sent packets (TC egress).")
+
+    @model_validator(mode="after")
+    def _ct_needs_conntrack(self) -> Interface:
+        if self.conntrack.enabled:
+            return self
+        problems: list[Problem] = []
+        for key in ("ingress", "egress"):
+            d = getattr(self, key)
+            for i, r in enumerate(d.rules if d else ()):
+                if r.ct is not None:
+                    problems.append(((key, "rules", i, "ct"),
+                                     "ct: invalid needs conntrack: true on this interface"))
+        if problems:
+            raise fail_all(problems)
+        return self
 
 
 class SetFile(StrictModel):

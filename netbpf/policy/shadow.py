@@ -14,7 +14,7 @@ from netbpf.ir import AddrMatch, Prefix, RuleIR, SetIR, addr_text
 from netbpf.policy.addr import WIDTH
 from netbpf.policy.vocab import PORT_PROTOCOLS
 
-_TERMINAL = ("allow", "drop", "rate_limit")
+_TERMINAL = ("allow", "drop", "reject", "rate_limit")
 
 
 def _protos(rule: RuleIR) -> frozenset[int] | None:

@@ -79,3 +79,27 @@ def icmp_type_number(proto: int, name: str) -> int | None:
 
 def icmp_type_names(proto: int) -> list[str]:
     return list(ICMP_TYPES if proto == PROTO_ICMP else ICMPV6_TYPES)
+
+
+# Linux conntrack (nf_conntrack_proto_tcp.c, tcp_valid_flags) calls a TCP packet INVALID, whatever
+# its connection, unless its FIN SYN RST ACK URG bits (PSH ECE CWR ignored) are one of these.
+CT_VALID_TCP_FLAGS = frozenset({0x02, 0x22, 0x12, 0x04, 0x14, 0x11, 0x31, 0x10, 0x30})
+CT_FLAG_BITS = (0x01, 0x02, 0x04, 0x10, 0x20)
+
+
+def ct_invalid_flag_matches() -> list[tuple[int, int]]:
+    """The invalid combinations as few (mask, value) TCP-flag matches: a greedy cube cover."""
+    combos = [sum(b for i, b in enumerate(CT_FLAG_BITS) if n >> i & 1) for n in range(32)]
+    invalid = {m for m in combos if m not in CT_VALID_TCP_FLAGS}
+    cubes = []
+    for mask in combos:
+        for value in combos:
+            members = {m for m in combos if m & mask == value}
+            if mask and not value & ~mask and members <= invalid:
+                cubes.append((mask, value, members))
+    left, out = set(invalid), []
+    while left:
+        mask, value, members = max(cubes, key=lambda c: (len(c[2] & left), -bin(c[0]).count("1")))
+        left -= members
+        out.append((mask, value))
+    return out

@@ -12,6 +12,7 @@ from netbpf.fwtables import FwTables
 from netbpf.ir import DirectionIR, SetIR
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import test_run as run_prog
+from netbpf.reject import REJECT_ENTRY, link_reject_entry
 
 XDP_VERDICTS = {1: "drop", 2: "pass", 0: "aborted", 3: "tx", 4: "redirect"}
 
@@ -22,7 +23,9 @@ class FwProg:
         defines = {"NB_WORDS": words, "NB_CLASS_CAP": class_cap}
         if fields is not None:
             defines["NB_FIELDS"] = fields
-        self.loaded = load_program(FW_SOURCE, defines, {FW_PROG: "xdp"}, cache=True)
+        self.loaded = load_program(FW_SOURCE, defines,
+                                   {FW_PROG: "xdp", REJECT_ENTRY["xdp"]: "xdp"}, cache=True)
+        link_reject_entry(self.loaded, "xdp")
         self.tables = FwTables.from_loaded(self.loaded, words, class_cap)
         self.fd = self.loaded.prog_fd(FW_PROG)
         self.compiled = None

@@ -21,7 +21,7 @@ STRUCTS = {  # C struct -> ctypes mirror (None: shape-dependent, checked through
     "nb_ct_key": abi.NbCtKey, "nb_ct_val": abi.NbCtVal, "nb_ct_cfg": abi.NbCtCfg,
 }
 CONSTANTS = ["NB_MAX_COUNT_RULES", "NB_MAX_SETREFS", "NB_PREFIX_CAP", "NB_SET_CAP",
-             "NB_RL_ENTRIES", "NB_ACT_ALLOW", "NB_ACT_DROP", "NB_ACT_RATE", "NB_F_SRC",
+             "NB_RL_ENTRIES", "NB_ACT_ALLOW", "NB_ACT_DROP", "NB_ACT_RATE", "NB_ACT_REJECT", "NB_REJECT_PPS", "NB_REJECT_BURST", "NB_REJECT_QUOTE", "NB_STAT_REJECT", "NB_F_SRC",
              "NB_F_DST", "NB_F_PROTO", "NB_F_SPORT", "NB_F_DPORT", "NB_F_ICMP", "NB_F_FLAGS",
              "NB_F_SET0", "NB_NFIELDS", "NB_STAT_MAX", "NB_STAT_CT_REPLY", "NB_STAT_LB_DROP",
              "NB_CT_ENTRIES", "NB_CT_NTIMEOUTS"]

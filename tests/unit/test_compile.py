@@ -377,7 +377,7 @@ def test_too_many_prefixes_per_family_is_an_input_error():
 
 def test_invalid_rule_values_are_input_errors():
     for bad in (rule("p", "drop", dport=(10, 70000)), rule("q", "drop", proto=300),
-                rule("a", "reject"), rule("r", "rate_limit", rate_pps=0),
+                rule("a", "refuse"), rule("r", "rate_limit", rate_pps=0),
                 rule("f", "drop", tcp_flags=(256, 0))):
         with pytest.raises(InputError, match=f"rule '{bad.name}'"):
             compile_direction(direction(bad))

@@ -98,9 +98,9 @@ CASES = [
       "fin, syn, rst, psh, ack, urg, ece, cwr, each optionally prefixed with '!' "
       "(must be clear)"]),
     ("unknown_action",
-     rules("- {name: r, action: reject}"), {},
-     ["p.yaml:6:29: interfaces.eth0.ingress.rules[0].action: must be allow, drop or count "
-      "(got 'reject')"]),
+     rules("- {name: r, action: refuse}"), {},
+     ["p.yaml:6:29: interfaces.eth0.ingress.rules[0].action: must be allow, drop, reject or "
+      "count (got 'refuse')"]),
     ("rate_limit_bad_values",
      rules("- name: r", "  action:", "    rate_limit: {pps: 0, per: host}"), {},
      ["p.yaml:8:31: interfaces.eth0.ingress.rules[0].action.rate_limit.pps: must be "

@@ -307,7 +307,7 @@ def test_schema_is_json_with_descriptions_of_the_yaml_form():
     rule = schema["$defs"]["Rule"]["properties"]
     assert all(field.get("description") for field in rule.values())
     assert schema["properties"]["version"]["const"] == 1
-    assert {"enum": ["allow", "drop", "count"]} in rule["action"]["oneOf"]
+    assert {"enum": ["allow", "drop", "reject", "count"]} in rule["action"]["oneOf"]
     assert schema["$defs"]["Rule"]["additionalProperties"] is False
     assert "$schema" in schema
 
