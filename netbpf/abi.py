@@ -47,6 +47,8 @@ NB_F_SET0 = 7
 NB_NFIELDS_BASE = 7
 NB_NFIELDS = NB_NFIELDS_BASE + NB_MAX_SETREFS
 NB_CLASS_ALL = 0
+NB_SETREF_HASH4 = 0x100
+NB_SETREF_HASH6 = 0x200
 
 NB_STAT_PASS = 0
 NB_STAT_DROP = 1
@@ -159,6 +161,14 @@ class NbLpm4Key(ctypes.Structure):
 class NbLpm6Key(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("tag", ctypes.c_uint32),
                 ("addr", ctypes.c_uint8 * 16)]
+
+
+class NbSeth4Key(ctypes.Structure):
+    _fields_ = [("tag", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
+class NbSeth6Key(ctypes.Structure):
+    _fields_ = [("tag", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
 
 
 class NbCounter(ctypes.Structure):

@@ -44,6 +44,18 @@ class SetRef:
     field: int              # NB_F_SRC or NB_F_DST
     member_id: int
     nonmember_id: int
+    hashed: int = 0         # NB_SETREF_HASH4 | NB_SETREF_HASH6: families kept in a hash map
+
+
+def set_hash_flags(s: SetIR) -> int:
+    """Families whose entries are all full-length addresses: those go in a hash map (one
+    lookup per packet); a family with any shorter prefix keeps the prefix trie."""
+    flags = 0
+    if s.v4 and all(plen == 32 for _, plen in s.v4):
+        flags |= abi.NB_SETREF_HASH4
+    if s.v6 and all(plen == 128 for _, plen in s.v6):
+        flags |= abi.NB_SETREF_HASH6
+    return flags
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,9 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> C
     # dict order = first reference in file order (src before dst): deterministic
     for k, ((name, f), referencing) in enumerate(setref_bits.items()):
         field_mask |= 1 << (abi.NB_F_SET0 + k)
-        setrefs.append(SetRef(name, f, b.intern(all_bits), b.intern(all_bits & ~referencing)))
+        hashed = set_hash_flags(sets[name]) if sets and name in sets else 0
+        setrefs.append(SetRef(name, f, b.intern(all_bits), b.intern(all_bits & ~referencing),
+                              hashed))
 
     return CompiledDirection(
         nrules=len(rules), ncount=len(count_rules), default_action=DEFAULTS[d.default],

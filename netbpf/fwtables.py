@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netbpf import abi
-from netbpf.compile import CompiledDirection
+from netbpf.compile import CompiledDirection, set_hash_flags
 from netbpf.errors import NetbpfError
 from netbpf.ir import SetIR
 from netbpf.kernel import bpfsys
 
 FW_MAPS = ("nb_fw_gen", "nb_fw_cfg", "nb_fw_rules", "nb_fw_crules", "nb_fw_vecs",
            "nb_fw_lpm4", "nb_fw_lpm6", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
-           "nb_fw_flags", "nb_set4", "nb_set6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
+           "nb_fw_flags", "nb_set4", "nb_set6", "nb_seth4", "nb_seth6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
 
 ACTION_CODES = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP}
 _U32 = struct.Struct("<I")
+_BATCH = 65536                  # entries per batch update: bounds one syscall's buffer
 
 
 @dataclass
@@ -161,17 +162,32 @@ class FwTables:
         cfg.ncount = c.ncount
         cfg.default_action = c.default_action
         for k, ref in enumerate(c.setrefs):
-            cfg.setref[k] = abi.NbSetref(set_tags[ref.set_name], ref.field, ref.member_id,
-                                         ref.nonmember_id)
+            cfg.setref[k] = abi.NbSetref(set_tags[ref.set_name], ref.field | ref.hashed,
+                                         ref.member_id, ref.nonmember_id)
         bpfsys.map_update(self.fd("nb_fw_cfg"), _U32.pack(gen), bytes(cfg))
 
     # ---- sets ----
     def write_set(self, tag: int, s: SetIR) -> None:
-        """A set's entries under its own tag (LPM tries have no batch update: one call each)."""
+        """A set's entries under its own tag: a family of full-length addresses goes to the
+        hash map in batches (set_hash_flags, which the compiled setref agrees with), any other
+        to the prefix trie (LPM tries have no batch update: one call each)."""
         one = _U32.pack(1)
-        for name, entries, width in (("nb_set4", s.v4, 4), ("nb_set6", s.v6, 16)):
+        hashed = set_hash_flags(s)
+        head = _U32.pack(tag)
+        for name, entries, width, flag in (("nb_seth4", s.v4, 4, abi.NB_SETREF_HASH4),
+                                           ("nb_seth6", s.v6, 16, abi.NB_SETREF_HASH6)):
+            if not hashed & flag:
+                continue
             fd = self.fd(name)
-            head = _U32.pack(tag)
+            for i in range(0, len(entries), _BATCH):
+                part = entries[i:i + _BATCH]
+                keys = b"".join(head + a.to_bytes(width, "big") for a, _ in part)
+                bpfsys.map_update_batch(fd, keys, one * len(part), len(part))
+        for name, entries, width, flag in (("nb_set4", s.v4, 4, abi.NB_SETREF_HASH4),
+                                           ("nb_set6", s.v6, 16, abi.NB_SETREF_HASH6)):
+            if hashed & flag:
+                continue
+            fd = self.fd(name)
             for addr, plen in entries:
                 key = _U32.pack(32 + plen) + head + addr.to_bytes(width, "big")
                 bpfsys.map_update(fd, key, one)
@@ -181,6 +197,12 @@ class FwTables:
             fd = self.fd(name)
             for k in [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[4:8])[0] == tag]:
                 bpfsys.map_delete(fd, k)
+        for name, ksize in (("nb_seth4", 8), ("nb_seth6", 20)):
+            fd = self.fd(name)
+            stale = [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[:4])[0] == tag]
+            for i in range(0, len(stale), _BATCH):
+                part = stale[i:i + _BATCH]
+                bpfsys.map_delete_batch(fd, b"".join(part), len(part))
 
     # ---- counters ----
     def _percpu_zero(self, name: str) -> bytes:

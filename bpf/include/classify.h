@@ -21,6 +21,10 @@ BPF_ARRAY(nb_fw_icmp, __u32, 2 * 65536);
 BPF_ARRAY(nb_fw_flags, __u32, 2 * 256);
 BPF_LPM_TRIE(nb_set4, struct nb_lpm4_key, __u32, 2 * NB_SET_CAP);
 BPF_LPM_TRIE(nb_set6, struct nb_lpm6_key, __u32, 2 * NB_SET_CAP);
+/* sets of full-length addresses: one hash lookup; not preallocated, so an unused map costs
+ * no kernel memory (a preallocated 2M-entry hash would pin ~100 MB per program) */
+BPF_F_TABLE("hash", struct nb_seth4_key, __u32, nb_seth4, 2 * NB_SET_CAP, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct nb_seth6_key, __u32, nb_seth6, 2 * NB_SET_CAP, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(nb_fw_cnt, struct nb_counter, NB_SLOT_CAP);
 BPF_PERCPU_ARRAY(nb_fw_stats, struct nb_counter, NB_STAT_MAX);
 BPF_TABLE("lru_hash", struct nb_rl_key, struct nb_rl_state, nb_fw_rl, NB_RL_ENTRIES);
@@ -125,7 +129,19 @@ static __always_inline __u32 nb_flags_class(__u32 idx, __u32 wild)
 
 static __always_inline int nb_in_set(struct nb_pkt *p, __u32 tag, __u32 field)
 {
-    __u8 *addr = field == NB_F_SRC ? p->src : p->dst;
+    __u8 *addr = (field & 0xff) == NB_F_SRC ? p->src : p->dst;
+    if (p->family == 4 && (field & NB_SETREF_HASH4)) {
+        struct nb_seth4_key h = {.tag = tag};
+        __builtin_memcpy(h.addr, addr, 4);
+        __u32 *hh4 = nb_seth4.lookup(&h);
+        return hh4 != 0;
+    }
+    if (p->family == 6 && (field & NB_SETREF_HASH6)) {
+        struct nb_seth6_key h = {.tag = tag};
+        __builtin_memcpy(h.addr, addr, 16);
+        __u32 *hh6 = nb_seth6.lookup(&h);
+        return hh6 != 0;
+    }
     if (p->family == 4) {
         struct nb_lpm4_key k = {.prefixlen = 64, .tag = tag};
         __builtin_memcpy(k.addr, addr, 4);

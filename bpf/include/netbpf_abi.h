@@ -72,9 +72,14 @@ struct nb_gen {                             /* nb_fw_gen[0]: the one value an ap
     __u32 gen;                              /* 0 or 1 */
 };
 
+/* nb_setref.field flags: this family's entries are all full-length addresses, kept in the
+ * hash map nb_seth4/nb_seth6 (one lookup) instead of the prefix trie nb_set4/nb_set6 */
+#define NB_SETREF_HASH4 0x100
+#define NB_SETREF_HASH6 0x200
+
 struct nb_setref {
-    __u32 tag;                              /* key tag of the set's entries in nb_set4/nb_set6 */
-    __u32 field;                            /* NB_F_SRC or NB_F_DST: which address is looked up */
+    __u32 tag;                              /* key tag of the set's entries in its map */
+    __u32 field;                            /* NB_F_SRC or NB_F_DST (low byte) | NB_SETREF_HASH* */
     __u32 member_id;                        /* class when the address is in the set */
     __u32 nonmember_id;                     /* class when it is not */
 };
@@ -115,6 +120,16 @@ struct nb_lpm4_key {                        /* nb_fw_lpm4 and nb_set4 */
 
 struct nb_lpm6_key {                        /* nb_fw_lpm6 and nb_set6 */
     __u32 prefixlen;
+    __u32 tag;
+    __u8 addr[16];
+};
+
+struct nb_seth4_key {                       /* nb_seth4: a set of IPv4 /32s */
+    __u32 tag;
+    __u8 addr[4];
+};
+
+struct nb_seth6_key {                       /* nb_seth6: a set of IPv6 /128s */
     __u32 tag;
     __u8 addr[16];
 };
