@@ -12,18 +12,19 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from netbpf import abi
+from netbpf import abi, dirtable
 from netbpf.compile import CompiledDirection, set_hash_flags
 from netbpf.errors import NetbpfError
 from netbpf.ir import SetIR
 from netbpf.kernel import bpfsys
 
 FW_MAPS = ("nb_fw_gen", "nb_fw_cfg", "nb_fw_rules", "nb_fw_crules", "nb_fw_vecs",
-           "nb_fw_lpm4", "nb_fw_lpm6", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
+           "nb_fw_dir", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
            "nb_fw_flags", "nb_set4", "nb_set6", "nb_seth4", "nb_seth6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
 
 ACTION_CODES = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP}
 _U32 = struct.Struct("<I")
+_ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
 _BATCH = 65536                  # entries per batch update: bounds one syscall's buffer
 
 
@@ -34,6 +35,7 @@ class MapRef:
     key_size: int
     value_size: int
     percpu: bool
+    max_entries: int = 0
 
 
 class FwTables:
@@ -45,6 +47,9 @@ class FwTables:
         self.words = words
         self.class_cap = class_cap
         self.rules_cap = words * 64
+        # NB_DIR_CHUNKS of the program, read back from the map (2 generations of 4 roots + chunks)
+        self.dir_gen = maps["nb_fw_dir"].max_entries // 2
+        self.chunk_cap = (self.dir_gen - 4 * dirtable.ROOT) // dirtable.CHUNK
         vsz = ctypes.sizeof(abi.vec_struct(words))
         if maps["nb_fw_vecs"].value_size != vsz:
             raise NetbpfError(f"nb_fw_vecs holds {maps['nb_fw_vecs'].value_size}-byte vectors, "
@@ -55,6 +60,8 @@ class FwTables:
     def from_loaded(cls, loaded, words: int, class_cap: int) -> "FwTables":
         maps = {n: MapRef(n, m.fd, m.key_size, m.value_size, m.percpu)
                 for n, m in loaded.maps.items()}
+        if "nb_fw_dir" in maps:
+            maps["nb_fw_dir"].max_entries = bpfsys.map_info(maps["nb_fw_dir"].fd).max_entries
         return cls(maps, words, class_cap)
 
     @classmethod
@@ -63,7 +70,8 @@ class FwTables:
         for name in FW_MAPS:
             fd = bpfsys.obj_get(directory / name)
             info = bpfsys.map_info(fd)
-            maps[name] = MapRef(name, fd, info.key_size, info.value_size, info.percpu)
+            maps[name] = MapRef(name, fd, info.key_size, info.value_size, info.percpu,
+                                info.max_entries)
         return cls(maps, words, class_cap)
 
     def close(self) -> None:
@@ -93,20 +101,19 @@ class FwTables:
         if c.nclasses > self.class_cap:
             raise NetbpfError(f"{c.nclasses} classes do not fit a program built for "
                               f"{self.class_cap}")
+        if len(c.dir.chunks) > self.chunk_cap:
+            raise NetbpfError(f"{len(c.dir.chunks)} address table chunks do not fit a program "
+                              f"built for {self.chunk_cap}")
         self.clear_generation(gen)
         self._write_vecs(gen, c)
-        self._write_lpm(gen, c)
+        self._write_dir(gen, c)
         self._write_arrays(gen, c)
         self._write_rules(gen, c, rule_slots, count_slots, samples or [0] * len(c.rules))
         self._write_cfg(gen, c, set_tags, default_sample)
 
     def clear_generation(self, gen: int) -> None:
-        """Remove generation gen's prefixes (arrays are simply overwritten next time)."""
-        for name, ksize in (("nb_fw_lpm4", 12), ("nb_fw_lpm6", 24)):
-            fd = self.fd(name)
-            stale = [k for k in bpfsys.map_keys(fd, ksize) if (_U32.unpack(k[4:8])[0] & 0xff) == gen]
-            for k in stale:
-                bpfsys.map_delete(fd, k)
+        """Nothing to remove: every table of a generation is an array, overwritten whole by
+        the next write of that generation (kept as the engine's hook after a flip)."""
 
     def _write_vecs(self, gen: int, c: CompiledDirection) -> None:
         ones = (1 << (64 * self.words)) - 1
@@ -115,12 +122,33 @@ class FwTables:
         vals = b"".join(abi.pack_vec(self.words, cnt, bits) for _, (cnt, bits) in items)
         bpfsys.map_update_batch(self.fd("nb_fw_vecs"), keys, vals, len(items))
 
-    def _write_lpm(self, gen: int, c: CompiledDirection) -> None:
-        for name, entries, width in (("nb_fw_lpm4", c.lpm4, 4), ("nb_fw_lpm6", c.lpm6, 16)):
-            fd = self.fd(name)
-            for field, addr, plen, cid in entries:
-                key = struct.pack("<II", 32 + plen, abi.nb_tag(gen, field)) + bytes(addr)
-                bpfsys.map_update(fd, key, _U32.pack(cid))
+    def _write_dir(self, gen: int, c: CompiledDirection) -> None:
+        """Roots of the looked-up address fields, then the chunks, in batches."""
+        base = gen * self.dir_gen
+        parts = [(base + r * dirtable.ROOT, root) for r, root in sorted(c.dir.roots.items())]
+        first = base + 4 * dirtable.ROOT
+        parts += [(first + i * dirtable.CHUNK, ch) for i, ch in enumerate(c.dir.chunks)]
+        for i in range(0, len(parts), _BATCH // dirtable.CHUNK):
+            group = parts[i:i + _BATCH // dirtable.CHUNK]
+            keys = array("I")
+            vals = array("I")
+            for start, ids in group:
+                keys.extend(range(start, start + len(ids)))
+                vals.extend(ids)
+            bpfsys.map_update_batch(self.fd("nb_fw_dir"), keys.tobytes(), vals.tobytes(),
+                                    len(keys))
+
+    def memory_bytes(self) -> int:
+        """Kernel memory the classifier's arrays pin, as created (max_entries x value size, x
+        CPUs for per-CPU ones): the bounded part. Tries and hashes grow with their entries."""
+        total = 0
+        for name in FW_MAPS:
+            info = bpfsys.map_info(self.maps[name].fd)
+            if info.type == _ARRAY:
+                total += info.max_entries * info.value_size
+            elif info.type == _PERCPU_ARRAY:
+                total += info.max_entries * bpfsys.percpu_value_size(info.value_size)
+        return total
 
     def _write_arrays(self, gen: int, c: CompiledDirection) -> None:
         for which, ids in c.ports.items():

@@ -13,8 +13,7 @@ BPF_ARRAY(nb_fw_cfg, struct nb_fw_cfg, 2);
 BPF_ARRAY(nb_fw_rules, struct nb_rule, 2 * NB_RULES_CAP);
 BPF_ARRAY(nb_fw_crules, __u32, 2 * NB_MAX_COUNT_RULES);
 BPF_ARRAY(nb_fw_vecs, struct nb_vec, 2 * NB_CLASS_CAP);
-BPF_LPM_TRIE(nb_fw_lpm4, struct nb_lpm4_key, __u32, 2 * NB_PREFIX_CAP);
-BPF_LPM_TRIE(nb_fw_lpm6, struct nb_lpm6_key, __u32, 2 * NB_PREFIX_CAP);
+BPF_ARRAY(nb_fw_dir, __u32, 2 * NB_DIR_GEN);
 BPF_ARRAY(nb_fw_ports, __u32, 4 * 65536);
 BPF_ARRAY(nb_fw_proto, __u32, 2 * 256);
 BPF_ARRAY(nb_fw_icmp, __u32, 2 * 65536);
@@ -83,21 +82,41 @@ static __always_inline void nb_stat(__u32 idx, __u32 len)
     nb_bump(c, len, 0);
 }
 
-/* Class id of an address field: longest prefix among the rule prefixes, else the wildcard. */
+/* Class id of an address field: the longest rule prefix holding the address, read from the
+ * direct-indexed tables (one root read by the first 16 bits, then one chunk read per further
+ * byte while the entry points deeper): at most 3 reads for IPv4, 15 for IPv6, whatever the
+ * number of prefixes. nbytes is a constant at each call, so the unrolled loop folds. */
+static __always_inline __u32 nb_dir_class(__u32 gen, __u32 root, __u8 *addr, int nbytes,
+                                          __u32 wild)
+{
+    __u32 base = gen * NB_DIR_GEN;
+    __u32 idx = base + root * NB_DIR_ROOT + (((__u32)addr[0] << 8) | addr[1]);
+    __u32 *e = nb_fw_dir.lookup(&idx);
+    if (!e)
+        return wild;
+    __u32 v = *e;
+#pragma unroll
+    for (int i = 2; i < 16; i++) {
+        if (i >= nbytes || !(v & NB_DIR_PTR))
+            break;
+        __u32 chunk = v & ~NB_DIR_PTR;
+        if (chunk >= NB_DIR_CHUNKS)
+            return wild;
+        idx = base + 4 * NB_DIR_ROOT + chunk * 256 + addr[i];
+        e = nb_fw_dir.lookup(&idx);
+        if (!e)
+            return wild;
+        v = *e;
+    }
+    return (v & NB_DIR_PTR) ? wild : v;
+}
+
 static __always_inline __u32 nb_addr_class(struct nb_pkt *p, __u32 gen, __u32 field,
                                            __u8 *addr, __u32 wild)
 {
-    __u32 *id;
-    if (p->family == 4) {
-        struct nb_lpm4_key k = {.prefixlen = 64, .tag = NB_TAG(gen, field)};
-        __builtin_memcpy(k.addr, addr, 4);
-        id = nb_fw_lpm4.lookup(&k);
-    } else {
-        struct nb_lpm6_key k = {.prefixlen = 160, .tag = NB_TAG(gen, field)};
-        __builtin_memcpy(k.addr, addr, 16);
-        id = nb_fw_lpm6.lookup(&k);
-    }
-    return id ? *id : wild;
+    if (p->family == 4)
+        return nb_dir_class(gen, field << 1, addr, 4, wild);
+    return nb_dir_class(gen, (field << 1) | 1, addr, 16, wild);
 }
 
 /* Spelled out per map: bcc only rewrites map.lookup() on a map named in place, and a plain

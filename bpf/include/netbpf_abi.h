@@ -14,6 +14,10 @@
 #ifndef NB_CLASS_CAP
 #define NB_CLASS_CAP 64
 #endif
+/* NB_DIR_CHUNKS: 256-entry chunks of the address tables per generation (nb_fw_dir). */
+#ifndef NB_DIR_CHUNKS
+#define NB_DIR_CHUNKS 64
+#endif
 #define NB_SUM ((NB_WORDS + 63) / 64)       /* summary words: bit i set = word i may be non-zero */
 #define NB_RULES_CAP (NB_WORDS * 64)        /* terminal rules per direction */
 
@@ -21,6 +25,7 @@
 #define NB_MAX_COUNT_RULES 64               /* 'count' rules per direction (one u64 bitmap) */
 #define NB_MAX_SETREFS 4                    /* distinct (set, src|dst) references per direction */
 #define NB_PREFIX_CAP 65536                 /* distinct rule prefixes per family per generation */
+#define NB_DIR_MAX_CHUNKS 32768            /* NB_DIR_CHUNKS at most: 32 MiB per generation */
 #define NB_SET_CAP (1 << 20)                /* set entries per family (old + new fit: map is 2x) */
 #define NB_SLOT_CAP (2 * NB_RULES_CAP + 2 * NB_MAX_COUNT_RULES) /* counter slots */
 #define NB_RL_ENTRIES 65536                 /* rate-limit buckets (LRU: oldest source evicted) */
@@ -49,8 +54,14 @@
 
 #define NB_CLASS_ALL 0                      /* class id 0 is all-ones: the field is not looked up */
 
-/* LPM tags: the 32 bits after prefixlen in every LPM key (always fully matched) */
-#define NB_TAG(gen, field) (((__u32)(field) << 8) | (__u32)(gen))
+/* Address tables (nb_fw_dir, u32 entries), per generation gen at gen * NB_DIR_GEN: four
+ * roots of 65,536 entries indexed by the first 16 address bits (root (field << 1) | is_ipv6),
+ * then NB_DIR_CHUNKS chunks of 256 indexed by the next byte. An entry is a class id, or
+ * NB_DIR_PTR | chunk number: go one byte deeper. netbpf/dirtable.py builds them. */
+#define NB_DIR_ROOT 65536
+#define NB_DIR_PTR 0x80000000
+#define NB_DIR_GEN (4 * NB_DIR_ROOT + 256 * NB_DIR_CHUNKS)
+
 
 /* ---- global statistics (nb_fw_stats index) ---- */
 #define NB_STAT_PASS 0                      /* packets passed (any reason) */
@@ -112,13 +123,13 @@ struct nb_vec {                             /* nb_fw_vecs[gen * NB_CLASS_CAP + i
     __u64 w[NB_WORDS];                      /* terminal rules matching this class */
 };
 
-struct nb_lpm4_key {                        /* nb_fw_lpm4 and nb_set4 */
+struct nb_lpm4_key {                        /* nb_set4 */
     __u32 prefixlen;                        /* 32 (tag) + prefix length */
     __u32 tag;
     __u8 addr[4];
 };
 
-struct nb_lpm6_key {                        /* nb_fw_lpm6 and nb_set6 */
+struct nb_lpm6_key {                        /* nb_set6 */
     __u32 prefixlen;
     __u32 tag;
     __u8 addr[16];
