@@ -51,13 +51,16 @@ class Firewall:
     def __init__(self, d, sets=None):
         sets = sets or {}
         c = compile_direction(d, sets)
-        self.shape = choose_shape(c.nrules, c.nclasses)
+        self.compiled = c
+        self.shape = choose_shape(c.nrules, c.nclasses, None, len(c.dir.chunks))
         # built as apply builds it: the shape it picks, only the fields the rules use
         self.loaded = load_program(FW_SOURCE, {"NB_WORDS": self.shape.words,
                                                "NB_CLASS_CAP": self.shape.class_cap,
+                                               "NB_DIR_CHUNKS": self.shape.chunks,
                                                "NB_FIELDS": c.field_mask},
                                    {FW_PROG: "xdp"})
-        t = FwTables.from_loaded(self.loaded, self.shape.words, self.shape.class_cap)
+        t = self.tables = FwTables.from_loaded(self.loaded, self.shape.words,
+                                               self.shape.class_cap)
         tags = {n: i + 1 for i, n in enumerate(sorted({r.set_name for r in c.setrefs}))}
         t0 = time.perf_counter()
         for name, tag in tags.items():
