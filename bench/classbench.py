@@ -166,3 +166,25 @@ def trace(d: DirectionIR, n: int, family: int = 4, seed: int = 1,
         else:
             out.append(Pkt(family, src, dst, proto, icmp_type=8, icmp_code=0))
     return out
+
+
+def frame(p: Pkt) -> bytes:
+    """Ethernet frame of a header (Scapy): what the bench and the tests feed the program."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    from scapy.layers.l2 import Ether
+
+    from netbpf.ir import addr_text
+
+    ip = (IP if p.family == 4 else IPv6)(src=addr_text(p.family, p.src),
+                                         dst=addr_text(p.family, p.dst))
+    if p.proto == 6:
+        l4 = TCP(sport=p.sport, dport=p.dport, flags="A")
+    elif p.proto == 17:
+        l4 = UDP(sport=p.sport, dport=p.dport)
+    elif p.proto == 1:
+        l4 = ICMP(type=p.icmp_type, code=p.icmp_code)
+    else:
+        l4 = ICMPv6EchoRequest()
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip / l4)
+

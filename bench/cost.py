@@ -84,7 +84,7 @@ def _frame(src: str) -> bytes:
 
 
 def run(rows: dict[str, Row], *, rounds: int, repeat: int, rule_counts: list[int],
-        set_entries: int, log) -> None:
+        set_entries: int, log, classbench_rules: int = 10_000) -> None:
     def row(key, label, floor="cost.empty"):
         r = Row("cost", key, label, "ns", floor_key=floor)
         rows[key] = r
@@ -131,6 +131,11 @@ def run(rows: dict[str, Row], *, rounds: int, repeat: int, rule_counts: list[int
         for _ in range(rounds):
             for s in subjects:
                 s.measure(repeat)
+        if classbench_rules:
+            import cbcost
+            cbcost.run(row, Firewall, empty.prog_fd("nb_bench_empty"), kinds=("acl", "fw", "ipc"),
+                       families=(4, 6), rules=classbench_rules, headers=10_000, rounds=rounds,
+                       repeat=repeat, log=log)
     finally:
         for k in keep:
             k.close()

@@ -11,12 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
-from scapy.layers.l2 import Ether
-
 from netbpf.compile import choose_shape, compile_direction, reference_match
-from netbpf.ir import addr_text
 
 from fwprog import FwProg
 
@@ -26,20 +21,6 @@ import classbench  # noqa: E402
 RULES = 10_000
 HEADERS = 2000
 SETS = {4: ("acl", 4), 6: ("fw", 6)}      # family -> (kind, family)
-
-
-def frame(p) -> bytes:
-    ip = (IP if p.family == 4 else IPv6)(src=addr_text(p.family, p.src),
-                                         dst=addr_text(p.family, p.dst))
-    if p.proto == 6:
-        l4 = TCP(sport=p.sport, dport=p.dport, flags="A")
-    elif p.proto == 17:
-        l4 = UDP(sport=p.sport, dport=p.dport)
-    elif p.proto == 1:
-        l4 = ICMP(type=p.icmp_type, code=p.icmp_code)
-    else:
-        l4 = ICMPv6EchoRequest()
-    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip / l4)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +59,7 @@ def test_10k_classbench_set_gives_reference_verdicts_and_counters(fw, sets, fami
             want[terminal[ref.terminal].name] += 1
         for ci in ref.counted:
             want[counting[ci].name] += 1
-        got = fw.run(frame(p))
+        got = fw.run(classbench.frame(p))
         if got != expected:
             wrong.append((p, got, expected))
     assert wrong == [], f"{len(wrong)} of {len(pkts)} wrong, first: {wrong[:3]}"

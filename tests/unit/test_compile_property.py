@@ -190,3 +190,9 @@ def test_classbench_like_sets_decide_like_the_rule_loop(kind, family, n, seed, c
     pkts = classbench.trace(d, 60, family, seed=seed) + _edges(d, family, pick)
     pkts.append(classbench.miss(family))
     _agree(d, {}, pkts)
+    # validate's chunk count (netbpf/policy/checks.py) is the compiler's, exactly
+    width = 32 if family == 4 else 128
+    nodes = {(f, d_, p.addr >> (width - d_)) for r in d.rules
+             for f, m in (("src", r.src), ("dst", r.dst)) if m is not None
+             for p in m.prefixes for d_ in range(16, p.plen, 8)}
+    assert len(nodes) == len(compile_direction(d).dir.chunks)
