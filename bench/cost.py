@@ -133,7 +133,7 @@ def run(rows: dict[str, Row], *, rounds: int, repeat: int, rule_counts: list[int
                 s.measure(repeat)
         if classbench_rules:
             import cbcost
-            cbcost.run(row, Firewall, empty.prog_fd("nb_bench_empty"), kinds=("acl", "fw", "ipc"),
+            cbcost.run(row, Firewall, kinds=("acl", "fw", "ipc"),
                        families=(4, 6), rules=classbench_rules, headers=10_000, rounds=rounds,
                        repeat=repeat, log=log)
     finally:

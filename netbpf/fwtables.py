@@ -280,6 +280,18 @@ class FwTables:
             bpfsys.map_update(m.fd, _U32.pack(k), blob)
 
 
+def table_bytes(words: int, class_cap: int, chunks: int) -> int:
+    """What memory_bytes() reads from a loaded program, from its shape alone (status uses it
+    without opening maps): the classifier's arrays as bpf/include/classify.h declares them."""
+    percpu = bpfsys.percpu_value_size(ctypes.sizeof(abi.NbCounter))
+    return (4 + 2 * ctypes.sizeof(abi.NbFwCfg) + 2 * words * 64 * ctypes.sizeof(abi.NbRule)
+            + 2 * abi.NB_MAX_COUNT_RULES * 4
+            + 2 * class_cap * ctypes.sizeof(abi.vec_struct(words))
+            + dirtable.map_bytes(chunks)
+            + 4 * 65536 * 4 + 2 * 256 * 4 + 2 * 65536 * 4 + 2 * 256 * 4
+            + abi.slot_cap(words) * percpu + abi.NB_STAT_MAX * percpu)
+
+
 COUNTER_MAPS = ("nb_fw_cnt", "nb_fw_stats")
 
 

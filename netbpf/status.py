@@ -6,6 +6,7 @@ nothing (re-applying the policy does). Plain dicts for the CLI.
 from __future__ import annotations
 
 from netbpf.apply import drift
+from netbpf.fwtables import table_bytes
 from netbpf.state import list_pin_keys, list_states, split_key
 
 
@@ -20,7 +21,9 @@ def read_status() -> list[dict]:
                      "prog_id": ing.prog_id if ing else None,
                      "rules": len(st.rules), "conntrack": st.conntrack,
                      "policy_path": st.policy_path, "policy_hash": st.policy_hash,
-                     "applied_at": st.applied_at, "health": drift(st) or "ok"})
+                     "applied_at": st.applied_at, "health": drift(st) or "ok",
+                     "classifier_bytes": sum(table_bytes(p.words, p.class_cap, p.dir_chunks)
+                                             for p in st.parts.values())})
     known = {st.key for st in states}
     for key in list_pin_keys():
         if key not in known:

@@ -162,6 +162,9 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
                  f" {d} — {hook}, prog {part['prog_id']}, default {part['default_action']}, "
                  f"gen {part['generation']}, {s['health']}")
         tables.append(Text(title, style="bold"))
+        if "classifier_bytes" in part:
+            tables.append(Text(f"classifier tables: {_human(part['classifier_bytes'])} of kernel "
+                               f"memory ({part['address_chunks']} address chunks)"))
         t = Table()
         for col, just in (("rule", "left"), ("action", "left"), ("packets", "right"),
                           ("bytes", "right")):
@@ -281,14 +284,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo("netbpf manages no interface")
         return
     t = Table()
-    for col in ("interface", "xdp", "programs", "rules", "applied", "health"):
+    for col in ("interface", "xdp", "programs", "rules", "tables", "applied", "health"):
         t.add_column(col)
     for r in rows:
         applied = time.strftime("%m-%d %H:%M", time.localtime(r["applied_at"])) \
             if r.get("applied_at") else "-"
         progs = " ".join(f"{d}:{i}" for d, i in r.get("programs", {}).items()) or "-"
         where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]
-        t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), applied,
+        mem = _human(r["classifier_bytes"]) + "B" if r.get("classifier_bytes") else "-"
+        t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), mem, applied,
                   r["health"])
     Console().print(t)
     if any(r["health"] != "ok" for r in rows):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from netbpf.compile import choose_shape, compile_direction, reference_match
+from netbpf.fwtables import table_bytes
 
 from fwprog import FwProg
 
@@ -68,3 +69,9 @@ def test_10k_classbench_set_gives_reference_verdicts_and_counters(fw, sets, fami
     assert {n: c for n, c in got_counts.items() if c} == dict(want)
     assert len(want) > 200                  # the trace reaches many rules, not a few
     assert fw.totals()["default"] == misses >= 1     # the miss header at least
+
+
+def test_kernel_memory_read_from_maps_is_the_shape_formula(fw):
+    """stats reads the maps, status computes from the shape: the two must agree."""
+    t = fw.tables
+    assert t.memory_bytes() == table_bytes(t.words, t.class_cap, t.chunk_cap)
