@@ -22,6 +22,10 @@ FW_MAPS = ("nb_fw_gen", "nb_fw_cfg", "nb_fw_rules", "nb_fw_crules", "nb_fw_vecs"
            "nb_fw_dir", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
            "nb_fw_flags", "nb_set4", "nb_set6", "nb_seth4", "nb_seth6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
 
+# Maps a program built before the address tables and hash sets lacks: its pins are still read
+# (counters carried over, stats) until the next apply replaces it.
+NEWER_MAPS = ("nb_fw_dir", "nb_seth4", "nb_seth6")
+
 ACTION_CODES = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP}
 _U32 = struct.Struct("<I")
 _ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
@@ -40,7 +44,7 @@ class MapRef:
 
 class FwTables:
     def __init__(self, maps: dict[str, MapRef], words: int, class_cap: int):
-        missing = [n for n in FW_MAPS if n not in maps]
+        missing = [n for n in FW_MAPS if n not in maps and n not in NEWER_MAPS]
         if missing:
             raise NetbpfError(f"firewall maps missing: {', '.join(missing)}")
         self.maps = maps
@@ -48,8 +52,8 @@ class FwTables:
         self.class_cap = class_cap
         self.rules_cap = words * 64
         # NB_DIR_CHUNKS of the program, read back from the map (2 generations of 4 roots + chunks)
-        self.dir_gen = maps["nb_fw_dir"].max_entries // 2
-        self.chunk_cap = (self.dir_gen - 4 * dirtable.ROOT) // dirtable.CHUNK
+        self.dir_gen = maps["nb_fw_dir"].max_entries // 2 if "nb_fw_dir" in maps else 0
+        self.chunk_cap = max(0, (self.dir_gen - 4 * dirtable.ROOT) // dirtable.CHUNK)
         vsz = ctypes.sizeof(abi.vec_struct(words))
         if maps["nb_fw_vecs"].value_size != vsz:
             raise NetbpfError(f"nb_fw_vecs holds {maps['nb_fw_vecs'].value_size}-byte vectors, "
@@ -68,6 +72,8 @@ class FwTables:
     def from_pins(cls, directory: Path, words: int, class_cap: int) -> "FwTables":
         maps = {}
         for name in FW_MAPS:
+            if name in NEWER_MAPS and not (directory / name).exists():
+                continue
             fd = bpfsys.obj_get(directory / name)
             info = bpfsys.map_info(fd)
             maps[name] = MapRef(name, fd, info.key_size, info.value_size, info.percpu,
@@ -143,6 +149,8 @@ class FwTables:
         CPUs for per-CPU ones): the bounded part. Tries and hashes grow with their entries."""
         total = 0
         for name in FW_MAPS:
+            if name not in self.maps:
+                continue
             info = bpfsys.map_info(self.maps[name].fd)
             if info.type == _ARRAY:
                 total += info.max_entries * info.value_size
@@ -226,6 +234,8 @@ class FwTables:
             for k in [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[4:8])[0] == tag]:
                 bpfsys.map_delete(fd, k)
         for name, ksize in (("nb_seth4", 8), ("nb_seth6", 20)):
+            if name not in self.maps:
+                continue
             fd = self.fd(name)
             stale = [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[:4])[0] == tag]
             for i in range(0, len(stale), _BATCH):
