@@ -284,17 +284,21 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo("netbpf manages no interface")
         return
     t = Table()
-    for col in ("interface", "xdp", "programs", "rules", "tables", "applied", "health"):
+    for col in ("interface", "xdp", "programs", "rules", "applied", "health"):
         t.add_column(col)
     for r in rows:
         applied = time.strftime("%m-%d %H:%M", time.localtime(r["applied_at"])) \
             if r.get("applied_at") else "-"
         progs = " ".join(f"{d}:{i}" for d, i in r.get("programs", {}).items()) or "-"
         where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]
-        mem = _human(r["classifier_bytes"]) + "B" if r.get("classifier_bytes") else "-"
-        t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), mem, applied,
+        t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), applied,
                   r["health"])
     Console().print(t)
+    # below the table, not a column: the table must stay readable at 80 columns
+    mem = [f"{r['netns'] + ':' if r['netns'] else ''}{r['interface']} "
+           f"{_human(r['classifier_bytes'])}B" for r in rows if r.get("classifier_bytes")]
+    if mem:
+        click.echo("classifier tables (kernel memory): " + ", ".join(mem))
     if any(r["health"] != "ok" for r in rows):
         sys.exit(1)
 
