@@ -85,38 +85,32 @@ static __always_inline void nb_stat(__u32 idx, __u32 len)
 /* Class id of an address field: the longest rule prefix holding the address, read from the
  * direct-indexed tables (one root read by the first 16 bits, then one chunk read per further
  * byte while the entry points deeper): at most 3 reads for IPv4, 15 for IPv6, whatever the
- * number of prefixes. nbytes is a constant at each call, so the unrolled loop folds. */
-static __always_inline __u32 nb_dir_class(__u32 gen, __u32 root, __u8 *addr, int nbytes,
-                                          __u32 wild)
+ * number of prefixes. A real (bounded) loop, not unrolled: unrolled, each step's key got its
+ * own stack slot and a program with conntrack went over the 512-byte stack. */
+static __always_inline __u32 nb_addr_class(struct nb_pkt *p, __u32 gen, __u32 field,
+                                           __u8 *addr, __u32 wild)
 {
+    __u32 nbytes = p->family == 4 ? 4 : 16;
     __u32 base = gen * NB_DIR_GEN;
-    __u32 idx = base + root * NB_DIR_ROOT + (((__u32)addr[0] << 8) | addr[1]);
+    __u32 idx = base + ((field << 1) | (p->family != 4)) * NB_DIR_ROOT +
+                (((__u32)addr[0] << 8) | addr[1]);
     __u32 *e = nb_fw_dir.lookup(&idx);
     if (!e)
         return wild;
     __u32 v = *e;
-#pragma unroll
-    for (int i = 2; i < 16; i++) {
+    for (__u32 i = 2; i < 16; i++) {
         if (i >= nbytes || !(v & NB_DIR_PTR))
             break;
         __u32 chunk = v & ~NB_DIR_PTR;
         if (chunk >= NB_DIR_CHUNKS)
             return wild;
-        idx = base + 4 * NB_DIR_ROOT + chunk * 256 + addr[i];
+        idx = base + 4 * NB_DIR_ROOT + chunk * 256 + addr[i & 15];
         e = nb_fw_dir.lookup(&idx);
         if (!e)
             return wild;
         v = *e;
     }
     return (v & NB_DIR_PTR) ? wild : v;
-}
-
-static __always_inline __u32 nb_addr_class(struct nb_pkt *p, __u32 gen, __u32 field,
-                                           __u8 *addr, __u32 wild)
-{
-    if (p->family == 4)
-        return nb_dir_class(gen, field << 1, addr, 4, wild);
-    return nb_dir_class(gen, (field << 1) | 1, addr, 16, wild);
 }
 
 /* Spelled out per map: bcc only rewrites map.lookup() on a map named in place, and a plain

@@ -15,7 +15,8 @@ from netbpf.apply import PROGRAMS
 from netbpf.kernel.loader import load_program
 
 ALL_FIELDS = (1 << abi.NB_NFIELDS) - 1
-FIELD_SETS = {"none": 0, "dport": 1 << abi.NB_F_DPORT, "all": ALL_FIELDS}
+FIELD_SETS = {"none": 0, "dport": 1 << abi.NB_F_DPORT,
+              "addresses": (1 << abi.NB_F_SRC) | (1 << abi.NB_F_DST), "all": ALL_FIELDS}
 FEATURES = {"plain": {}, "conntrack+lb": {"NB_CONNTRACK": 1, "NB_LB": 1}}
 WORDS = (abi.WORD_BUCKETS[0], abi.WORD_BUCKETS[-1])
 
