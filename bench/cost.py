@@ -51,13 +51,16 @@ class Firewall:
     def __init__(self, d, sets=None):
         sets = sets or {}
         c = compile_direction(d, sets)
-        self.shape = choose_shape(c.nrules, c.nclasses)
+        self.compiled = c
+        self.shape = choose_shape(c.nrules, c.nclasses, None, len(c.dir.chunks))
         # built as apply builds it: the shape it picks, only the fields the rules use
         self.loaded = load_program(FW_SOURCE, {"NB_WORDS": self.shape.words,
                                                "NB_CLASS_CAP": self.shape.class_cap,
+                                               "NB_DIR_CHUNKS": self.shape.chunks,
                                                "NB_FIELDS": c.field_mask},
                                    {FW_PROG: "xdp"})
-        t = FwTables.from_loaded(self.loaded, self.shape.words, self.shape.class_cap)
+        t = self.tables = FwTables.from_loaded(self.loaded, self.shape.words,
+                                               self.shape.class_cap)
         tags = {n: i + 1 for i, n in enumerate(sorted({r.set_name for r in c.setrefs}))}
         t0 = time.perf_counter()
         for name, tag in tags.items():
@@ -81,7 +84,7 @@ def _frame(src: str) -> bytes:
 
 
 def run(rows: dict[str, Row], *, rounds: int, repeat: int, rule_counts: list[int],
-        set_entries: int, log) -> None:
+        set_entries: int, log, classbench_rules: int = 10_000) -> None:
     def row(key, label, floor="cost.empty"):
         r = Row("cost", key, label, "ns", floor_key=floor)
         rows[key] = r
@@ -128,6 +131,11 @@ def run(rows: dict[str, Row], *, rounds: int, repeat: int, rule_counts: list[int
         for _ in range(rounds):
             for s in subjects:
                 s.measure(repeat)
+        if classbench_rules:
+            import cbcost
+            cbcost.run(row, Firewall, kinds=("acl", "fw", "ipc"),
+                       families=(4, 6), rules=classbench_rules, headers=10_000, rounds=rounds,
+                       repeat=repeat, log=log)
     finally:
         for k in keep:
             k.close()

@@ -115,10 +115,25 @@ def judge(rows: dict[str, Row]) -> list[str]:
                               f"xdp-filter {peer.median:.0f} ns "
                               f"({ours.median / peer.median:.1f}x slower)")
     s, peer = get("cost.set.hit"), get("cost.xdpfilter.10000.hit")
-    if s and peer and s.median > peer.median:
-        s.target = f"behind xdp-filter hash ({peer.median:.0f} ns)"
-        behind.append(f"per packet, big address set, hit: netbpf {s.median:.0f} ns (LPM trie) "
-                      f"vs xdp-filter {peer.median:.0f} ns (hash)")
+    if s and peer:
+        a = s.median / peer.median
+        s.target = f"<=1.2x xdp-filter hash hit ({peer.median:.0f} ns): {a:.2f}x {_mark(a <= 1.2)}"
+        if a > 1:
+            behind.append(f"per packet, big address set, hit: netbpf {s.median:.0f} ns (hash) "
+                          f"vs xdp-filter {peer.median:.0f} ns (hash)")
+    # ClassBench-like sets: each beside the 1-rule program with the same fields, same run
+    for fam in (4, 6):
+        one, xf = get(f"cost.cb.one{fam}"), get("cost.xdpfilter.1.hit")
+        if one and xf and fam == 4:
+            a = one.median / xf.median
+            one.target = f"no slower than xdp-filter 1 address ({xf.median:.0f} ns): {a:.2f}x " \
+                         f"{_mark(a <= 1.0)}"
+        for kind in ("acl", "fw", "ipc"):
+            for what, bound in (("trace", 1.5), ("deep", 2.0), ("miss", 2.0)):
+                r = get(f"cost.cb.{kind}{fam}.{what}")
+                if r and one:
+                    a = r.median / one.median
+                    r.target = f"<={bound}x 1 rule: {a:.1f}x {_mark(a <= bound)}"
 
     peers = [("iptables-legacy", "iptables legacy"), ("iptables-nft", "iptables nft"),
              ("nft.rules", "nftables rules"), ("nft.set", "nftables set")]

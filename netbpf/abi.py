@@ -20,6 +20,9 @@ NB_MAX_COUNT_RULES = 64
 NB_MAX_SETREFS = 4
 NB_PREFIX_CAP = 65536
 NB_SET_CAP = 1 << 20
+NB_DIR_MAX_CHUNKS = 32768
+NB_DIR_ROOT = 65536
+NB_DIR_PTR = 0x80000000
 NB_RL_ENTRIES = 65536
 NB_MAX_VLANS = 2
 NB_MAX_EXTHDRS = 6
@@ -52,6 +55,8 @@ NB_F_SET0 = 7
 NB_NFIELDS_BASE = 7
 NB_NFIELDS = NB_NFIELDS_BASE + NB_MAX_SETREFS
 NB_CLASS_ALL = 0
+NB_SETREF_HASH4 = 0x100
+NB_SETREF_HASH6 = 0x200
 
 NB_STAT_PASS = 0
 NB_STAT_DROP = 1
@@ -165,6 +170,14 @@ class NbLpm4Key(ctypes.Structure):
 class NbLpm6Key(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("tag", ctypes.c_uint32),
                 ("addr", ctypes.c_uint8 * 16)]
+
+
+class NbSeth4Key(ctypes.Structure):
+    _fields_ = [("tag", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
+class NbSeth6Key(ctypes.Structure):
+    _fields_ = [("tag", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
 
 
 class NbCounter(ctypes.Structure):

@@ -143,7 +143,8 @@ def program_hash(source: Path, shape: Shape, conntrack: bool, lb_ring_cap: int =
     h = hashlib.sha256(source.read_bytes())
     for hdr in sorted((abi.BPF_DIR / "include").glob("*.h")):
         h.update(hdr.name.encode() + hdr.read_bytes())
-    h.update(f"words={shape.words} classes={shape.class_cap} ct={int(conntrack)} "
+    h.update(f"words={shape.words} classes={shape.class_cap} chunks={shape.chunks} "
+             f"ct={int(conntrack)} "
              f"lb={lb_ring_cap} fields={fields:#x}".encode())
     return h.hexdigest()[:16]
 
@@ -174,8 +175,9 @@ def _plan_part(direction: str, ir: DirectionIR, sets, old: InterfaceState | None
                conntrack: bool) -> PartPlan:
     compiled = compile_direction(ir, sets)
     old_part = old.parts.get(direction) if old else None
-    current = Shape(old_part.words, old_part.class_cap) if old_part else None
-    shape = choose_shape(compiled.nrules, compiled.nclasses, current)
+    current = Shape(old_part.words, old_part.class_cap, old_part.dir_chunks) if old_part else None
+    shape = choose_shape(compiled.nrules, compiled.nclasses, current,
+                         len(compiled.dir.chunks))
     hook = "tc" if direction == "egress" else ir.hook
     # Fields the program is built with: the ones the rules use; a running program that
     # already has them all is kept (rule edits stay map writes).
@@ -256,7 +258,7 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                     p.reasons.append(f"{d} program reloaded to finish an interrupted apply")
                 elif old.parts[d].prog_hash != p.parts[d].prog_hash:
                     shape_now = p.parts[d].shape
-                    was = Shape(old.parts[d].words, old.parts[d].class_cap)
+                    was = Shape(old.parts[d].words, old.parts[d].class_cap, old.parts[d].dir_chunks)
                     if shape_now != was:
                         why = "shape changed"
                     elif old.parts[d].fields != p.parts[d].fields:
@@ -462,7 +464,8 @@ def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
     return PartState(direction=pp.direction, hook=pp.hook, fields=pp.fields, mode=mode,
                      prog_id=prog_id,
                      prog_hash=pp.prog_hash, words=pp.shape.words,
-                     class_cap=pp.shape.class_cap, default_action=pp.ir.default,
+                     class_cap=pp.shape.class_cap, dir_chunks=pp.shape.chunks,
+                     default_action=pp.ir.default,
                      rules=rules, sets=list(tags.values()), sample=pp.ir.sample, gen=gen)
 
 
@@ -568,7 +571,7 @@ def _pins_usable(key: str, old: PartState | None) -> bool:
 def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Path):
     """Compile, load and fill one part; pin its maps and program into staging."""
     defines = {"NB_WORDS": pp.shape.words, "NB_CLASS_CAP": pp.shape.class_cap,
-               "NB_FIELDS": pp.fields}
+               "NB_DIR_CHUNKS": pp.shape.chunks, "NB_FIELDS": pp.fields}
     if p.conntrack:
         defines["NB_CONNTRACK"] = 1
     if p.lbs:

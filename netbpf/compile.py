@@ -19,7 +19,8 @@ import math
 from array import array
 from dataclasses import dataclass, field
 
-from netbpf import abi
+from netbpf import abi, dirtable
+from netbpf.dirtable import DirTables, root_index
 from netbpf.errors import InputError
 from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
 
@@ -46,6 +47,18 @@ class SetRef:
     field: int              # NB_F_SRC or NB_F_DST
     member_id: int
     nonmember_id: int
+    hashed: int = 0         # NB_SETREF_HASH4 | NB_SETREF_HASH6: families kept in a hash map
+
+
+def set_hash_flags(s: SetIR) -> int:
+    """Families whose entries are all full-length addresses: those go in a hash map (one
+    lookup per packet); a family with any shorter prefix keeps the prefix trie."""
+    flags = 0
+    if s.v4 and all(plen == 32 for _, plen in s.v4):
+        flags |= abi.NB_SETREF_HASH4
+    if s.v6 and all(plen == 128 for _, plen in s.v6):
+        flags |= abi.NB_SETREF_HASH6
+    return flags
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class CompiledDirection:
     icmp: array | None = None
     flags: array | None = None
     nclasses: int = 1                            # max id + 1
+    dir: DirTables = field(default_factory=DirTables)   # address fields (built from lpm4/6)
 
     @functools.cached_property
     def _lookup(self) -> _Tables:
@@ -94,6 +108,7 @@ class CompiledDirection:
 class Shape:
     words: int              # NB_WORDS
     class_cap: int          # NB_CLASS_CAP
+    chunks: int = 64        # NB_DIR_CHUNKS
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,13 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> C
         if len(lpm[fam]) > abi.NB_PREFIX_CAP:
             raise InputError(f"{len(lpm[fam])} distinct IPv{fam} rule prefixes: at most "
                              f"{abi.NB_PREFIX_CAP} (NB_PREFIX_CAP) per direction")
+    dirt = DirTables()
+    for f in (abi.NB_F_SRC, abi.NB_F_DST):
+        if field_mask & (1 << f):
+            for fam in (4, 6):
+                own = [(int.from_bytes(a, "big"), plen, i) for g, a, plen, i in lpm[fam] if g == f]
+                dirt.add_root(root_index(f, fam), ADDR_BITS[fam], wild_id[f], own)
+    dirtable.chunk_cap(len(dirt.chunks))       # refuses tables no program can hold
 
     # Array fields: each distinct constraint becomes disjoint inclusive intervals of indices.
     arrays: dict[int, array] = {}
@@ -219,7 +241,9 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> C
     # dict order = first reference in file order (src before dst): deterministic
     for k, ((name, f), referencing) in enumerate(setref_bits.items()):
         field_mask |= 1 << (abi.NB_F_SET0 + k)
-        setrefs.append(SetRef(name, f, b.intern(all_bits), b.intern(all_bits & ~referencing)))
+        hashed = set_hash_flags(sets[name]) if sets and name in sets else 0
+        setrefs.append(SetRef(name, f, b.intern(all_bits), b.intern(all_bits & ~referencing),
+                              hashed))
 
     return CompiledDirection(
         nrules=len(rules), ncount=len(count_rules), default_action=DEFAULTS[d.default],
@@ -229,7 +253,7 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> C
         lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]),
         ports={w: arrays[f] for w, f in ((0, abi.NB_F_SPORT), (1, abi.NB_F_DPORT)) if f in arrays},
         proto=arrays.get(abi.NB_F_PROTO), icmp=arrays.get(abi.NB_F_ICMP),
-        flags=arrays.get(abi.NB_F_FLAGS), nclasses=len(b.ids) + 1)
+        flags=arrays.get(abi.NB_F_FLAGS), nclasses=len(b.ids) + 1, dir=dirt)
 
 
 class _Builder:
@@ -366,6 +390,30 @@ def _check_rule(r: RuleIR, sets: dict[str, SetIR] | None) -> None:
         raise bad(f"tcp_flags mask and value must be 0-255 (got {r.tcp_flags})")
 
 
+def merge_prefixes(prefixes) -> tuple[Prefix, ...]:
+    """The fewest prefixes covering exactly the same addresses (per family, in order): how
+    the kernel's address tables read back, and how `show` compares a rule with the file."""
+    out: list[Prefix] = []
+    for fam in (4, 6):
+        width = ADDR_BITS[fam]
+        spans = sorted((_network(p.addr, p.plen, fam), _network(p.addr, p.plen, fam)
+                        + (1 << (width - p.plen)) - 1) for p in prefixes if p.family == fam)
+        merged: list[list[int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        for lo, hi in merged:
+            while lo <= hi:
+                size = (lo & -lo).bit_length() - 1 if lo else width
+                while lo + (1 << size) - 1 > hi:
+                    size -= 1
+                out.append(Prefix(fam, lo, width - size))
+                lo += 1 << size
+    return tuple(out)
+
+
 def _canon_addr(m: AddrMatch | None):
     if m is None:
         return None
@@ -487,7 +535,8 @@ def _rule_from(name: str, action: str, m: dict, r: RuleEntry | None = None) -> R
     def addr(v):
         if v is None:
             return None
-        return AddrMatch(set_name=v) if isinstance(v, str) else AddrMatch(prefixes=tuple(v))
+        return AddrMatch(set_name=v) if isinstance(v, str) else \
+            AddrMatch(prefixes=merge_prefixes(v))
 
     never = any(not m[k] for k in ("proto", "icmp", "flags") if k in m)
     proto = None
@@ -522,8 +571,9 @@ def _rule_from(name: str, action: str, m: dict, r: RuleEntry | None = None) -> R
 
 # ---------------------------------------------------------------- program shape
 
-def choose_shape(nrules: int, nclasses: int, current: Shape | None = None) -> Shape:
-    """Smallest program shape for the tables, with class headroom so later edits fit.
+def choose_shape(nrules: int, nclasses: int, current: Shape | None = None,
+                 nchunks: int = 0) -> Shape:
+    """Smallest program shape for the tables, with class and chunk headroom so later edits fit.
 
     The current shape is kept while it still fits with the same word count: then an apply only
     rewrites maps and the attached program (and its id) stays."""
@@ -531,10 +581,10 @@ def choose_shape(nrules: int, nclasses: int, current: Shape | None = None) -> Sh
     if words is None:
         raise InputError(f"{nrules} terminal rules: at most {abi.NB_MAX_RULES} (NB_MAX_RULES)")
     if (current is not None and current.words == words and current.words * 64 >= nrules
-            and current.class_cap >= nclasses):
+            and current.class_cap >= nclasses and current.chunks >= nchunks):
         return current
     class_cap = 1 << math.ceil(math.log2(max(64, 2 * nclasses)))
-    return Shape(words, class_cap)
+    return Shape(words, class_cap, dirtable.chunk_cap(nchunks))
 
 
 # ---------------------------------------------------------------- models for tests
@@ -544,14 +594,6 @@ class _Tables:
 
     def __init__(self, c: CompiledDirection):
         self.vec = {i: (rb << _RULE_SHIFT) | cb for i, (cb, rb) in c.vecs.items()}
-        # (field, family) -> {plen: {network: id}}, longest plen tried first
-        self.lpm: dict[tuple[int, int], dict[int, dict[int, int]]] = {}
-        for fam, entries in ((4, c.lpm4), (6, c.lpm6)):
-            for f, addr, plen, i in entries:
-                by_len = self.lpm.setdefault((f, fam), {})
-                by_len.setdefault(plen, {})[int.from_bytes(addr, "big")] = i
-        for k, by_len in self.lpm.items():
-            self.lpm[k] = dict(sorted(by_len.items(), reverse=True))
 
 
 def _longest_match(by_len: dict[int, dict[int, int]], addr: int, family: int) -> int | None:
@@ -598,9 +640,8 @@ def simulate(c: CompiledDirection, sets: dict[str, SetIR] | None, pkt: Pkt) -> D
             continue                              # NB_CLASS_ALL
         wild = c.wild_id[f]
         if f in (abi.NB_F_SRC, abi.NB_F_DST):
-            by_len = t.lpm.get((f, pkt.family), {})
-            hit = _longest_match(by_len, pkt.src if f == abi.NB_F_SRC else pkt.dst, pkt.family)
-            ids.append(wild if hit is None else hit)
+            addr = pkt.src if f == abi.NB_F_SRC else pkt.dst
+            ids.append(c.dir.lookup(root_index(f, pkt.family), addr, ADDR_BITS[pkt.family]))
         elif f == abi.NB_F_PROTO:
             ids.append(c.proto[pkt.proto])
         elif f in (abi.NB_F_SPORT, abi.NB_F_DPORT):

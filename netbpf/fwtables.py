@@ -13,18 +13,24 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from netbpf import abi
-from netbpf.compile import CompiledDirection, CountEntry, RuleEntry, SetRef
+from netbpf import abi, dirtable
+from netbpf.compile import CompiledDirection, CountEntry, RuleEntry, SetRef, set_hash_flags
 from netbpf.errors import NetbpfError
 from netbpf.ir import SetIR
 from netbpf.kernel import bpfsys
 
 FW_MAPS = ("nb_fw_gen", "nb_fw_cfg", "nb_fw_rules", "nb_fw_crules", "nb_fw_vecs",
-           "nb_fw_lpm4", "nb_fw_lpm6", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
-           "nb_fw_flags", "nb_set4", "nb_set6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
+           "nb_fw_dir", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
+           "nb_fw_flags", "nb_set4", "nb_set6", "nb_seth4", "nb_seth6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
+
+# Maps a program built before the address tables and hash sets lacks: its pins are still read
+# (counters carried over, stats) until the next apply replaces it.
+NEWER_MAPS = ("nb_fw_dir", "nb_seth4", "nb_seth6")
 
 ACTION_CODES = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP}
 _U32 = struct.Struct("<I")
+_ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
+_BATCH = 65536                  # entries per batch update: bounds one syscall's buffer
 
 
 @dataclass
@@ -34,17 +40,21 @@ class MapRef:
     key_size: int
     value_size: int
     percpu: bool
+    max_entries: int = 0
 
 
 class FwTables:
     def __init__(self, maps: dict[str, MapRef], words: int, class_cap: int):
-        missing = [n for n in FW_MAPS if n not in maps]
+        missing = [n for n in FW_MAPS if n not in maps and n not in NEWER_MAPS]
         if missing:
             raise NetbpfError(f"firewall maps missing: {', '.join(missing)}")
         self.maps = maps
         self.words = words
         self.class_cap = class_cap
         self.rules_cap = words * 64
+        # NB_DIR_CHUNKS of the program, read back from the map (2 generations of 4 roots + chunks)
+        self.dir_gen = maps["nb_fw_dir"].max_entries // 2 if "nb_fw_dir" in maps else 0
+        self.chunk_cap = max(0, (self.dir_gen - 4 * dirtable.ROOT) // dirtable.CHUNK)
         vsz = ctypes.sizeof(abi.vec_struct(words))
         if maps["nb_fw_vecs"].value_size != vsz:
             raise NetbpfError(f"nb_fw_vecs holds {maps['nb_fw_vecs'].value_size}-byte vectors, "
@@ -55,15 +65,20 @@ class FwTables:
     def from_loaded(cls, loaded, words: int, class_cap: int) -> "FwTables":
         maps = {n: MapRef(n, m.fd, m.key_size, m.value_size, m.percpu)
                 for n, m in loaded.maps.items()}
+        if "nb_fw_dir" in maps:
+            maps["nb_fw_dir"].max_entries = bpfsys.map_info(maps["nb_fw_dir"].fd).max_entries
         return cls(maps, words, class_cap)
 
     @classmethod
     def from_pins(cls, directory: Path, words: int, class_cap: int) -> "FwTables":
         maps = {}
         for name in FW_MAPS:
+            if name in NEWER_MAPS and not (directory / name).exists():
+                continue
             fd = bpfsys.obj_get(directory / name)
             info = bpfsys.map_info(fd)
-            maps[name] = MapRef(name, fd, info.key_size, info.value_size, info.percpu)
+            maps[name] = MapRef(name, fd, info.key_size, info.value_size, info.percpu,
+                                info.max_entries)
         return cls(maps, words, class_cap)
 
     def close(self) -> None:
@@ -93,20 +108,19 @@ class FwTables:
         if c.nclasses > self.class_cap:
             raise NetbpfError(f"{c.nclasses} classes do not fit a program built for "
                               f"{self.class_cap}")
+        if len(c.dir.chunks) > self.chunk_cap:
+            raise NetbpfError(f"{len(c.dir.chunks)} address table chunks do not fit a program "
+                              f"built for {self.chunk_cap}")
         self.clear_generation(gen)
         self._write_vecs(gen, c)
-        self._write_lpm(gen, c)
+        self._write_dir(gen, c)
         self._write_arrays(gen, c)
         self._write_rules(gen, c, rule_slots, count_slots, samples or [0] * len(c.rules))
         self._write_cfg(gen, c, set_tags, default_sample)
 
     def clear_generation(self, gen: int) -> None:
-        """Remove generation gen's prefixes (arrays are simply overwritten next time)."""
-        for name, ksize in (("nb_fw_lpm4", 12), ("nb_fw_lpm6", 24)):
-            fd = self.fd(name)
-            stale = [k for k in bpfsys.map_keys(fd, ksize) if (_U32.unpack(k[4:8])[0] & 0xff) == gen]
-            for k in stale:
-                bpfsys.map_delete(fd, k)
+        """Nothing to remove: every table of a generation is an array, overwritten whole by
+        the next write of that generation (kept as the engine's hook after a flip)."""
 
     def _write_vecs(self, gen: int, c: CompiledDirection) -> None:
         ones = (1 << (64 * self.words)) - 1
@@ -115,12 +129,35 @@ class FwTables:
         vals = b"".join(abi.pack_vec(self.words, cnt, bits) for _, (cnt, bits) in items)
         bpfsys.map_update_batch(self.fd("nb_fw_vecs"), keys, vals, len(items))
 
-    def _write_lpm(self, gen: int, c: CompiledDirection) -> None:
-        for name, entries, width in (("nb_fw_lpm4", c.lpm4, 4), ("nb_fw_lpm6", c.lpm6, 16)):
-            fd = self.fd(name)
-            for field, addr, plen, cid in entries:
-                key = struct.pack("<II", 32 + plen, abi.nb_tag(gen, field)) + bytes(addr)
-                bpfsys.map_update(fd, key, _U32.pack(cid))
+    def _write_dir(self, gen: int, c: CompiledDirection) -> None:
+        """Roots of the looked-up address fields, then the chunks, in batches."""
+        base = gen * self.dir_gen
+        parts = [(base + r * dirtable.ROOT, root) for r, root in sorted(c.dir.roots.items())]
+        first = base + 4 * dirtable.ROOT
+        parts += [(first + i * dirtable.CHUNK, ch) for i, ch in enumerate(c.dir.chunks)]
+        for i in range(0, len(parts), _BATCH // dirtable.CHUNK):
+            group = parts[i:i + _BATCH // dirtable.CHUNK]
+            keys = array("I")
+            vals = array("I")
+            for start, ids in group:
+                keys.extend(range(start, start + len(ids)))
+                vals.extend(ids)
+            bpfsys.map_update_batch(self.fd("nb_fw_dir"), keys.tobytes(), vals.tobytes(),
+                                    len(keys))
+
+    def memory_bytes(self) -> int:
+        """Kernel memory the classifier's arrays pin, as created (max_entries x value size, x
+        CPUs for per-CPU ones): the bounded part. Tries and hashes grow with their entries."""
+        total = 0
+        for name in FW_MAPS:
+            if name not in self.maps:
+                continue
+            info = bpfsys.map_info(self.maps[name].fd)
+            if info.type == _ARRAY:
+                total += info.max_entries * info.value_size
+            elif info.type == _PERCPU_ARRAY:
+                total += info.max_entries * bpfsys.percpu_value_size(info.value_size)
+        return total
 
     def _write_arrays(self, gen: int, c: CompiledDirection) -> None:
         for which, ids in c.ports.items():
@@ -162,17 +199,32 @@ class FwTables:
         cfg.ncount = c.ncount
         cfg.default_action = c.default_action
         for k, ref in enumerate(c.setrefs):
-            cfg.setref[k] = abi.NbSetref(set_tags[ref.set_name], ref.field, ref.member_id,
-                                         ref.nonmember_id)
+            cfg.setref[k] = abi.NbSetref(set_tags[ref.set_name], ref.field | ref.hashed,
+                                         ref.member_id, ref.nonmember_id)
         bpfsys.map_update(self.fd("nb_fw_cfg"), _U32.pack(gen), bytes(cfg))
 
     # ---- sets ----
     def write_set(self, tag: int, s: SetIR) -> None:
-        """A set's entries under its own tag (LPM tries have no batch update: one call each)."""
+        """A set's entries under its own tag: a family of full-length addresses goes to the
+        hash map in batches (set_hash_flags, which the compiled setref agrees with), any other
+        to the prefix trie (LPM tries have no batch update: one call each)."""
         one = _U32.pack(1)
-        for name, entries, width in (("nb_set4", s.v4, 4), ("nb_set6", s.v6, 16)):
+        hashed = set_hash_flags(s)
+        head = _U32.pack(tag)
+        for name, entries, width, flag in (("nb_seth4", s.v4, 4, abi.NB_SETREF_HASH4),
+                                           ("nb_seth6", s.v6, 16, abi.NB_SETREF_HASH6)):
+            if not hashed & flag:
+                continue
             fd = self.fd(name)
-            head = _U32.pack(tag)
+            for i in range(0, len(entries), _BATCH):
+                part = entries[i:i + _BATCH]
+                keys = b"".join(head + a.to_bytes(width, "big") for a, _ in part)
+                bpfsys.map_update_batch(fd, keys, one * len(part), len(part))
+        for name, entries, width, flag in (("nb_set4", s.v4, 4, abi.NB_SETREF_HASH4),
+                                           ("nb_set6", s.v6, 16, abi.NB_SETREF_HASH6)):
+            if hashed & flag:
+                continue
+            fd = self.fd(name)
             for addr, plen in entries:
                 key = _U32.pack(32 + plen) + head + addr.to_bytes(width, "big")
                 bpfsys.map_update(fd, key, one)
@@ -182,6 +234,14 @@ class FwTables:
             fd = self.fd(name)
             for k in [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[4:8])[0] == tag]:
                 bpfsys.map_delete(fd, k)
+        for name, ksize in (("nb_seth4", 8), ("nb_seth6", 20)):
+            if name not in self.maps:
+                continue
+            fd = self.fd(name)
+            stale = [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[:4])[0] == tag]
+            for i in range(0, len(stale), _BATCH):
+                part = stale[i:i + _BATCH]
+                bpfsys.map_delete_batch(fd, b"".join(part), len(part))
 
     # ---- counters ----
     def _percpu_zero(self, name: str) -> bytes:
@@ -261,16 +321,8 @@ class FwTables:
             v = raw[i]
             return int.from_bytes(v[:8], "little"), int.from_bytes(v[8 + 8 * nsum:vsz], "little")
 
-        lpm: dict[int, list] = {4: [], 6: []}
-        for fam, name, ksize in ((4, "nb_fw_lpm4", 12), (6, "nb_fw_lpm6", 24)):
-            fd = self.fd(name)
-            for k in bpfsys.map_keys(fd, ksize):
-                plen, tag = struct.unpack_from("<II", k)
-                if tag & 0xff != gen:
-                    continue
-                cid = _U32.unpack(bpfsys.map_lookup(fd, k, 4))[0]
-                lpm[fam].append((tag >> 8, bytes(k[8:]), plen - 32, cid))
         mask = cfg.field_mask
+        dirt, lpm = self._read_dir(gen, mask, list(cfg.wild_id))
         ports = {w: self._read_range("nb_fw_ports", abi.port_idx(gen, w, 0), 65536)
                  for w, f in ((0, abi.NB_F_SPORT), (1, abi.NB_F_DPORT)) if mask >> f & 1}
         arr = {f: self._read_range(name, first, n) if mask >> f & 1 else None
@@ -290,17 +342,62 @@ class FwTables:
             field_mask=mask, wild_id=list(cfg.wild_id), setrefs=setrefs, rules=rules,
             count_rules=[CountEntry(f"c{i}", "") for i in range(cfg.ncount)], vecs=vecs,
             lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]), ports=ports, proto=arr[abi.NB_F_PROTO],
-            icmp=arr[abi.NB_F_ICMP], flags=arr[abi.NB_F_FLAGS], nclasses=max(vecs, default=0) + 1)
+            icmp=arr[abi.NB_F_ICMP], flags=arr[abi.NB_F_FLAGS], nclasses=max(vecs, default=0) + 1,
+            dir=dirt)
         return GenerationImage(c, slots, count_slots, samples, cfg.default_sample)
 
+    def _read_dir(self, gen: int, mask: int, wild: list[int]):
+        """Generation gen's address tables as written (DirTables) and as disjoint
+        (field, address bytes, plen, class id) prefixes of every non-wildcard class."""
+        base = gen * self.dir_gen
+        dirt = dirtable.DirTables()
+        lpm: dict[int, list] = {4: [], 6: []}
+        chunk_of: dict[int, int] = {}           # kernel chunk index -> index in dirt.chunks
+
+        def read(first: int, n: int) -> array:
+            return array("I", b"".join(bpfsys.array_lookup_range(self.fd("nb_fw_dir"), first,
+                                                                 n, 4)))
+
+        def walk(tbl: array, prefix: int, depth: int, f: int, fam: int, width: int) -> None:
+            step = dirtable.ROOT_BITS if depth == 0 else 8
+            for i, v in enumerate(tbl):
+                addr = (prefix << step) | i
+                if v & dirtable.PTR:
+                    k = v & ~dirtable.PTR
+                    if k not in chunk_of:
+                        chunk_of[k] = len(dirt.chunks)
+                        dirt.chunks.append(read(base + 4 * dirtable.ROOT + k * dirtable.CHUNK,
+                                                dirtable.CHUNK))
+                    tbl[i] = dirtable.PTR | chunk_of[k]
+                    walk(dirt.chunks[chunk_of[k]], addr, depth + step, f, fam, width)
+                elif v != wild[f]:
+                    plen = depth + step
+                    lpm[fam].append((f, (addr << (width - plen)).to_bytes(width // 8, "big"),
+                                     plen, v))
+
+        for f in (abi.NB_F_SRC, abi.NB_F_DST):
+            if not mask >> f & 1:
+                continue
+            for fam, width in ((4, 32), (6, 128)):
+                ridx = dirtable.root_index(f, fam)
+                root = read(base + ridx * dirtable.ROOT, dirtable.ROOT)
+                walk(root, 0, 0, f, fam, width)
+                dirt.roots[ridx] = root
+        return dirt, lpm
+
     def read_set(self, tag: int) -> SetIR:
-        """The entries written by write_set(tag, ...), in trie order."""
+        """The entries written by write_set(tag, ...): the prefix trie's and the hash map's."""
         out = {}
-        for fam, name, ksize in ((4, "nb_set4", 12), (6, "nb_set6", 24)):
-            head = _U32.pack(tag)
-            out[fam] = tuple(sorted((int.from_bytes(k[8:], "big"), _U32.unpack(k[:4])[0] - 32)
-                                    for k in bpfsys.map_keys(self.fd(name), ksize)
-                                    if k[4:8] == head))
+        head = _U32.pack(tag)
+        for fam, name, ksize, hname, width in ((4, "nb_set4", 12, "nb_seth4", 4),
+                                               (6, "nb_set6", 24, "nb_seth6", 16)):
+            entries = [(int.from_bytes(k[8:], "big"), _U32.unpack(k[:4])[0] - 32)
+                       for k in bpfsys.map_keys(self.fd(name), ksize) if k[4:8] == head]
+            if hname in self.maps:
+                entries += [(int.from_bytes(k[4:], "big"), width * 8)
+                            for k in bpfsys.map_keys(self.fd(hname), 4 + width)
+                            if k[:4] == head]
+            out[fam] = tuple(sorted(entries))
         return SetIR(f"tag{tag}", v4=out[4], v6=out[6])
 
     def copy_to(self, other: "FwTables", gen: int, set_tags: list[int]) -> None:
@@ -322,6 +419,18 @@ class GenerationImage:
     count_slots: list[int]
     samples: list[int]
     default_sample: int
+
+
+def table_bytes(words: int, class_cap: int, chunks: int) -> int:
+    """What memory_bytes() reads from a loaded program, from its shape alone (status uses it
+    without opening maps): the classifier's arrays as bpf/include/classify.h declares them."""
+    percpu = bpfsys.percpu_value_size(ctypes.sizeof(abi.NbCounter))
+    return (4 + 2 * ctypes.sizeof(abi.NbFwCfg) + 2 * words * 64 * ctypes.sizeof(abi.NbRule)
+            + 2 * abi.NB_MAX_COUNT_RULES * 4
+            + 2 * class_cap * ctypes.sizeof(abi.vec_struct(words))
+            + dirtable.map_bytes(chunks)
+            + 4 * 65536 * 4 + 2 * 256 * 4 + 2 * 65536 * 4 + 2 * 256 * 4
+            + abi.slot_cap(words) * percpu + abi.NB_STAT_MAX * percpu)
 
 
 COUNTER_MAPS = ("nb_fw_cnt", "nb_fw_stats")

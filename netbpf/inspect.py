@@ -9,13 +9,13 @@ connection table or event ring. Not the CLI; no policy files written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from netbpf import abi
-from netbpf.compile import decompile, rule_digest
+from netbpf.compile import decompile, merge_prefixes, rule_digest
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import FwTables
-from netbpf.ir import DirectionIR, InterfaceIR, PolicyIR, RuleIR, SetIR
+from netbpf.ir import AddrMatch, DirectionIR, InterfaceIR, PolicyIR, RuleIR, SetIR
 from netbpf.state import InterfaceState, PartState, load_state, pin_dir
 
 
@@ -85,8 +85,12 @@ def _canon_set(s: SetIR) -> tuple:
 
 
 def _canon_rule(r: RuleIR, direction_sample: int) -> str:
+    """Equal for rules that match the same packets the same way: sampling against the
+    direction's, and address lists as the fewest prefixes (the kernel keeps no other form)."""
     sample = 0 if r.action == "count" or r.sample == direction_sample else r.sample
-    return rule_digest(_with_sample(r, sample))
+    merged = {k: AddrMatch(prefixes=merge_prefixes(m.prefixes))
+              for k in ("src", "dst") if (m := getattr(r, k)) is not None and m.prefixes}
+    return rule_digest(replace(_with_sample(r, sample), **merged))
 
 
 def differences(enforced: PolicyIR, applied: PolicyIR, ifname: str) -> list[str]:

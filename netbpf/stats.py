@@ -84,6 +84,7 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
         counters = tables.read_counters("nb_fw_cnt")
         totals = tables.read_counters("nb_fw_stats")
         gen = tables.active_gen()
+        table_mem = tables.memory_bytes()
     finally:
         tables.close()
     rules: list[dict] = []
@@ -105,6 +106,7 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
         tot[name] = {"packets": p, "bytes": b}
     return {"hook": part.hook, "mode": part.mode, "prog_id": part.prog_id,
             "default_action": part.default_action, "generation": gen, "totals": tot,
+            "classifier_bytes": table_mem, "address_chunks": part.dir_chunks,
             "rules": rules, "sets": [{"name": s.name, "ipv4": s.v4, "ipv6": s.v6}
                                      for s in part.sets]}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from netbpf.drift import drift
 from netbpf.snapshot import file_status
+from netbpf.fwtables import table_bytes
 from netbpf.state import list_pin_keys, list_states, split_key
 
 
@@ -29,7 +30,9 @@ def read_status(netns: str | None = None, ifname: str | None = None) -> list[dic
                      "policy_path": st.policy_path, "policy_hash": st.policy_hash,
                      "applied_at": st.applied_at, "health": drift(st) or "ok",
                      # unchanged | changed | gone | unknown: the named file since the apply
-                     "policy_file": file_status(st.key, st.policy_path)})
+                     "policy_file": file_status(st.key, st.policy_path),
+                     "classifier_bytes": sum(table_bytes(p.words, p.class_cap, p.dir_chunks)
+                                             for p in st.parts.values())})
     known = {st.key for st in states}
     for key in list_pin_keys():
         if key not in known and wanted(key):

@@ -13,14 +13,17 @@ BPF_ARRAY(nb_fw_cfg, struct nb_fw_cfg, 2);
 BPF_ARRAY(nb_fw_rules, struct nb_rule, 2 * NB_RULES_CAP);
 BPF_ARRAY(nb_fw_crules, __u32, 2 * NB_MAX_COUNT_RULES);
 BPF_ARRAY(nb_fw_vecs, struct nb_vec, 2 * NB_CLASS_CAP);
-BPF_LPM_TRIE(nb_fw_lpm4, struct nb_lpm4_key, __u32, 2 * NB_PREFIX_CAP);
-BPF_LPM_TRIE(nb_fw_lpm6, struct nb_lpm6_key, __u32, 2 * NB_PREFIX_CAP);
+BPF_ARRAY(nb_fw_dir, __u32, 2 * NB_DIR_GEN);
 BPF_ARRAY(nb_fw_ports, __u32, 4 * 65536);
 BPF_ARRAY(nb_fw_proto, __u32, 2 * 256);
 BPF_ARRAY(nb_fw_icmp, __u32, 2 * 65536);
 BPF_ARRAY(nb_fw_flags, __u32, 2 * 256);
 BPF_LPM_TRIE(nb_set4, struct nb_lpm4_key, __u32, 2 * NB_SET_CAP);
 BPF_LPM_TRIE(nb_set6, struct nb_lpm6_key, __u32, 2 * NB_SET_CAP);
+/* sets of full-length addresses: one hash lookup; not preallocated, so an unused map costs
+ * no kernel memory (a preallocated 2M-entry hash would pin ~100 MB per program) */
+BPF_F_TABLE("hash", struct nb_seth4_key, __u32, nb_seth4, 2 * NB_SET_CAP, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct nb_seth6_key, __u32, nb_seth6, 2 * NB_SET_CAP, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(nb_fw_cnt, struct nb_counter, NB_SLOT_CAP);
 BPF_PERCPU_ARRAY(nb_fw_stats, struct nb_counter, NB_STAT_MAX);
 BPF_TABLE("lru_hash", struct nb_rl_key, struct nb_rl_state, nb_fw_rl, NB_RL_ENTRIES);
@@ -79,21 +82,35 @@ static __always_inline void nb_stat(__u32 idx, __u32 len)
     nb_bump(c, len, 0);
 }
 
-/* Class id of an address field: longest prefix among the rule prefixes, else the wildcard. */
+/* Class id of an address field: the longest rule prefix holding the address, read from the
+ * direct-indexed tables (one root read by the first 16 bits, then one chunk read per further
+ * byte while the entry points deeper): at most 3 reads for IPv4, 15 for IPv6, whatever the
+ * number of prefixes. A real (bounded) loop, not unrolled: unrolled, each step's key got its
+ * own stack slot and a program with conntrack went over the 512-byte stack. */
 static __always_inline __u32 nb_addr_class(struct nb_pkt *p, __u32 gen, __u32 field,
                                            __u8 *addr, __u32 wild)
 {
-    __u32 *id;
-    if (p->family == 4) {
-        struct nb_lpm4_key k = {.prefixlen = 64, .tag = NB_TAG(gen, field)};
-        __builtin_memcpy(k.addr, addr, 4);
-        id = nb_fw_lpm4.lookup(&k);
-    } else {
-        struct nb_lpm6_key k = {.prefixlen = 160, .tag = NB_TAG(gen, field)};
-        __builtin_memcpy(k.addr, addr, 16);
-        id = nb_fw_lpm6.lookup(&k);
+    __u32 nbytes = p->family == 4 ? 4 : 16;
+    __u32 base = gen * NB_DIR_GEN;
+    __u32 idx = base + ((field << 1) | (p->family != 4)) * NB_DIR_ROOT +
+                (((__u32)addr[0] << 8) | addr[1]);
+    __u32 *e = nb_fw_dir.lookup(&idx);
+    if (!e)
+        return wild;
+    __u32 v = *e;
+    for (__u32 i = 2; i < 16; i++) {
+        if (i >= nbytes || !(v & NB_DIR_PTR))
+            break;
+        __u32 chunk = v & ~NB_DIR_PTR;
+        if (chunk >= NB_DIR_CHUNKS)
+            return wild;
+        idx = base + 4 * NB_DIR_ROOT + chunk * 256 + addr[i & 15];
+        e = nb_fw_dir.lookup(&idx);
+        if (!e)
+            return wild;
+        v = *e;
     }
-    return id ? *id : wild;
+    return (v & NB_DIR_PTR) ? wild : v;
 }
 
 /* Spelled out per map: bcc only rewrites map.lookup() on a map named in place, and a plain
@@ -125,7 +142,19 @@ static __always_inline __u32 nb_flags_class(__u32 idx, __u32 wild)
 
 static __always_inline int nb_in_set(struct nb_pkt *p, __u32 tag, __u32 field)
 {
-    __u8 *addr = field == NB_F_SRC ? p->src : p->dst;
+    __u8 *addr = (field & 0xff) == NB_F_SRC ? p->src : p->dst;
+    if (p->family == 4 && (field & NB_SETREF_HASH4)) {
+        struct nb_seth4_key h = {.tag = tag};
+        __builtin_memcpy(h.addr, addr, 4);
+        __u32 *hh4 = nb_seth4.lookup(&h);
+        return hh4 != 0;
+    }
+    if (p->family == 6 && (field & NB_SETREF_HASH6)) {
+        struct nb_seth6_key h = {.tag = tag};
+        __builtin_memcpy(h.addr, addr, 16);
+        __u32 *hh6 = nb_seth6.lookup(&h);
+        return hh6 != 0;
+    }
     if (p->family == 4) {
         struct nb_lpm4_key k = {.prefixlen = 64, .tag = tag};
         __builtin_memcpy(k.addr, addr, 4);

@@ -14,6 +14,10 @@
 #ifndef NB_CLASS_CAP
 #define NB_CLASS_CAP 64
 #endif
+/* NB_DIR_CHUNKS: 256-entry chunks of the address tables per generation (nb_fw_dir). */
+#ifndef NB_DIR_CHUNKS
+#define NB_DIR_CHUNKS 64
+#endif
 #define NB_SUM ((NB_WORDS + 63) / 64)       /* summary words: bit i set = word i may be non-zero */
 #define NB_RULES_CAP (NB_WORDS * 64)        /* terminal rules per direction */
 
@@ -21,6 +25,7 @@
 #define NB_MAX_COUNT_RULES 64               /* 'count' rules per direction (one u64 bitmap) */
 #define NB_MAX_SETREFS 4                    /* distinct (set, src|dst) references per direction */
 #define NB_PREFIX_CAP 65536                 /* distinct rule prefixes per family per generation */
+#define NB_DIR_MAX_CHUNKS 32768            /* NB_DIR_CHUNKS at most: 32 MiB per generation */
 #define NB_SET_CAP (1 << 20)                /* set entries per family (old + new fit: map is 2x) */
 #define NB_SLOT_CAP (2 * NB_RULES_CAP + 2 * NB_MAX_COUNT_RULES) /* counter slots */
 #define NB_RL_ENTRIES 65536                 /* rate-limit buckets (LRU: oldest source evicted) */
@@ -55,8 +60,14 @@
 
 #define NB_CLASS_ALL 0                      /* class id 0 is all-ones: the field is not looked up */
 
-/* LPM tags: the 32 bits after prefixlen in every LPM key (always fully matched) */
-#define NB_TAG(gen, field) (((__u32)(field) << 8) | (__u32)(gen))
+/* Address tables (nb_fw_dir, u32 entries), per generation gen at gen * NB_DIR_GEN: four
+ * roots of 65,536 entries indexed by the first 16 address bits (root (field << 1) | is_ipv6),
+ * then NB_DIR_CHUNKS chunks of 256 indexed by the next byte. An entry is a class id, or
+ * NB_DIR_PTR | chunk number: go one byte deeper. netbpf/dirtable.py builds them. */
+#define NB_DIR_ROOT 65536
+#define NB_DIR_PTR 0x80000000
+#define NB_DIR_GEN (4 * NB_DIR_ROOT + 256 * NB_DIR_CHUNKS)
+
 
 /* ---- global statistics (nb_fw_stats index) ---- */
 #define NB_STAT_PASS 0                      /* packets passed (any reason) */
@@ -79,9 +90,14 @@ struct nb_gen {                             /* nb_fw_gen[0]: the one value an ap
     __u32 gen;                              /* 0 or 1 */
 };
 
+/* nb_setref.field flags: this family's entries are all full-length addresses, kept in the
+ * hash map nb_seth4/nb_seth6 (one lookup) instead of the prefix trie nb_set4/nb_set6 */
+#define NB_SETREF_HASH4 0x100
+#define NB_SETREF_HASH6 0x200
+
 struct nb_setref {
-    __u32 tag;                              /* key tag of the set's entries in nb_set4/nb_set6 */
-    __u32 field;                            /* NB_F_SRC or NB_F_DST: which address is looked up */
+    __u32 tag;                              /* key tag of the set's entries in its map */
+    __u32 field;                            /* NB_F_SRC or NB_F_DST (low byte) | NB_SETREF_HASH* */
     __u32 member_id;                        /* class when the address is in the set */
     __u32 nonmember_id;                     /* class when it is not */
 };
@@ -114,14 +130,24 @@ struct nb_vec {                             /* nb_fw_vecs[gen * NB_CLASS_CAP + i
     __u64 w[NB_WORDS];                      /* terminal rules matching this class */
 };
 
-struct nb_lpm4_key {                        /* nb_fw_lpm4 and nb_set4 */
+struct nb_lpm4_key {                        /* nb_set4 */
     __u32 prefixlen;                        /* 32 (tag) + prefix length */
     __u32 tag;
     __u8 addr[4];
 };
 
-struct nb_lpm6_key {                        /* nb_fw_lpm6 and nb_set6 */
+struct nb_lpm6_key {                        /* nb_set6 */
     __u32 prefixlen;
+    __u32 tag;
+    __u8 addr[16];
+};
+
+struct nb_seth4_key {                       /* nb_seth4: a set of IPv4 /32s */
+    __u32 tag;
+    __u8 addr[4];
+};
+
+struct nb_seth6_key {                       /* nb_seth6: a set of IPv6 /128s */
     __u32 tag;
     __u8 addr[16];
 };

@@ -202,6 +202,9 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
                  f" {d} — {hook}, prog {part['prog_id']}, default {part['default_action']}, "
                  f"gen {part['generation']}, {s['health']}")
         tables.append(Text(title, style="bold"))
+        if "classifier_bytes" in part:
+            tables.append(Text(f"classifier tables: {_human(part['classifier_bytes'])} of kernel "
+                               f"memory ({part['address_chunks']} address chunks)"))
         t = Table()
         for col, just in (("rule", "left"), ("action", "left"), ("packets", "right"),
                           ("bytes", "right")):
@@ -351,6 +354,11 @@ def status(ctx: click.Context, interface: str | None, as_json: bool) -> None:
             how = "changed since" if r["policy_file"] == "changed" else "is gone since"
             click.echo(f"{where}: {r['policy_path']} {how} it was applied "
                        f"('netbpf show {r['interface']}' prints what runs)")
+    # below the table, not a column: the table must stay readable at 80 columns
+    mem = [f"{r['netns'] + ':' if r['netns'] else ''}{r['interface']} "
+           f"{_human(r['classifier_bytes'])}B" for r in rows if r.get("classifier_bytes")]
+    if mem:
+        click.echo("classifier tables (kernel memory): " + ", ".join(mem))
     if any(r["health"] != "ok" for r in rows):
         sys.exit(1)
 

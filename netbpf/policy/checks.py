@@ -188,6 +188,7 @@ def _direction_limits(dv: DirectionView) -> list[Finding]:
     terminal = count = 0
     setrefs: set[tuple[str, str]] = set()
     prefixes: dict[int, set[tuple[str, int, int]]] = {4: set(), 6: set()}
+    chunks: set[tuple[str, int, int, int]] = set()
     where = format_path(dv.loc)
     reported: set[str] = set()
 
@@ -226,6 +227,17 @@ def _direction_limits(dv: DirectionView) -> list[Finding]:
             for p in match.prefixes:
                 bucket = prefixes[p.family]
                 bucket.add((key, p.addr, p.plen))
+                # the address tables' chunks (netbpf/dirtable.py): one per (field, family,
+                # 16 + 8k leading bits) that a longer prefix passes through
+                width = 32 if p.family == 4 else 128
+                chunks.update((key, p.family, d, p.addr >> (width - d))
+                              for d in range(16, p.plen, 8))
+                if len(chunks) > abi.NB_DIR_MAX_CHUNKS:
+                    over("chunks", loc + (key,),
+                         f"the src/dst prefixes of the rules of {where} need more than "
+                         f"{abi.NB_DIR_MAX_CHUNKS} address-table chunks (NB_DIR_MAX_CHUNKS), "
+                         "about one per distinct /16 and /24 that longer prefixes fall in; put "
+                         "large address lists in a set")
                 if len(bucket) > abi.NB_PREFIX_CAP:
                     over(f"prefix{p.family}", loc + (key,),
                          f"more than {abi.NB_PREFIX_CAP} distinct IPv{p.family} src/dst "

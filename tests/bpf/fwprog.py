@@ -18,9 +18,10 @@ XDP_VERDICTS = {1: "drop", 2: "pass", 0: "aborted", 3: "tx", 4: "redirect"}
 
 
 class FwProg:
-    def __init__(self, words: int, class_cap: int, fields: int | None = None):
+    def __init__(self, words: int, class_cap: int, fields: int | None = None,
+                 chunks: int = 64):
         """fields: NB_FIELDS to build with (None: every field, as a superset policy would)."""
-        defines = {"NB_WORDS": words, "NB_CLASS_CAP": class_cap}
+        defines = {"NB_WORDS": words, "NB_CLASS_CAP": class_cap, "NB_DIR_CHUNKS": chunks}
         if fields is not None:
             defines["NB_FIELDS"] = fields
         self.loaded = load_program(FW_SOURCE, defines,

@@ -19,12 +19,14 @@ STRUCTS = {  # C struct -> ctypes mirror (None: shape-dependent, checked through
     "nb_rule": abi.NbRule, "nb_lpm4_key": abi.NbLpm4Key, "nb_lpm6_key": abi.NbLpm6Key,
     "nb_counter": abi.NbCounter, "nb_rl_key": abi.NbRlKey, "nb_rl_state": abi.NbRlState,
     "nb_ct_key": abi.NbCtKey, "nb_ct_val": abi.NbCtVal, "nb_ct_cfg": abi.NbCtCfg,
+    "nb_seth4_key": abi.NbSeth4Key, "nb_seth6_key": abi.NbSeth6Key,
 }
 CONSTANTS = ["NB_MAX_COUNT_RULES", "NB_MAX_SETREFS", "NB_PREFIX_CAP", "NB_SET_CAP",
              "NB_RL_ENTRIES", "NB_ACT_ALLOW", "NB_ACT_DROP", "NB_ACT_RATE", "NB_ACT_REJECT", "NB_REJECT_PPS", "NB_REJECT_BURST", "NB_REJECT_QUOTE", "NB_STAT_REJECT", "NB_F_SRC",
              "NB_F_DST", "NB_F_PROTO", "NB_F_SPORT", "NB_F_DPORT", "NB_F_ICMP", "NB_F_FLAGS",
              "NB_F_SET0", "NB_NFIELDS", "NB_STAT_MAX", "NB_STAT_CT_REPLY", "NB_STAT_LB_DROP",
-             "NB_CT_ENTRIES", "NB_CT_NTIMEOUTS"]
+             "NB_CT_ENTRIES", "NB_CT_NTIMEOUTS", "NB_SETREF_HASH4", "NB_SETREF_HASH6",
+             "NB_DIR_MAX_CHUNKS", "NB_DIR_ROOT", "NB_DIR_PTR"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,9 @@ def test_loaded_maps_have_the_mirrored_sizes():
     expect = {
         "nb_fw_cfg": (4, ctypes.sizeof(abi.NbFwCfg)), "nb_fw_rules": (4, ctypes.sizeof(abi.NbRule)),
         "nb_fw_vecs": (4, ctypes.sizeof(abi.vec_struct(4))),
-        "nb_fw_lpm4": (ctypes.sizeof(abi.NbLpm4Key), 4), "nb_fw_lpm6": (ctypes.sizeof(abi.NbLpm6Key), 4),
+        "nb_fw_dir": (4, 4),
+        "nb_seth4": (ctypes.sizeof(abi.NbSeth4Key), 4),
+        "nb_seth6": (ctypes.sizeof(abi.NbSeth6Key), 4),
         "nb_fw_cnt": (4, ctypes.sizeof(abi.NbCounter)), "nb_fw_rl": (ctypes.sizeof(abi.NbRlKey),
                                                                      ctypes.sizeof(abi.NbRlState)),
         "nb_ct": (ctypes.sizeof(abi.NbCtKey), ctypes.sizeof(abi.NbCtVal)),

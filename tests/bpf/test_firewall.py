@@ -94,6 +94,27 @@ def test_100k_entry_set_matches_members_only(fw):
     assert fw.run(eth(v4(UDP(), src=outside))) == "pass"
 
 
+def test_full_length_sets_use_the_hash_and_mixed_sets_the_trie(fw):
+    """An all-/32 (all-/128) family goes to the hash map; a family with one shorter prefix
+    keeps the trie; both give the same membership, and replacing the set leaves no stale key."""
+    hosts = tuple((int(ipaddress.ip_address("10.9.0.0")) + i, 32) for i in range(5000))
+    hosts6 = ((int(ipaddress.ip_address("2001:db8::7")), 128),)
+    mixed = hosts[:10] + ((int(ipaddress.ip_address("10.200.0.0")), 16),)
+    for s, hashed in ((SetIR("s", v4=hosts, v6=hosts6), True), (SetIR("s", v4=mixed), False)):
+        fw.install(direction(rule("drop-set", "drop", src="@s")), {"s": s})
+        c = fw.compiled
+        assert bool(c.setrefs[0].hashed & abi.NB_SETREF_HASH4) == hashed
+        assert fw.run(eth(v4(UDP(), src="10.9.0.9"))) == "drop"
+        assert fw.run(eth(v4(UDP(), src="10.9.0.3"))) == "drop"
+        assert fw.run(eth(v4(UDP(), src="10.200.3.4"))) == ("pass" if hashed else "drop")
+        assert fw.run(eth(v4(UDP(), src="10.9.200.1"))) == "pass"
+    fw.install(direction(rule("drop-set", "drop", src="@s")),
+               {"s": SetIR("s", v6=hosts6)})
+    assert fw.run(eth(v4(UDP(), src="10.9.0.9"))) == "pass"     # old hash entries are gone
+    from netbpf.kernel import bpfsys
+    assert list(bpfsys.map_keys(fw.tables.fd("nb_seth4"), 8)) == []
+
+
 def test_generation_flip_switches_whole_policy(fw):
     a = direction(rule("a-drop-udp", "drop", proto=17), rule("a-allow", "allow"))
     b = direction(rule("b-allow-udp", "allow", proto=17), rule("b-drop", "drop"))

@@ -15,7 +15,8 @@ from netbpf.progspec import PROGRAMS
 from netbpf.kernel.loader import load_program
 
 ALL_FIELDS = (1 << abi.NB_NFIELDS) - 1
-FIELD_SETS = {"none": 0, "dport": 1 << abi.NB_F_DPORT, "all": ALL_FIELDS}
+FIELD_SETS = {"none": 0, "dport": 1 << abi.NB_F_DPORT,
+              "addresses": (1 << abi.NB_F_SRC) | (1 << abi.NB_F_DST), "all": ALL_FIELDS}
 FEATURES = {"plain": {}, "conntrack+lb": {"NB_CONNTRACK": 1, "NB_LB": 1}}
 WORDS = (abi.WORD_BUCKETS[0], abi.WORD_BUCKETS[-1])
 
@@ -34,5 +35,24 @@ def test_program_variant_loads(program, words, fields, features):
     loaded = load_program(source, defines, functions)
     try:
         assert loaded.prog_id(func) > 0
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+@pytest.mark.parametrize("chunks", [1, abi.NB_DIR_MAX_CHUNKS])
+def test_address_table_extremes_load(program, chunks):
+    """The address tables at their smallest and largest (NB_DIR_CHUNKS), with the most rule
+    words, every field and every feature: the deepest IPv6 walk is verified at each."""
+    source, func, prog_type = PROGRAMS[program]
+    defines = {"NB_WORDS": WORDS[-1], "NB_CLASS_CAP": 64, "NB_DIR_CHUNKS": chunks,
+               "NB_FIELDS": ALL_FIELDS, **FEATURES["conntrack+lb"]}
+    functions = {func: prog_type}
+    if prog_type == "xdp":
+        functions["nb_lb_entry"] = "xdp"
+    loaded = load_program(source, defines, functions)
+    try:
+        assert loaded.prog_id(func) > 0
+        assert loaded.maps["nb_fw_dir"].fd is not None
     finally:
         loaded.close()

@@ -221,6 +221,12 @@ def test_status_reports_a_hand_detached_program_and_apply_restores_it(applied):
     lab, policy = applied
     ns = lab.ns("gw")
     assert our_status(lab)["health"] == "ok"
+    # kernel memory of the classifier: status computes it from the shape, stats reads the maps
+    parts = stats(lab)["parts"]
+    assert our_status(lab)["classifier_bytes"] == \
+        sum(p["classifier_bytes"] for p in parts.values()) > 0
+    assert "classifier tables:" in netbpf(lab, "stats", "gw0").stdout
+    assert "classifier tables (kernel memory):" in netbpf(lab, "status", check=False).stdout
 
     subprocess.run(["ip", "-n", ns, "link", "set", "gw0", "xdp", "off"], check=True)
     table = netbpf(lab, "status", check=False)

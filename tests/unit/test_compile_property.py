@@ -7,6 +7,8 @@ and their neighbours, four protocols) so rules overlap and packets hit them ofte
 from __future__ import annotations
 
 import ipaddress
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -150,3 +152,47 @@ def test_many_rules_across_vector_words_decide_like_the_rule_loop(d, sets, pkts)
 @given(directions(), set_tables())
 def test_compilation_is_deterministic(d, sets):
     assert compile_direction(d, sets) == compile_direction(d, sets)
+
+
+# ---- ClassBench-like rule sets (bench/classbench.py): nested prefixes clustered under shared
+# /16s and /24s, port ranges, wildcards, the acl/fw/ipc shapes; headers inside rules' fields,
+# at prefix edges (first, last, one past the last address) and at random.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import classbench  # noqa: E402
+
+
+def _edges(d: DirectionIR, family: int, pick: list[int]) -> list:
+    width = 32 if family == 4 else 128
+    out = []
+    for i in pick:
+        r = d.rules[i % len(d.rules)]
+        for m in (r.src, r.dst):
+            if m is None:
+                continue
+            p = m.prefixes[0]
+            last = p.addr | ((1 << (width - p.plen)) - 1)
+            for a in (p.addr, last, (last + 1) % (1 << width), p.addr - 1):
+                other = classbench.trace(d, 1, family, seed=i)[0]
+                out.append(other.__class__(family, a if m is r.src else other.src,
+                                           a if m is r.dst else other.dst, other.proto,
+                                           other.sport, other.dport, other.icmp_type,
+                                           other.icmp_code, other.tcp_flags))
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(classbench.KINDS)), st.sampled_from([4, 6]),
+       st.integers(20, 400), st.integers(0, 1 << 16), st.integers(0, 3),
+       st.lists(st.integers(0, 1 << 16), min_size=3, max_size=8))
+def test_classbench_like_sets_decide_like_the_rule_loop(kind, family, n, seed, counting, pick):
+    d = classbench.ruleset(kind, n, family, seed=seed, count_rules=counting,
+                           default="drop" if seed & 1 else "allow")
+    pkts = classbench.trace(d, 60, family, seed=seed) + _edges(d, family, pick)
+    pkts.append(classbench.miss(family))
+    _agree(d, {}, pkts)
+    # validate's chunk count (netbpf/policy/checks.py) is the compiler's, exactly
+    width = 32 if family == 4 else 128
+    nodes = {(f, d_, p.addr >> (width - d_)) for r in d.rules
+             for f, m in (("src", r.src), ("dst", r.dst)) if m is not None
+             for p in m.prefixes for d_ in range(16, p.plen, 8)}
+    assert len(nodes) == len(compile_direction(d).dir.chunks)

@@ -240,6 +240,10 @@ def test_mixed_families_in_one_field_are_allowed(tmp_path):
      "".join(f"        - {{name: r{i}, src: 10.0.0.{i}, action: drop}}\n" for i in range(3)),
      ":8:27: interfaces.eth0.ingress.rules[2].src: ",
      "more than 2 distinct IPv4 src/dst prefixes"),
+    ("NB_DIR_MAX_CHUNKS", 3,
+     "".join(f"        - {{name: r{i}, src: 10.0.{i}.1, action: drop}}\n" for i in range(3)),
+     ":8:27: interfaces.eth0.ingress.rules[2].src: ",
+     "need more than 3 address-table chunks"),
 ])
 def test_direction_limits_name_the_limit(tmp_path, monkeypatch, limit, value, text, where,
                                          message):
