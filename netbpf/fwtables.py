@@ -329,8 +329,10 @@ class FwTables:
                for f, name, first, n in ((abi.NB_F_PROTO, "nb_fw_proto", abi.proto_idx(gen, 0), 256),
                                          (abi.NB_F_ICMP, "nb_fw_icmp", abi.icmp_idx(gen, 0), 65536),
                                          (abi.NB_F_FLAGS, "nb_fw_flags", abi.flags_idx(gen, 0), 256))}
-        setrefs = [SetRef(f"tag{cfg.setref[k].tag}", cfg.setref[k].field, cfg.setref[k].member_id,
-                          cfg.setref[k].nonmember_id) for k in range(cfg.nsetrefs)]
+        hash_bits = abi.NB_SETREF_HASH4 | abi.NB_SETREF_HASH6
+        setrefs = [SetRef(f"tag{r.tag}", r.field & ~hash_bits, r.member_id, r.nonmember_id,
+                          r.field & hash_bits)
+                   for r in (cfg.setref[k] for k in range(cfg.nsetrefs))]
         # the classes this generation refers to (stale ids of older generations are left out)
         used = {i for f, i in enumerate(cfg.wild_id) if mask >> f & 1}
         used |= {e[3] for fam in (4, 6) for e in lpm[fam]}
