@@ -8,7 +8,8 @@ a "host" reached with the local connection and the module's netns option.
              c4 10.40.4.2 ---------- gw0 10.40.4.1 [gw4]      starts slowly)
 
 Verdicts are pings from the client: closed.yaml drops ICMP echo requests, open.yaml lets them
-through. The tests run in file order; each checks the state it starts from.
+through (deaf.yaml drops echo replies, so the gateways' own self-check pings fail). The tests
+run in file order; each checks the state it starts from.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ POLICIES = {
     "bad.yaml": POLICY.format(extra="        - {name: web, proto: tcp, dport: 80, action: accept}\n"),
     "blocklist.txt": "192.0.2.0/24\n",
     "bad-blocklist.txt": "192.0.2.0/24\n10.0.0.300/24\n",
+    # a policy that cuts the gateway off: the answers to its own pings are dropped
+    "deaf.yaml": POLICY.format(
+        extra="        - {name: drop-replies, proto: icmp, icmp_type: echo-reply, action: drop}\n"),
 }
 BAD_POLICY_ERROR = ("bad.yaml:10:54: interfaces.gw0.ingress.rules[1].action: "
                     "must be allow, drop or count (got 'accept')")
@@ -73,8 +77,9 @@ class Fleet:
                         ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(root / "tmp"))
 
     def inventory(self, host_vars: dict[str, dict] | None = None) -> Path:
-        hosts = {h: {"netbpf_netns": self.lab.ns(h), **(host_vars or {}).get(h, {})}
-                 for h in HOSTS}
+        hosts = {h: {"netbpf_netns": self.lab.ns(h),
+                     "netbpf_selfcheck_ping": [self.lab.addr("client", f"c{h[-1]}")],
+                     **(host_vars or {}).get(h, {})} for h in HOSTS}
         inv = {"gateways": {"vars": {
             "ansible_connection": "local",
             "ansible_python_interpreter": sys.executable,
@@ -208,3 +213,21 @@ def test_batch_rollout_stops_at_the_first_failing_host(fleet):
     _same_programs({h: before[h] for h in ("gw2", "gw3", "gw4")},
                    {h: after[h] for h in ("gw2", "gw3", "gw4")})
     assert fleet.verdicts() == {"gw1": False, "gw2": False, "gw3": True, "gw4": True}
+
+
+def test_batch_rollout_stops_at_the_first_failing_self_check(fleet):
+    """deaf.yaml applies fine but the gateway's self-check ping gets no answer: gw1 is the
+    only host that took it; gw2-gw4 keep what they ran."""
+    before = fleet.status()
+
+    rc, out, recap = fleet.playbook("deaf.yaml", batch=1)
+    assert rc != 0
+    assert recap["gw1"][1:] == (1, 1), out
+    assert f"gw1: applied, self-check FAILED: no answer from {fleet.lab.addr('client', 'c1')}" \
+        in out, out
+    assert all(recap.get(h, (0, 0, 0)) == (0, 0, 0) for h in ("gw2", "gw3", "gw4")), out
+    after = fleet.status()
+    assert after["gw1"]["policy_hash"] != before["gw1"]["policy_hash"]
+    _same_programs({h: before[h] for h in ("gw2", "gw3", "gw4")},
+                   {h: after[h] for h in ("gw2", "gw3", "gw4")})
+    assert fleet.verdicts() == {"gw1": True, "gw2": False, "gw3": True, "gw4": True}

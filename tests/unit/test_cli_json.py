@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from netbpf.planreport import plan_diff
 
 NETBPF = str(Path(sys.executable).with_name("netbpf"))
@@ -95,3 +97,21 @@ def test_the_collection_renders_netbpf_errors_as_netbpf_prints_them():
         {"file": "b.txt", "line": None, "column": None, "path": None, "message": "too big"},
         {"file": None, "line": None, "column": None, "path": None, "message": "kernel said no"},
     ]) == ["gw.yaml:3:7: sets.b: bad", "b.txt: too big", "kernel said no"]
+
+
+def test_the_collection_modules_document_every_option_ansible_doc_reads(tmp_path):
+    exe = Path(sys.executable).with_name("ansible-doc")
+    if not exe.exists():
+        pytest.skip("ansible-doc is not in the venv: run 'make setup' (the test extra)")
+    env = {"ANSIBLE_COLLECTIONS_PATH": str(REPO / "ansible" / "collections"),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    p = subprocess.run([str(exe), "--json", "netbpf.netbpf.netbpf_policy",
+                        "netbpf.netbpf.netbpf_info"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    docs = json.loads(p.stdout)
+    assert set(docs["netbpf.netbpf.netbpf_policy"]["doc"]["options"]) == {
+        "content", "src", "filename", "sets", "dest_dir", "netns", "confirm", "state",
+        "executable"}
+    assert set(docs["netbpf.netbpf.netbpf_info"]["doc"]["options"]) == {
+        "netns", "stats", "executable"}

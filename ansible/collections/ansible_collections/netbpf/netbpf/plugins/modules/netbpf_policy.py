@@ -48,7 +48,7 @@ options:
     type: str
   confirm:
     description:
-      - Commit-confirmed apply (C(netbpf apply --confirm SECONDS)): netbpf rolls the policy back
+      - Commit-confirmed apply with C(netbpf apply --confirm SECONDS); netbpf rolls the policy back
         unless O(state=confirmed) follows within SECONDS. Run a connectivity check in between.
     type: int
   state:
