@@ -74,7 +74,8 @@ class Fleet:
         self.env = dict(os.environ, ANSIBLE_HOME=str(root / "ansible-home"),
                         ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
                         ANSIBLE_COLLECTIONS_PATH=str(ANSIBLE_DIR / "collections"),
-                        ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(root / "tmp"))
+                        ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(root / "tmp"),
+                        ANSIBLE_REMOTE_TMP=str(root / "remote-tmp"))
 
     def inventory(self, host_vars: dict[str, dict] | None = None) -> Path:
         hosts = {h: {"netbpf_netns": self.lab.ns(h),

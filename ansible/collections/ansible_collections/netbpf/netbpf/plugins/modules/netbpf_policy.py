@@ -94,7 +94,7 @@ import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.netbpf.netbpf.plugins.module_utils.netbpf_cli import (
-    fail_from, run_json)
+    fail_from, netbpf_command, run_json)
 
 
 def _write_tree(directory, filename, content, sets):
@@ -141,12 +141,13 @@ def _result(module, rc, plan):
 
 
 def _confirm(module):
+    """`netbpf confirm`: keep the policy a `confirm:` apply put in place (its text is shown)."""
     if module.check_mode:
         module.exit_json(changed=True, rc=0, plan={}, interfaces=[])
-    rc, data, err = run_json(module, "confirm", "--json")
+    rc, out, err = module.run_command(netbpf_command(module, "confirm"))
     if rc != 0:
-        fail_from(module, "netbpf confirm", rc, data, err)
-    module.exit_json(changed=True, rc=rc, plan=data or {}, interfaces=[])
+        fail_from(module, "netbpf confirm", rc, None, err)
+    module.exit_json(changed=True, rc=rc, plan={}, interfaces=[], stdout=out)
 
 
 def main():
