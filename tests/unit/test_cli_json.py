@@ -115,3 +115,16 @@ def test_the_collection_modules_document_every_option_ansible_doc_reads(tmp_path
         "executable"}
     assert set(docs["netbpf.netbpf.netbpf_info"]["doc"]["options"]) == {
         "netns", "stats", "executable"}
+
+
+def test_the_policy_module_writes_sets_as_text_or_lists_and_refuses_paths(tmp_path):
+    from ansible_collections.netbpf.netbpf.plugins.modules.netbpf_policy import _write_tree
+
+    _write_tree(tmp_path / "kept", "gw.yaml", "version: 1",
+                {"a.txt": "192.0.2.0/24", "b.txt": ["10.0.0.0/8", "2001:db8::/32"]})
+    assert (tmp_path / "kept" / "gw.yaml").read_text() == "version: 1\n"
+    assert (tmp_path / "kept" / "a.txt").read_text() == "192.0.2.0/24\n"
+    assert (tmp_path / "kept" / "b.txt").read_text() == "10.0.0.0/8\n2001:db8::/32\n"
+    with pytest.raises(ValueError, match="plain file names"):
+        _write_tree(tmp_path / "other", "gw.yaml", "", {"../escape.txt": "x"})
+    assert not (tmp_path / "escape.txt").exists()

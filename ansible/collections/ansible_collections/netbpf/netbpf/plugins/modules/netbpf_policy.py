@@ -33,7 +33,8 @@ options:
     default: policy.yaml
   sets:
     description:
-      - Set files for O(content), by file name as the policy names them (C(file:) of a set).
+      - Set files for O(content), by file name as the policy names them (the C(file) of a
+        set); each value is the file's text, or a list of networks.
     type: dict
     default: {}
   dest_dir:
@@ -104,6 +105,8 @@ def _write_tree(directory, filename, content, sets):
         if os.path.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"'{name}': filename and set file names are plain file names "
                              "(no directories)")
+        if isinstance(text, list):          # a set given as a YAML list of networks
+            text = "\n".join(str(entry) for entry in text)
         with open(os.path.join(directory, name), "w") as f:
             f.write(text if text.endswith("\n") or not text else text + "\n")
 
