@@ -21,6 +21,8 @@ from netbpf.errors import NetbpfError
 PIN_ROOT = Path(os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf"))
 STATE_ROOT = Path(os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf"))
 LOCK_TIMEOUT_S = 60.0
+# prog_hash of a part whose program must be reloaded by the next apply (matches no build)
+REPAIR_HASH = "repair"
 
 
 def iface_key(ifname: str, netns: str | None) -> str:
@@ -141,6 +143,14 @@ def health_file(key: str) -> Path:
     return STATE_ROOT / "health" / f"{key}.json"
 
 
+def health_down(key: str) -> set[str]:
+    """Backends `netbpf lb-health` last found down (netbpf/health.py writes the file)."""
+    try:
+        return set(json.loads(health_file(key).read_text()).get("down", []))
+    except (OSError, ValueError):
+        return set()
+
+
 def load_state(key: str) -> InterfaceState | None:
     path = state_file(key)
     try:
@@ -153,12 +163,15 @@ def load_state(key: str) -> InterfaceState | None:
 
 def save_state(state: InterfaceState) -> None:
     """Atomic (write, fsync, rename) and private to root: readers never see half a file."""
-    path = state_file(state.key)
+    _write_private(state_file(state.key), asdict(state))
+
+
+def _write_private(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(asdict(state), f, indent=1)
+        json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -169,6 +182,56 @@ def remove_state(key: str) -> None:
         state_file(key).unlink()
     except FileNotFoundError:
         pass
+
+
+# ---- the apply journal ----
+# An apply records what it is about to make true before its first change to what the kernel
+# runs (attach, flip) and removes the record once the state file says it. A journal found by
+# the next apply, `status` or `detach` means an interrupted apply: the kernel tells whether it
+# got far enough to roll forward (netbpf/recover.py).
+
+@dataclass
+class Journal:
+    kind: str                    # programs (new programs replace the old) | update (a flip)
+    state: InterfaceState        # what the interface is once the apply completes
+    reload: bool = False         # a roll-forward must also reload the programs (see recover)
+    started_at: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Journal":
+        data = dict(data)
+        data["state"] = InterfaceState.from_json(data["state"])
+        return cls(**data)
+
+
+def journal_file(key: str) -> Path:
+    return STATE_ROOT / "state" / f"{key}.journal"
+
+
+def save_journal(journal: Journal) -> None:
+    _write_private(journal_file(journal.state.key), asdict(journal))
+
+
+def load_journal(key: str) -> Journal | None:
+    path = journal_file(key)
+    try:
+        return Journal.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError):
+        # torn before the rename of save_journal cannot happen; a hand-edited file can
+        path.unlink(missing_ok=True)
+        return None
+
+
+def remove_journal(key: str) -> None:
+    journal_file(key).unlink(missing_ok=True)
+
+
+def list_journal_keys() -> list[str]:
+    d = STATE_ROOT / "state"
+    return sorted(p.stem for p in d.glob("*.journal")) if d.is_dir() else []
 
 
 def list_states() -> list[InterfaceState]:
@@ -202,6 +265,7 @@ def forget_netns(netns: str) -> list[str]:
     gone, so its programs are detached already). Returns the keys forgotten. Files only."""
     with apply_lock():
         keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
+        keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.journal")}
         keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
         for key in keys:
             for d in (pin_dir(key), *staging_dirs(key)):
@@ -210,6 +274,7 @@ def forget_netns(netns: str) -> list[str]:
                 except OSError:
                     pass
             remove_state(key)
+            remove_journal(key)
             health_file(key).unlink(missing_ok=True)
         prune_pin_roots()
     return sorted(keys)

@@ -336,14 +336,28 @@ def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None
 
 
 @click.command()
+@click.argument("interface", required=False)
 @click.option("-j", "--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Every interface netbpf manages: mode, program, policy, and drift from what was applied."""
+def status(ctx: click.Context, interface: str | None, as_json: bool) -> None:
+    """Every interface netbpf manages (with -n, those in NETNS; or just INTERFACE): mode,
+    programs, policy, and drift from what was applied. Exits 1 when any row shown drifted.
+
+    \b
+    Examples:
+      netbpf status
+      netbpf -n lab-gw status gw0 --json
+    """
     require_privileges(ctx)
     from netbpf.status import read_status
 
-    rows = read_status()
+    netns = _netns(ctx)
+    rows = read_status(netns=netns if (netns or interface) else None, ifname=interface)
+    if interface and not rows:
+        from netbpf.errors import NetbpfError
+        from netbpf.kernel.netns import netns_label
+        raise NetbpfError(f"{interface}: not managed by netbpf in {netns_label(netns)} "
+                          "(see 'netbpf status')")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         if any(r["health"] != "ok" for r in rows):
@@ -396,7 +410,7 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
     def log(msg: str) -> None:
         click.echo(f"{time.strftime('%H:%M:%S')} {msg}")
 
-    from netbpf.apply import health_down
+    from netbpf.state import health_down
 
     # start from what the last run found, so a recovery is reported as one
     down: dict[str, set[str]] = {t.key: health_down(t.key) for t in ts}
