@@ -1,7 +1,8 @@
 """What each lab created, on disk (/run/netbpf/lab/<prefix>.json), and removal of leftovers.
 
 A lab writes its record before creating anything and removes it after its namespaces are gone,
-so a namespace with a dead owner (or with no record) is a leftover of a killed run.
+so a namespace with a dead owner (or with no record and no live reaper: a run using another
+state dir, e.g. another checkout's tests, has its records elsewhere) is a leftover of a killed run.
 Not the lab itself (lab.py) and not the CLI.
 """
 from __future__ import annotations
@@ -110,32 +111,36 @@ def remove_lab(prefix: str, namespaces: list[str] | None = None) -> tuple[list[s
     return removed, errors
 
 
+def watched_prefixes() -> set[str]:
+    """Prefixes whose reaper (netbpf/lab/reaper.py) is alive: the lab's owner is alive too,
+    whichever state dir holds its record."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if b"netbpf.lab.reaper" in argv[:-1]:   # python -P -m netbpf.lab.reaper PREFIX
+            out.add(argv[-1].decode(errors="replace"))
+    return out
+
+
 def orphans() -> list[str]:
     """Namespaces of killed runs: random-prefix ones whose record is missing or whose owner died,
     and any recorded lab (random prefix or not) whose owner died before handing it over."""
     present = list_netns()  # before the records: see cleanup()
     recs = {r.prefix: r for r in records()}
+    watched = watched_prefixes()
     out = set()
     for name in present:
         m = RANDOM_PREFIX_RE.match(name)
-        if m and (m.group(0) not in recs or recs[m.group(0)].orphaned):
+        if m and ((m.group(0) not in recs and m.group(0) not in watched)
+                  or (m.group(0) in recs and recs[m.group(0)].orphaned)):
             out.add(name)
     for r in recs.values():
         if r.orphaned:
             out.update(n for n in r.namespaces if n in present)
     return sorted(out)
-
-
-# A lab namespace with no record is an orphan only once it is this old: another netbpf (a
-# checkout with its own NETBPF_LAB_STATE_DIR) may be building it right now.
-UNRECORDED_GRACE_S = 600.0
-
-
-def _older_than(netns: str, seconds: float) -> bool:
-    try:
-        return time.time() - os.stat(os.path.join("/run/netns", netns)).st_mtime > seconds
-    except OSError:
-        return False
 
 
 def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
@@ -157,10 +162,13 @@ def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
         present = list_netns()
         recs = {r.prefix: r for r in records()}
         prefixes = {p for p, r in recs.items() if r.orphaned or (include_live and RANDOM_PREFIX_RE.match(p))}
+        # No record here is not enough: another checkout (its own NETBPF_LAB_STATE_DIR) may own
+        # the lab, running or being built; its reaper, started before any namespace, says so.
+        watched = watched_prefixes()
         for name in present:
             m = RANDOM_PREFIX_RE.match(name)
             if m and (m.group(0) in prefixes or
-                      (m.group(0) not in recs and _older_than(name, UNRECORDED_GRACE_S))):
+                      (m.group(0) not in recs and m.group(0) not in watched)):
                 prefixes.add(m.group(0))
         for p in sorted(prefixes):
             r, e = remove_lab(p)

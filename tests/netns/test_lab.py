@@ -22,6 +22,7 @@ import time
 import pytest
 
 from netbpf.lab import Lab, LabError, RemoteTraceback, TopologyError, cleanup, list_netns, parse_topology
+from netbpf.lab.state import forget, watched_prefixes
 from netbpf.lab.topology import TOPOLOGY_DIR
 
 NETBPF = os.path.join(os.path.dirname(sys.executable), "netbpf")
@@ -295,6 +296,16 @@ def test_cleanup_removes_namespaces_of_dead_runs_only(two_hosts):
     finally:
         if orphan in list_netns():
             subprocess.run(["ip", "netns", "del", orphan])
+
+
+def test_cleanup_keeps_a_live_run_whose_record_is_in_another_state_dir(make_lab):
+    """Another checkout's tests (their own NETBPF_LAB_STATE_DIR) run labs with random prefixes:
+    their reaper is alive, so they are not leftovers even without a record here."""
+    lab = make_lab("two-hosts")
+    forget(lab.prefix)                 # as seen from a run whose state dir lacks the record
+    assert lab.prefix in watched_prefixes()
+    assert not set(lab.namespaces) & set(cleanup())
+    assert set(lab.namespaces) <= set(list_netns())
 
 
 # -- CLI -------------------------------------------------------------------------------------------
