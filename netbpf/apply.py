@@ -15,11 +15,12 @@ import os
 import socket
 import time
 from array import array
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from netbpf import abi
+from netbpf import abi, progress
 from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
 from netbpf.drift import drift, is_netbpf_program, netns_gone, tc_filter
 from netbpf.errors import NetbpfError
@@ -33,15 +34,16 @@ from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
                              TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE)
 from netbpf.recover import recover, recover_all
-from netbpf.state import (STAGING_DIRS, InterfaceState, Journal, PartState, RuleState,
+from netbpf.state import (InterfaceState, Journal, PartState, RuleState,
                           SetState, apply_lock, health_down, iface_key, list_states, split_key,
                           load_journal, load_state, pin_dir, prune_pin_roots, remove_journal,
-                          remove_state, save_journal, save_state, staging_dirs, state_file,
-                          unpin_tree, REPAIR_HASH)
+                          remove_lock, remove_state, save_journal, save_state, staging_dirs,
+                          state_file, unpin_tree, make_pin_dirs, REPAIR_HASH)
 
 # A packet being classified holds the old generation for microseconds (XDP and TC run under
 # RCU); the old generation's prefixes are removed only after this grace period.
 GRACE_S = 0.05
+BIG_SET = 10_000       # entries: writing a set this big is worth a progress line
 
 Log = Callable[[str], None]
 
@@ -126,6 +128,7 @@ class Plan:
     netns: str | None
     interfaces: list[IfacePlan]
     sets: dict[str, SetIR]
+    set_files: list[str] = field(default_factory=list)
 
     @property
     def changes(self) -> bool:
@@ -269,7 +272,8 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
         if st.policy_path == path and st.netns == netns and st.key not in wanted:
             plans.append(IfacePlan(key=st.key, ifname=st.ifname, netns=st.netns,
                                    what="remove", old=st))
-    return Plan(path, loaded_policy.source_hash, netns, plans, dict(ir.sets))
+    return Plan(path, loaded_policy.source_hash, netns, plans, dict(ir.sets),
+                list(getattr(loaded_policy, "set_files", [])))
 
 
 def _check_forwarding(p: IfacePlan) -> None:
@@ -325,36 +329,68 @@ def _set_digests(c: CompiledDirection, sets: dict[str, SetIR]) -> dict[str, str]
 
 def apply_policy(loaded_policy, policy_path: str, netns: str | None, log: Log = print,
                  show_plan: Callable[[Plan], None] | None = None) -> Plan:
-    """Plan and apply under the apply lock, so the plan is made against the state it changes
-    (a plan made before waiting for another apply would work from a stale state)."""
-    with apply_lock(wait_message=log):
-        unrepaired = recover_all(log)
-        remove_leftovers(keep=unrepaired)
-        plan = plan_apply(loaded_policy, policy_path, netns)
-        if show_plan:
-            show_plan(plan)
-        if plan.changes:
-            apply_plan(plan, log, locked=True)
-        return plan
+    """Plan and apply under the locks of the interfaces the plan touches, so the plan is made
+    against the state it changes (a plan made before waiting for another apply would work
+    from a stale state). Applies to other interfaces go on meanwhile."""
+    keys = _policy_keys(loaded_policy, policy_path, netns)
+    while True:
+        with apply_lock(keys, wait_message=log):
+            unrepaired = recover_all(log, keys)
+            remove_leftovers(keys, keep=unrepaired)
+            plan = plan_apply(loaded_policy, policy_path, netns)
+            more = {p.key for p in plan.interfaces} - keys
+            if more:          # another apply of this file added an interface meanwhile
+                keys |= more
+                continue
+            if show_plan:
+                show_plan(plan)
+            if plan.changes:
+                apply_plan(plan, log, locked=True)
+            _record_inputs(plan)
+            return plan
 
 
-def remove_leftovers(keep: frozenset[str] = frozenset()) -> None:
-    """Staging pins and half-written state files of an apply that was killed before it wrote
-    its journal (only an apply holding the lock uses them); keep: keys still being repaired."""
-    for d in STAGING_DIRS:
-        for leftover in (d.iterdir() if d.is_dir() else ()):
-            if leftover.name not in keep:
-                unpin_tree(leftover)
-    state_dir = state_file("x").parent
-    for tmp in (state_dir.glob("*.tmp*") if state_dir.is_dir() else ()):
-        tmp.unlink(missing_ok=True)
+def _record_inputs(plan: Plan) -> None:
+    """An interface whose tables did not change still records this apply's input (file, its
+    hash, set files, sibling interfaces), so the next identical apply is known unchanged
+    before parsing (netbpf/unchanged.py)."""
+    keys = [q.key for q in plan.interfaces if q.what != "remove"]
+    for p in plan.interfaces:
+        st = p.old
+        if p.what != "unchanged" or st is None:
+            continue
+        now = (plan.policy_path, plan.policy_hash, plan.set_files, keys)
+        if (st.policy_path, st.policy_hash, st.set_files, st.policy_keys) != now:
+            st.policy_path, st.policy_hash, st.set_files, st.policy_keys = now
+            save_state(st)
+
+
+def _policy_keys(loaded_policy, policy_path: str, netns: str | None) -> set[str]:
+    """The interfaces an apply of this file may change: those it names, and those it named
+    before (removed by the plan)."""
+    ir = loaded_policy.ir
+    names = set(ir.interfaces) | {lb.interface for lb in ir.load_balancers.values()}
+    path = str(Path(policy_path).resolve())
+    return {iface_key(n, netns) for n in names} | \
+        {st.key for st in list_states() if st.policy_path == path and st.netns == netns}
+
+
+def remove_leftovers(keys, keep: frozenset[str] = frozenset()) -> None:
+    """Staging pins and half-written state files of an apply of keys killed before it wrote
+    its journal (only an apply holding a key's lock uses them); keep: keys being repaired."""
+    for key in set(keys) - keep:
+        for d in staging_dirs(key):
+            unpin_tree(d)
+        for kind in ("json", "journal"):
+            for tmp in state_file(key).parent.glob(f"{glob_escape(key)}.{kind}.tmp*"):
+                tmp.unlink(missing_ok=True)
 
 
 def apply_plan(plan: Plan, log: Log = print, locked: bool = False) -> list[InterfaceState]:
     """Make the plan so; each interface either switches whole or not. Takes the apply lock
     unless the caller holds it (apply_policy)."""
     if not locked:
-        with apply_lock(wait_message=log):
+        with apply_lock({p.key for p in plan.interfaces}, wait_message=log):
             return apply_plan(plan, log, locked=True)
     done = []
     for p in plan.interfaces:
@@ -427,6 +463,8 @@ def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
                           requested_mode=p.mode, conntrack=p.conntrack,
                           ct_timeouts=p.ct_timeouts, created_clsact=created_clsact,
                           policy_path=plan.policy_path, policy_hash=plan.policy_hash,
+                          set_files=plan.set_files,
+                          policy_keys=[q.key for q in plan.interfaces if q.what != "remove"],
                           applied_at=time.time(), parts=parts,
                           lb=p.lb_state.to_json() if p.lb_state else {})
 
@@ -441,7 +479,10 @@ def _write_ct_timeouts(fd, timeouts: dict) -> None:
 def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
           tags: dict[str, SetState], to_write: list[str]) -> None:
     for name in to_write:
-        tables.write_set(tags[name].tag, sets[name])
+        s = sets[name]
+        if len(s.v4) + len(s.v6) >= BIG_SET:
+            progress.step(f"writing set {name} ({len(s.v4) + len(s.v6):,} entries)")
+        tables.write_set(tags[name].tag, s)
     c = pp.compiled
     by_name = {r.name: r for r in pp.ir.rules}
     samples = [by_name[r.name].sample or pp.ir.sample for r in c.rules]
@@ -529,6 +570,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
     functions = {pp.func: pp.prog_type}
     if p.lbs and pp.hook == "xdp":
         functions[LB_ENTRY] = "xdp"
+    progress.step(f"{p.key}: compiling and verifying {pp.func}")
     if pp.hook == "xdp" and p.mode == "offload":
         # an offloaded program is loaded for its device (bcc resolves the name in this netns);
         # attach refuses first on drivers that cannot offload
@@ -577,9 +619,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     staging, retired = staging_dirs(p.key)
     for d in (staging, retired):
         unpin_tree(d)
-    staging.mkdir(parents=True)
-    retired.parent.mkdir(parents=True, exist_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_pin_dirs(staging, retired.parent, final.parent)
     # Tracked connections and balanced flows survive a program change: the new programs open
     # the shared maps where the running ones pinned them (or create them in staging).
     shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
@@ -770,6 +810,7 @@ def detach_key(key: str, log: Log = print) -> bool:
         unpin_tree(d)
     remove_state(key)
     remove_journal(key)
+    remove_lock(key)
     prune_pin_roots()
     return True
 
@@ -816,7 +857,7 @@ def _detach_programs(key: str, ifname: str, netns: str | None, log: Log) -> None
 
 def detach(ifname: str, netns: str | None, log: Log = print) -> None:
     key = iface_key(ifname, netns)
-    with apply_lock(wait_message=log):
+    with apply_lock([key], wait_message=log):
         if not detach_key(key, log):
             raise NetbpfError(f"{ifname}: netbpf manages nothing on it in {netns_label(netns)} "
                               "(see 'netbpf status')")

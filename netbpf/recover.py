@@ -23,10 +23,11 @@ Log = Callable[[str], None]
 GRACE_S = 0.05     # see apply.GRACE_S: packets still classifying on the old generation
 
 
-def recover_all(log: Log) -> frozenset[str]:
-    """Repair every interrupted apply; returns the keys that could not be (each logged)."""
+def recover_all(log: Log, keys) -> frozenset[str]:
+    """Repair the interrupted applies of keys (the caller holds their locks); returns the keys
+    that could not be repaired (each logged)."""
     failed = set()
-    for key in list_journal_keys():
+    for key in sorted(set(keys) & set(list_journal_keys())):
         try:
             recover(key, log)
         except NetbpfError as e:

@@ -49,13 +49,25 @@ def staging_dirs(key: str) -> tuple[Path, Path]:
 
 
 def prune_pin_roots() -> None:
-    """Remove netbpf's pin directories once nothing is pinned in them (callers hold the
-    apply lock, so no apply is about to use them)."""
+    """Remove netbpf's pin directories once nothing is pinned in them. An apply of another
+    interface may be about to create something in one: it makes its directories with
+    make_pin_dirs, which tries again when a directory vanished under it."""
     for d in (*STAGING_DIRS, STAGING_ROOT, PIN_ROOT):
         try:
             d.rmdir()
         except OSError:
             pass  # absent, or still holds something
+
+
+def make_pin_dirs(*dirs: Path) -> None:
+    for attempt in range(5):
+        try:
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
 
 
 def state_file(key: str) -> Path:
@@ -122,6 +134,8 @@ class InterfaceState:
     applied_at: float = field(default_factory=time.time)
     parts: dict[str, PartState] = field(default_factory=dict)
     lb: dict = field(default_factory=dict)          # netbpf.lbtables.LbState as JSON
+    set_files: list[str] = field(default_factory=list)   # inputs beside the policy file
+    policy_keys: list[str] = field(default_factory=list)  # every interface of that apply
 
     @classmethod
     def from_json(cls, data: dict) -> "InterfaceState":
@@ -263,10 +277,10 @@ def unpin_tree(d: Path) -> None:
 def forget_netns(netns: str) -> list[str]:
     """Drop pins, state and health files of every interface key in netns (the namespace is
     gone, so its programs are detached already). Returns the keys forgotten. Files only."""
-    with apply_lock():
-        keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
-        keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.journal")}
-        keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
+    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
+    keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.journal")}
+    keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
+    with apply_lock(keys):
         for key in keys:
             for d in (pin_dir(key), *staging_dirs(key)):
                 try:
@@ -276,6 +290,7 @@ def forget_netns(netns: str) -> list[str]:
             remove_state(key)
             remove_journal(key)
             health_file(key).unlink(missing_ok=True)
+            remove_lock(key)
         prune_pin_roots()
     return sorted(keys)
 
@@ -286,35 +301,64 @@ def list_pin_keys() -> list[str]:
     return sorted(p.name for p in PIN_ROOT.iterdir() if p.is_dir())
 
 
+def lock_file(key: str) -> Path:
+    return STATE_ROOT / "locks" / f"{key}.lock"
+
+
 @contextmanager
-def apply_lock(timeout: float = LOCK_TIMEOUT_S, wait_message=None) -> Iterator[None]:
-    """One apply/detach at a time on this machine. Waits up to timeout, then fails clearly."""
-    path = STATE_ROOT / "apply.lock"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def apply_lock(keys, timeout: float = LOCK_TIMEOUT_S, wait_message=None) -> Iterator[None]:
+    """One apply/detach at a time per interface: applies to different interfaces or
+    namespaces run side by side. Locks are taken in sorted order (no deadlock between two
+    policies sharing interfaces); waits up to timeout in all, then fails clearly."""
+    fds = []
+    deadline = time.monotonic() + timeout
     try:
-        deadline = time.monotonic() + timeout
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = _lock_holder(fd)
-                if not told and wait_message:
-                    wait_message(f"waiting for another netbpf apply (pid {holder}) to finish")
-                    told = True
-                if time.monotonic() >= deadline:
-                    raise NetbpfError(f"another netbpf apply (pid {holder}) holds {path} "
-                                      f"after {timeout:.0f} s; try again when it is done")
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for key in sorted(set(keys)):
+            path = lock_file(key)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fds.append(fd)
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if _same_file(fd, path):
+                        break
+                    # the holder forgot the interface and removed the lock file: lock anew
+                    os.close(fds.pop())
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                    fds.append(fd)
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    holder = _lock_holder(fd)
+                    if not told and wait_message:
+                        wait_message(f"waiting for another netbpf apply (pid {holder}) on "
+                                     f"{key} to finish")
+                        told = True
+                    if time.monotonic() >= deadline:
+                        raise NetbpfError(f"another netbpf apply (pid {holder}) holds {path} "
+                                          f"after {timeout:.0f} s; try again when it is done")
+                    time.sleep(0.05)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_lock(key: str) -> None:
+    """Called with the key's lock held, once netbpf forgets the interface."""
+    lock_file(key).unlink(missing_ok=True)
 
 
 def _lock_holder(fd: int) -> str:

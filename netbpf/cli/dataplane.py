@@ -5,7 +5,9 @@ netbpf/cli/__init__.py.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 import time
 
 import click
@@ -100,6 +102,19 @@ def _print_plan(plan) -> None:
             click.echo(f"  - load balancer {name}")
 
 
+@contextmanager
+def _progress():
+    """Long steps (compiling, big sets) on a terminal as a transient spinner line; nothing
+    when stdout is a pipe or a file."""
+    from netbpf import progress
+
+    if not sys.stdout.isatty():
+        yield
+        return
+    with Console().status("") as spinner, progress.shown_with(spinner.update):
+        yield
+
+
 @click.command()
 @click.argument("policy")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
@@ -121,8 +136,14 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, as_json: bool) -> None
       netbpf apply policies/demo.yaml --dry-run --json
     """
     if as_json:
+        # the full plan even when the input is unchanged: tools read every interface's record
         _apply_json(ctx, policy, dry_run)
         return
+    if not dry_run and os.geteuid() == 0:
+        from netbpf.unchanged import input_unchanged
+        if input_unchanged(policy, _netns(ctx)):
+            click.echo("nothing to do: the running policy is this one (input unchanged)")
+            return
     from netbpf.apply import apply_policy, plan_apply
 
     loaded = _load_policy(policy)          # bad input is reported first, as by validate
@@ -131,7 +152,8 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, as_json: bool) -> None
         _print_plan(plan_apply(loaded, policy, _netns(ctx)))
         click.echo("dry run: nothing changed")
         return
-    plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
+    with _progress():
+        plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
     if not plan.changes:
         click.echo("nothing to do: the running policy is this one")
 
