@@ -11,7 +11,6 @@ Not the CLI (netbpf/cli/dataplane.py), not map layouts (netbpf/fwtables.py).
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import time
 from array import array
@@ -20,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from netbpf import abi, progress
-from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
+from netbpf import abi, progress, snapshot
+from netbpf.compile import (CompiledDirection, Shape, choose_shape, compile_direction,
+                            counter_key)
 from netbpf.drift import drift, is_netbpf_program, netns_gone, tc_filter
 from netbpf.errors import NetbpfError
 from netbpf.faults import kill_point
@@ -34,11 +34,11 @@ from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
                              TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE)
 from netbpf.recover import recover, recover_all
-from netbpf.state import (InterfaceState, Journal, PartState, RuleState,
-                          SetState, apply_lock, health_down, iface_key, list_states, split_key,
-                          load_journal, load_state, pin_dir, prune_pin_roots, remove_journal,
-                          remove_lock, remove_state, save_journal, save_state, staging_dirs,
-                          state_file, unpin_tree, make_pin_dirs, REPAIR_HASH)
+from netbpf.state import (REPAIR_HASH, apply_lock, health_down, iface_key, InterfaceState,
+                          Journal, list_states, load_journal, load_state, make_pin_dirs,
+                          PartState, pin_dir, prune_pin_roots, remove_journal, remove_lock,
+                          remove_state, rename_pins, RuleState, save_journal, save_state,
+                          SetState, split_key, staging_dirs, state_file, unpin_tree)
 
 # A packet being classified holds the old generation for microseconds (XDP and TC run under
 # RCU); the old generation's prefixes are removed only after this grace period.
@@ -196,6 +196,10 @@ def _part_unchanged(pp: PartPlan, sets) -> bool:
     old = pp.old
     return (old is not None and not pp.changed_rules()
             and [r.name for r in old.rules] == [n for n, *_ in _rule_states(pp.compiled, pp.ir)]
+            # rule states list terminal rules before count rules: the file order tells
+            # whether a count rule moved across a terminal one (found by selftest)
+            and [r.name for r in sorted(old.rules, key=lambda r: (r.pos, r.line))]
+            == [r.name for r in pp.ir.rules]
             and old.default_action == pp.ir.default and old.sample == pp.ir.sample
             and _set_digests(pp.compiled, sets) == {s.name: s.digest for s in old.sets})
 
@@ -347,6 +351,9 @@ def apply_policy(loaded_policy, policy_path: str, netns: str | None, log: Log = 
             if plan.changes:
                 apply_plan(plan, log, locked=True)
             _record_inputs(plan)
+            # copies of the files for status, show and commit-confirmed rollback
+            snapshot.record([p.key for p in plan.interfaces if p.what != "remove"],
+                            loaded_policy, policy_path, netns)
             return plan
 
 
@@ -410,12 +417,12 @@ def _allocate_slots(new: list[tuple[str, str, str, int]], old: PartState,
     """Counter slots for a rule update of a running program: an unchanged rule (same name and
     digest) keeps its slot; the others get slots the running generation does not count into.
     Returns (slot per rule, the fresh slots to zero)."""
-    kept = {(r.name, r.digest): r.slot for r in old.rules}
+    kept = {(r.name, counter_key(r.digest)): r.slot for r in old.rules}
     used = {r.slot for r in old.rules}
     slots, fresh = [], []
     free = (s for s in range(cap) if s not in used)
     for name, _, digest, _ in new:
-        s = kept.get((name, digest))
+        s = kept.get((name, counter_key(digest)))
         if s is None:
             s = next(free, None)
             if s is None:
@@ -448,7 +455,8 @@ def _allocate_tags(c: CompiledDirection, sets: dict[str, SetIR],
 
 def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
                 tags: dict[str, SetState], gen: int = 0) -> PartState:
-    rules = [RuleState(n, a, d, s, line, pp.direction) for (n, a, d, line), s in
+    pos = {r.name: i for i, r in enumerate(pp.ir.rules)}
+    rules = [RuleState(n, a, d, s, line, pp.direction, pos[n]) for (n, a, d, line), s in
              zip(_rule_states(pp.compiled, pp.ir), slots)]
     return PartState(direction=pp.direction, hook=pp.hook, fields=pp.fields, mode=mode,
                      prog_id=prog_id,
@@ -595,9 +603,10 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         tables.flip(0)
         carry = None
         if not p.stale and _pins_usable(p.key, pp.old):
-            was = {(r.name, r.digest): r.slot for r in pp.old.rules}
-            pairs = [(was[(n, d)], s) for (n, _, d, _), s in zip(states, slots)
-                     if (n, d) in was]
+            # sampling is not what a counter counts: counter_key leaves it out
+            was = {(r.name, counter_key(r.digest)): r.slot for r in pp.old.rules}
+            pairs = [(was[(n, counter_key(d))], s) for (n, _, d, _), s in zip(states, slots)
+                     if (n, counter_key(d)) in was]
             old_tables = FwTables.from_pins(pin_dir(p.key) / pp.direction, pp.old.words,
                                             pp.old.class_cap)
             carry = CounterCarry(old_tables, tables, pairs)
@@ -680,9 +689,9 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         for carry in carries:
             carry.catch_up()
         if final.exists():
-            os.rename(final, retired)
+            rename_pins(final, retired)
             kill_point("program:pins-retired")
-        os.rename(staging, final)
+        rename_pins(staging, final)
         kill_point("program:pins-renamed")
         unpin_tree(retired)
         st = _iface_state(plan, p, states, created_clsact)
@@ -811,6 +820,7 @@ def detach_key(key: str, log: Log = print) -> bool:
     remove_state(key)
     remove_journal(key)
     remove_lock(key)
+    snapshot.forget(key)
     prune_pin_roots()
     return True
 

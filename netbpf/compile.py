@@ -12,6 +12,7 @@ terminal rule t at bit 64 + t, so every OR/XOR/AND below is a single big-int ope
 from __future__ import annotations
 
 import functools
+import itertools
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 from netbpf import abi
 from netbpf.errors import InputError
-from netbpf.ir import AddrMatch, DirectionIR, RuleIR, SetIR
+from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
 
 ACTIONS = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP, "rate_limit": abi.NB_ACT_RATE}
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
@@ -374,16 +375,148 @@ def _canon_addr(m: AddrMatch | None):
 
 def rule_digest(r: RuleIR) -> str:
     """Short stable hash of what a rule is (not where it is: line and position are left out),
-    so the apply layer can keep the counters of rules an edit did not change."""
+    so the apply layer can keep the counters of rules an edit did not change. Event sampling
+    is a suffix, not part of the hash: it changes the rule, not what its counters count."""
     rate = (r.rate_pps, r.rate_burst, r.rate_per) if r.action == "rate_limit" else None
     content = [r.name, r.action, _canon_addr(r.src), _canon_addr(r.dst), r.proto,
                None if r.sport is None else _merge(r.sport),
                None if r.dport is None else _merge(r.dport),
                r.icmp_type, r.icmp_code, r.tcp_flags, rate]
-    if r.sample:
-        content.append(["sample", r.sample])
     text = json.dumps(content, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return f"{digest}/s{r.sample}" if r.sample else digest
+
+
+def counter_key(digest: str) -> str:
+    """The part of a rule digest its counters belong to: match and action (not sampling)."""
+    return digest.partition("/")[0]
+
+
+# ---------------------------------------------------------------- decoding
+
+def _bits(x: int):
+    while x:
+        low = x & -x
+        yield low.bit_length() - 1
+        x ^= low
+
+
+def _runs(values: array):
+    """(lo, hi, id) of maximal runs of one class id (groupby and list run in C: 64k entries
+    take milliseconds)."""
+    lo = 0
+    for cid, group in itertools.groupby(values):
+        n = len(list(group))
+        yield lo, lo + n - 1, cid
+        lo += n
+
+
+def decompile(c: CompiledDirection, names: list[str], count_names: list[str]) -> list[RuleIR]:
+    """The rules tables c enforce, in file order: the inverse of compile_direction for every
+    field (names come from the caller: the kernel keeps counter slots, not names). Set
+    references keep c's set names. Works on tables read back from the kernel, so a map edit
+    shows up as a rule that differs from the file."""
+    combined = {i: (rb << _RULE_SHIFT) | cb for i, (cb, rb) in c.vecs.items()}
+    combined[0] = -1
+    valid = ((1 << c.nrules) - 1) << _RULE_SHIFT | ((1 << c.ncount) - 1)
+    out: dict[int, dict] = {b: {} for b in range(c.ncount)}
+    out.update({_RULE_SHIFT + t: {} for t in range(c.nrules)})
+
+    def vec(i: int) -> int:
+        return combined.get(i, 0)
+
+    def constrained(f: int) -> int:
+        """Rules constrained on field f: those missing from its wildcard class."""
+        if not c.field_mask >> f & 1:
+            return 0
+        return ~vec(c.wild_id[f]) & valid
+
+    for f, attr in ((abi.NB_F_SRC, "src"), (abi.NB_F_DST, "dst")):
+        cons = constrained(f)
+        if not cons:
+            continue
+        for b in _bits(cons):
+            out[b][attr] = []                 # constrained, even if no value matches
+        for fam, entries in ((4, c.lpm4), (6, c.lpm6)):
+            width = ADDR_BITS[fam]
+            stack: list[tuple[int, int, int]] = []
+            for field_, addr_b, plen, cid in sorted(entries, key=lambda e: (e[0], e[1], e[2])):
+                if field_ != f:
+                    continue
+                addr = int.from_bytes(addr_b, "big")
+                while stack and (addr >> (width - stack[-1][1])) != (stack[-1][0] >> (width - stack[-1][1])):
+                    stack.pop()
+                acc = vec(cid) & cons
+                own = acc & ~(stack[-1][2] if stack else 0)
+                stack.append((addr, plen, acc))
+                for b in _bits(own):
+                    out[b].setdefault(attr, []).append(Prefix(fam, addr, plen))
+    for ref in c.setrefs:
+        refs = vec(ref.member_id) & ~vec(ref.nonmember_id) & valid
+        attr = "src" if ref.field == abi.NB_F_SRC else "dst"
+        for b in _bits(refs):
+            out[b][attr] = ref.set_name
+    for f, attr, values in ((abi.NB_F_PROTO, "proto", c.proto),
+                            (abi.NB_F_SPORT, "sport", c.ports.get(0)),
+                            (abi.NB_F_DPORT, "dport", c.ports.get(1)),
+                            (abi.NB_F_ICMP, "icmp", c.icmp), (abi.NB_F_FLAGS, "flags", c.flags)):
+        cons = constrained(f)
+        if not cons or values is None:
+            continue
+        for b in _bits(cons):
+            out[b][attr] = []
+        for lo, hi, cid in _runs(values):
+            for b in _bits(vec(cid) & cons):
+                out[b].setdefault(attr, []).append((lo, hi))
+
+    rules: list[RuleIR] = []
+    emitted = 0
+    for t, r in enumerate(c.rules):
+        for i in _bits(r.count_mask & ~emitted & ((1 << c.ncount) - 1)):
+            rules.append(_rule_from(count_names[i], "count", out[i]))
+        emitted |= r.count_mask
+        action = ACTION_NAMES.get(r.action, f"action{r.action}")
+        rules.append(_rule_from(names[t], action, out[_RULE_SHIFT + t], r))
+    for i in _bits(((1 << c.ncount) - 1) & ~emitted):
+        rules.append(_rule_from(count_names[i], "count", out[i]))
+    return rules
+
+
+def _rule_from(name: str, action: str, m: dict, r: RuleEntry | None = None) -> RuleIR:
+    def addr(v):
+        if v is None:
+            return None
+        return AddrMatch(set_name=v) if isinstance(v, str) else AddrMatch(prefixes=tuple(v))
+
+    never = any(not m[k] for k in ("proto", "icmp", "flags") if k in m)
+    proto = None
+    if m.get("proto"):
+        values = [v for lo, hi in m["proto"] for v in range(lo, hi + 1)]
+        proto = values[0] if len(values) == 1 else None
+    icmp_type = icmp_code = None
+    if m.get("icmp"):
+        points = {v for lo, hi in m["icmp"] for v in range(lo, hi + 1)}
+        types = {v >> 8 for v in points}
+        codes = {v & 0xff for v in points}
+        icmp_type = types.pop() if len(types) == 1 else None
+        icmp_code = codes.pop() if len(codes) == 1 else None
+    flags = None
+    if m.get("flags"):
+        points = [v for lo, hi in m["flags"] for v in range(lo, hi + 1)]
+        mask = 0xff
+        for v in points:
+            mask &= ~(v ^ points[0])
+        flags = (mask, points[0] & mask)
+    if never:
+        flags = (0, 1)                        # matches no packet, like the tables
+    rate = {}
+    if r is not None and r.action == abi.NB_ACT_RATE:
+        rate = dict(rate_pps=r.rl_rate, rate_burst=r.rl_burst,
+                    rate_per={v: k for k, v in RATE_PER.items()}.get(r.rl_per, "src"))
+    return RuleIR(name=name, action=action, src=addr(m.get("src")), dst=addr(m.get("dst")),
+                  proto=proto, sport=_merge(m["sport"]) if "sport" in m else None,
+                  dport=_merge(m["dport"]) if "dport" in m else None,
+                  icmp_type=icmp_type, icmp_code=icmp_code, tcp_flags=flags, **rate)
 
 
 # ---------------------------------------------------------------- program shape

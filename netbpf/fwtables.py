@@ -1,5 +1,6 @@
 """The firewall program's maps, by name: write one generation of compiled tables, flip the
-active generation, clear the old one, manage set tries and counter slots, read counters.
+active generation, clear the old one, manage set tries and counter slots, read counters; and
+the inverse of the writer (read_generation, read_set), so what the kernel holds can be decoded.
 
 Works on freshly loaded maps or on pins alike (both are just fds). Knows the map layout of
 bpf/include/classify.h through netbpf/abi.py; knows nothing of policies or of attach.
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netbpf import abi
-from netbpf.compile import CompiledDirection
+from netbpf.compile import CompiledDirection, CountEntry, RuleEntry, SetRef
 from netbpf.errors import NetbpfError
 from netbpf.ir import SetIR
 from netbpf.kernel import bpfsys
@@ -228,6 +229,99 @@ class FwTables:
         for k, per_cpu in values.items():
             blob = b"".join(struct.pack("<QQQ", *v).ljust(stride, b"\0") for v in per_cpu)
             bpfsys.map_update(m.fd, _U32.pack(k), blob)
+
+    # ---- reading back (the inverse of write_generation / write_set) ----
+    def _read_range(self, name: str, first: int, n: int) -> array:
+        return array("I", b"".join(bpfsys.array_lookup_range(self.fd(name), first, n, 4)))
+
+    def read_generation(self, gen: int) -> "GenerationImage":
+        """Generation gen as the kernel holds it: the CompiledDirection write_generation was
+        given (set references name their tag as 'tag<N>'), with slots and sampling."""
+        raw = bpfsys.map_lookup(self.fd("nb_fw_cfg"), _U32.pack(gen), ctypes.sizeof(abi.NbFwCfg))
+        cfg = abi.NbFwCfg.from_buffer_copy(raw)
+        rules, slots, samples = [], [], []
+        if cfg.nrules:
+            first = gen * self.rules_cap
+            size = ctypes.sizeof(abi.NbRule)
+            for t in range(cfg.nrules):
+                r = abi.NbRule.from_buffer_copy(
+                    bpfsys.map_lookup(self.fd("nb_fw_rules"), _U32.pack(first + t), size))
+                rules.append(RuleEntry(f"#{t}", r.action, r.count_mask, r.rl_rate, r.rl_burst,
+                                       r.rl_per, ""))
+                slots.append(r.slot)
+                samples.append(r.sample)
+        count_slots = list(self._read_range("nb_fw_crules", gen * abi.NB_MAX_COUNT_RULES,
+                                            cfg.ncount)) if cfg.ncount else []
+        vsz = ctypes.sizeof(abi.vec_struct(self.words))
+        nsum = abi.nb_sum(self.words)
+        raw = bpfsys.array_lookup_range(self.fd("nb_fw_vecs"), gen * self.class_cap,
+                                        self.class_cap, vsz)
+
+        def vec(i: int) -> tuple[int, int]:
+            v = raw[i]
+            return int.from_bytes(v[:8], "little"), int.from_bytes(v[8 + 8 * nsum:vsz], "little")
+
+        lpm: dict[int, list] = {4: [], 6: []}
+        for fam, name, ksize in ((4, "nb_fw_lpm4", 12), (6, "nb_fw_lpm6", 24)):
+            fd = self.fd(name)
+            for k in bpfsys.map_keys(fd, ksize):
+                plen, tag = struct.unpack_from("<II", k)
+                if tag & 0xff != gen:
+                    continue
+                cid = _U32.unpack(bpfsys.map_lookup(fd, k, 4))[0]
+                lpm[fam].append((tag >> 8, bytes(k[8:]), plen - 32, cid))
+        mask = cfg.field_mask
+        ports = {w: self._read_range("nb_fw_ports", abi.port_idx(gen, w, 0), 65536)
+                 for w, f in ((0, abi.NB_F_SPORT), (1, abi.NB_F_DPORT)) if mask >> f & 1}
+        arr = {f: self._read_range(name, first, n) if mask >> f & 1 else None
+               for f, name, first, n in ((abi.NB_F_PROTO, "nb_fw_proto", abi.proto_idx(gen, 0), 256),
+                                         (abi.NB_F_ICMP, "nb_fw_icmp", abi.icmp_idx(gen, 0), 65536),
+                                         (abi.NB_F_FLAGS, "nb_fw_flags", abi.flags_idx(gen, 0), 256))}
+        setrefs = [SetRef(f"tag{cfg.setref[k].tag}", cfg.setref[k].field, cfg.setref[k].member_id,
+                          cfg.setref[k].nonmember_id) for k in range(cfg.nsetrefs)]
+        # the classes this generation refers to (stale ids of older generations are left out)
+        used = {i for f, i in enumerate(cfg.wild_id) if mask >> f & 1}
+        used |= {e[3] for fam in (4, 6) for e in lpm[fam]}
+        used |= {i for a in (*ports.values(), *arr.values()) if a is not None for i in set(a)}
+        used |= {i for r in setrefs for i in (r.member_id, r.nonmember_id)}
+        vecs = {i: vec(i) for i in sorted(used) if 0 < i < self.class_cap}
+        c = CompiledDirection(
+            nrules=cfg.nrules, ncount=cfg.ncount, default_action=cfg.default_action,
+            field_mask=mask, wild_id=list(cfg.wild_id), setrefs=setrefs, rules=rules,
+            count_rules=[CountEntry(f"c{i}", "") for i in range(cfg.ncount)], vecs=vecs,
+            lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]), ports=ports, proto=arr[abi.NB_F_PROTO],
+            icmp=arr[abi.NB_F_ICMP], flags=arr[abi.NB_F_FLAGS], nclasses=max(vecs, default=0) + 1)
+        return GenerationImage(c, slots, count_slots, samples, cfg.default_sample)
+
+    def read_set(self, tag: int) -> SetIR:
+        """The entries written by write_set(tag, ...), in trie order."""
+        out = {}
+        for fam, name, ksize in ((4, "nb_set4", 12), (6, "nb_set6", 24)):
+            head = _U32.pack(tag)
+            out[fam] = tuple(sorted((int.from_bytes(k[8:], "big"), _U32.unpack(k[:4])[0] - 32)
+                                    for k in bpfsys.map_keys(self.fd(name), ksize)
+                                    if k[4:8] == head))
+        return SetIR(f"tag{tag}", v4=out[4], v6=out[6])
+
+    def copy_to(self, other: "FwTables", gen: int, set_tags: list[int]) -> None:
+        """Generation gen and the sets it uses into other (a fresh program's maps, same shape),
+        made active there: a private copy of the classifier to run test packets through."""
+        img = self.read_generation(gen)
+        other.write_generation(gen, img.compiled, img.rule_slots, img.count_slots,
+                               {f"tag{t}": t for t in set_tags}, img.samples, img.default_sample)
+        for tag in set_tags:
+            other.delete_set(tag)
+            other.write_set(tag, self.read_set(tag))
+        other.flip(gen)
+
+
+@dataclass
+class GenerationImage:
+    compiled: CompiledDirection
+    rule_slots: list[int]
+    count_slots: list[int]
+    samples: list[int]
+    default_sample: int
 
 
 COUNTER_MAPS = ("nb_fw_cnt", "nb_fw_stats")

@@ -7,7 +7,6 @@ reporting (netbpf/drift.py).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -16,8 +15,8 @@ from netbpf.errors import NetbpfError
 from netbpf.kernel import attach, bpfsys
 from netbpf.progspec import PROG_PIN, PROGRAMS
 from netbpf.state import (REPAIR_HASH, InterfaceState, Journal, list_journal_keys, load_journal,
-                          load_state, pin_dir, remove_journal, save_state, staging_dirs,
-                          unpin_tree)
+                          load_state, pin_dir, remove_journal, rename_pins, save_state,
+                          staging_dirs, unpin_tree)
 
 Log = Callable[[str], None]
 GRACE_S = 0.05     # see apply.GRACE_S: packets still classifying on the old generation
@@ -119,8 +118,8 @@ def _forward_programs(j: Journal, old: InterfaceState | None, progress: dict) ->
     if staging.is_dir():
         if final.is_dir():
             unpin_tree(retired)
-            os.rename(final, retired)
-        os.rename(staging, final)
+            rename_pins(final, retired)
+        rename_pins(staging, final)
     unpin_tree(retired)
     ing = st.parts.get("ingress")
     if ing is not None and ing.hook == "xdp":

@@ -70,6 +70,18 @@ def make_pin_dirs(*dirs: Path) -> None:
                 raise
 
 
+def rename_pins(src: Path, dst: Path) -> None:
+    """Move a pin directory; dst's parent is made again if a prune removed it meanwhile."""
+    for attempt in range(5):
+        try:
+            make_pin_dirs(dst.parent)
+            os.rename(src, dst)
+            return
+        except FileNotFoundError:
+            if attempt == 4 or not src.exists():
+                raise
+
+
 def state_file(key: str) -> Path:
     return STATE_ROOT / "state" / f"{key}.json"
 
@@ -83,6 +95,7 @@ class RuleState:
     slot: int
     line: int = 0
     direction: str = "ingress"
+    pos: int = -1            # place in the file's rule list (count and terminal rules together)
 
 
 @dataclass
@@ -347,6 +360,11 @@ def apply_lock(keys, timeout: float = LOCK_TIMEOUT_S, wait_message=None) -> Iter
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def host_lock(name: str, wait_message=None):
+    """A lock for something host-wide that is not an interface (':' starts no interface key)."""
+    return apply_lock([f":{name}"], wait_message=wait_message)
 
 
 def _same_file(fd: int, path: Path) -> bool:

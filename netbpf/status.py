@@ -6,6 +6,7 @@ nothing (re-applying the policy does). Plain dicts for the CLI.
 from __future__ import annotations
 
 from netbpf.drift import drift
+from netbpf.snapshot import file_status
 from netbpf.state import list_pin_keys, list_states, split_key
 
 
@@ -26,7 +27,9 @@ def read_status(netns: str | None = None, ifname: str | None = None) -> list[dic
                      "prog_id": ing.prog_id if ing else None,
                      "rules": len(st.rules), "conntrack": st.conntrack,
                      "policy_path": st.policy_path, "policy_hash": st.policy_hash,
-                     "applied_at": st.applied_at, "health": drift(st) or "ok"})
+                     "applied_at": st.applied_at, "health": drift(st) or "ok",
+                     # unchanged | changed | gone | unknown: the named file since the apply
+                     "policy_file": file_status(st.key, st.policy_path)})
     known = {st.key for st in states}
     for key in list_pin_keys():
         if key not in known and wanted(key):

@@ -64,10 +64,12 @@ def _load_policy(path: str):
     return loaded
 
 
-def _print_plan(plan) -> None:
+def _print_plan(plan, verbose: bool = False) -> None:
+    from netbpf.plandiff import diff_plan, direction_lines
+
     if not plan.interfaces:
         click.echo("plan: the policy names no interfaces; nothing to do")
-    mark = {"added": "+", "removed": "-", "changed": "~"}
+    diffs = diff_plan(plan)
     for p in plan.interfaces:
         where = f"{p.ifname}" + (f" (netns {p.netns})" if p.netns else "")
         if p.what == "remove":
@@ -83,14 +85,9 @@ def _print_plan(plan) -> None:
             hook = "xdp" if pp.hook == "xdp" else "tc"
             click.echo(f"  {d} ({hook}, default {pp.ir.default}, room for "
                        f"{pp.shape.words * 64} rules x {pp.shape.class_cap} classes)")
-            for r in pp.changed_rules():
-                click.echo(f"    {mark[r.what]} {r.name} ({r.action})")
-            kept = sum(1 for r in pp.rules if r.what == "kept")
-            if kept:
-                click.echo(f"    = {kept} rule(s) unchanged (counters kept)")
-            for s in sorted({r.set_name for r in pp.compiled.setrefs}):
-                st = plan.sets[s]
-                click.echo(f"    set {s}: {len(st.v4)} IPv4 + {len(st.v6)} IPv6 entries")
+            dd = next(x for x in diffs[p.key] if x.direction == d)
+            for line in direction_lines(dd, verbose):
+                click.echo(f"    {line}")
         for lb in p.lbs:
             vip = addr_text(lb.family, lb.vip)
             what = "new table" if lb.name in p.lb_changed else "unchanged"
@@ -118,49 +115,73 @@ def _progress():
 @click.command()
 @click.argument("policy")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
+@click.option("--confirm", "confirm_s", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Roll back to the previous policy after SECONDS unless 'netbpf confirm'.")
+@click.option("--force", is_flag=True,
+              help="Apply even when it would drop this ssh session or a protect: flow.")
+@click.option("--selftest", "selftest", is_flag=True,
+              help="Probe every rule of the attached programs afterwards (exit 1 on a miss).")
+@click.option("--verbose", "-v", is_flag=True, help="Print every change of a long plan.")
 @click.option("-j", "--json", "as_json", is_flag=True,
-              help="Print the plan and the outcome as JSON on stdout (progress goes to stderr).")
+              help="Print the plan (every change) as JSON on stdout; progress goes to stderr.")
 @click.pass_context
-def apply(ctx: click.Context, policy: str, dry_run: bool, as_json: bool) -> None:
+def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | None,
+          force: bool, selftest: bool, verbose: bool, as_json: bool) -> None:
     """Validate POLICY, show the plan, and make the data plane match it.
 
     \b
     Rule changes rewrite maps atomically (the program and its id stay); a failure leaves
-    the previous policy running. The same policy twice changes nothing.
+    the previous policy running. The same policy twice changes nothing. A policy that would
+    drop the ssh session apply runs from, or a flow under 'protect:', is refused (exit 2).
     With --json, stdout holds one object: the plan per interface ("changed", rule changes,
-    "diff"), "programs" after the apply, and "errors" (file, line, column, path, message).
+    "diff", "changes"), "programs" after the apply, and "errors" (file, line, column, path,
+    message).
     \b
     Examples:
       netbpf apply policies/demo.yaml --dry-run
       netbpf -n lab-gw apply policies/demo.yaml
+      netbpf apply gw.yaml --confirm 60      # then 'netbpf confirm', or it rolls back
       netbpf apply policies/demo.yaml --dry-run --json
     """
     if as_json:
         # the full plan even when the input is unchanged: tools read every interface's record
-        _apply_json(ctx, policy, dry_run)
+        _apply_json(ctx, policy, dry_run, confirm_s, force, selftest)
         return
-    if not dry_run and os.geteuid() == 0:
+    if not (dry_run or confirm_s or selftest) and os.geteuid() == 0:
         from netbpf.unchanged import input_unchanged
         if input_unchanged(policy, _netns(ctx)):
             click.echo("nothing to do: the running policy is this one (input unchanged)")
             return
     from netbpf.apply import apply_policy, plan_apply
+    from netbpf.cli import safety
 
     loaded = _load_policy(policy)          # bad input is reported first, as by validate
     require_privileges(ctx)
+    safety.guard_lockout(loaded, _netns(ctx), force)
+    show = safety.plan_printer(verbose, as_json)
     if dry_run:
-        _print_plan(plan_apply(loaded, policy, _netns(ctx)))
-        click.echo("dry run: nothing changed")
+        plan = plan_apply(loaded, policy, _netns(ctx))
+        show(plan)
+        safety.print_plan_json(plan, as_json, applied=False)
+        if not as_json:
+            click.echo("dry run: nothing changed")
         return
     with _progress():
-        plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
-    if not plan.changes:
+        plan = safety.apply_confirmed(loaded, policy, _netns(ctx), confirm_s, apply_policy,
+                                      show, log=safety.logger(as_json))
+    safety.print_plan_json(plan, as_json, applied=plan.changes)
+    if not plan.changes and not as_json:
         click.echo("nothing to do: the running policy is this one")
+    if selftest:
+        safety.selftest_plan(plan)
 
 
-def _apply_json(ctx: click.Context, policy: str, dry_run: bool) -> None:
+def _apply_json(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | None,
+                force: bool, selftest: bool) -> None:
     """apply --json: one JSON object on stdout whatever happens; the exit code is kept."""
     from netbpf.apply import apply_policy, plan_apply
+    from netbpf.cli import safety
+    from netbpf.plandiff import plan_json
     from netbpf.errors import NetbpfError
     from netbpf.planreport import error_record, outcome_record, plan_record
     from netbpf.policy import load_policy
@@ -181,14 +202,18 @@ def _apply_json(ctx: click.Context, policy: str, dry_run: bool) -> None:
     for w in loaded.warnings:
         _err(f"warning: {w}")
     require_privileges(ctx)
+    safety.guard_lockout(loaded, _netns(ctx), force)
     seen = []
     started = time.time()
     try:
         if dry_run:
-            rec = plan_record(plan_apply(loaded, policy, _netns(ctx)), dry_run=True)
+            plan = plan_apply(loaded, policy, _netns(ctx))
+            rec = plan_record(plan, dry_run=True)
         else:
-            plan = apply_policy(loaded, policy, _netns(ctx), log=_err, show_plan=seen.append)
+            plan = safety.apply_confirmed(loaded, policy, _netns(ctx), confirm_s, apply_policy,
+                                          seen.append, log=_err)
             rec = outcome_record(plan, started)
+        rec["changes"] = plan_json(plan)
     except NetbpfError as e:
         _err(f"netbpf: {e}")
         if seen:
@@ -196,7 +221,9 @@ def _apply_json(ctx: click.Context, policy: str, dry_run: bool) -> None:
             click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None))
             raise SystemExit(e.exit_code)
         fail([error_record(e)], e.exit_code)
-    click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None))
+    click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None, default=str))
+    if selftest and not dry_run:
+        safety.selftest_plan(plan)
 
 
 @click.command()
@@ -399,6 +426,12 @@ def status(ctx: click.Context, interface: str | None, as_json: bool) -> None:
         t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), applied,
                   r["health"])
     Console().print(t)
+    for r in rows:
+        if r.get("policy_file") in ("changed", "gone"):
+            where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]
+            how = "changed since" if r["policy_file"] == "changed" else "is gone since"
+            click.echo(f"{where}: {r['policy_path']} {how} it was applied "
+                       f"('netbpf show {r['interface']}' prints what runs)")
     if any(r["health"] != "ok" for r in rows):
         sys.exit(1)
 

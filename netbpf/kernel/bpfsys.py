@@ -479,3 +479,38 @@ def _lookup_each(fd: FdLike, key_size: int, value_size: int, percpu: bool):
              else map_lookup(fd, k, value_size))
         if v is not None:
             yield k, v
+
+
+def array_lookup_range(fd: FdLike, first: int, n: int, value_size: int,
+                       chunk: int = 8192) -> list[bytes]:
+    """Values of array indexes first..first+n-1 in batches (reading back one generation of
+    a big table without the other). The batch cursor is the key before the next one read."""
+    lib = libbpf()
+    out: list[bytes] = []
+    keys = ctypes.create_string_buffer(4 * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    token = ctypes.create_string_buffer(8)
+    while len(out) < n:
+        start = first + len(out)
+        want = min(chunk, n - len(out))
+        in_batch = None
+        if start:
+            in_batch = ctypes.create_string_buffer((start - 1).to_bytes(4, "little") + bytes(4), 8)
+        cnt = ctypes.c_uint32(want)
+        ret = lib.bpf_map_lookup_batch(int(fd), in_batch, token, keys, values,
+                                       ctypes.byref(cnt), ctypes.byref(_batch_opts()))
+        err = _err(ret) if ret < 0 else 0
+        if err in _NO_BATCH and cnt.value == 0:
+            for i in range(start, first + n):
+                out.append(map_lookup(fd, i.to_bytes(4, "little"), value_size) or
+                           bytes(value_size))
+            return out
+        if err and err != _errno.ENOENT:
+            raise_errno(f"read map {_label(fd)} in batches", err)
+        raw = values.raw
+        out += [raw[i * value_size:(i + 1) * value_size] for i in range(cnt.value)]
+        if err == _errno.ENOENT or cnt.value == 0:
+            break
+    if len(out) < n:
+        raise_errno(f"read {n} entries from index {first} of map {_label(fd)}", _errno.ERANGE)
+    return out[:n]

@@ -23,7 +23,7 @@ from netbpf.policy.addr import parse_set_text
 from netbpf.policy.checks import PolicyView, check_policy, view_of_data, view_of_model
 from netbpf.policy.convert import policy_to_ir
 from netbpf.policy.models import Policy, SetFile, describe
-from netbpf.policy.shadow import find_shadowed
+from netbpf.policy.shadow import covering_entries, find_shadowed
 from netbpf.policy.source import (MAX_POLICY_BYTES, MAX_SET_FILE_BYTES, Document, Loc,
                                   SourceError, decode_utf8, format_path, parse_yaml, read_bytes)
 
@@ -180,11 +180,13 @@ def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
             d = getattr(iface, direction)
             if d is None:
                 continue
-            for j, i in find_shadowed(d.rules):
+            for j, i in find_shadowed(d.rules, ir.sets):
                 shadowed, by = d.rules[j], d.rules[i]
+                through = covering_entries(by, shadowed, ir.sets)
+                via = f" (through {', '.join(through)})" if through else ""
                 notes.at(("interfaces", ifname, direction, "rules", j),
                          f"rule '{shadowed.name}' is shadowed by rule '{by.name}' "
-                         f"(line {by.line}) and can never match")
+                         f"(line {by.line}){via} and can never match")
 
 
 # ---- set files -----------------------------------------------------------------------------

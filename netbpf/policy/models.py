@@ -734,6 +734,17 @@ class LoadBalancer(StrictModel):
         return self
 
 
+class ProtectedFlow(StrictModel):
+    """A flow that must stay allowed: 'netbpf apply' refuses a policy dropping it (issue 15)."""
+    name: Name = Field(description="Shown when a rule would drop the flow.")
+    interface: IfName = Field(None, description="Only this interface (default: every one).")
+    src: Address = Field(description="Source address of the flow's packets as received.")
+    dst: Address = Field(description="Destination address.")
+    proto: Proto = Field("tcp", description="tcp (default), udp, icmp, ... or a number.")
+    sport: Port = Field(None, description="Source port (default: any port above 1023).")
+    dport: Port = Field(None, description="Destination port (tcp/udp).")
+
+
 class Policy(StrictModel):
     """A netbpf policy: interfaces with firewall rules, named address sets, load balancers."""
     model_config = ConfigDict(title="netbpf policy", json_schema_extra={
@@ -751,6 +762,9 @@ class Policy(StrictModel):
         default_factory=dict, description="Per-interface XDP/TC firewall.")
     load_balancers: dict[Name, LoadBalancer] = Field(
         default_factory=dict, description="L4 load balancers (VIP -> backends).")
+    protect: list[ProtectedFlow] = Field(
+        default_factory=list, description="Flows 'netbpf apply' must never cut off (checked in "
+                                          "both directions; refused unless --force).")
 
     @model_validator(mode="after")
     def _check_across(self, info: Any) -> Policy:

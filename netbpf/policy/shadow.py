@@ -1,16 +1,16 @@
 """Shadowed rules: rules that can never match because an earlier terminal rule covers them.
 
 Rule A covers rule B when every packet B could match, A matches too, field by field (prefix
-containment, the same set reference, protocol, port ranges, ICMP type/code, TCP flags). Sound,
-not complete: a warning is never wrong, but some covered rules (e.g. by set contents) go unseen.
-Candidate indexes keep this near-linear for long lists; not a verdict engine (compile.py is).
+containment, the same set reference or, given the sets, set contents by prefix containment,
+protocol, port ranges, ICMP type/code, TCP flags). Sound, not complete: a warning is never
+wrong. Candidate indexes keep this near-linear for long lists; not a verdict engine.
 """
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from netbpf.ir import AddrMatch, RuleIR
+from netbpf.ir import AddrMatch, Prefix, RuleIR, SetIR, addr_text
 from netbpf.policy.addr import WIDTH
 from netbpf.policy.vocab import PORT_PROTOCOLS
 
@@ -36,26 +36,84 @@ def _ranges_cover(outer: tuple[tuple[int, int], ...] | None,
     return all(any(olo <= lo and hi <= ohi for olo, ohi in outer) for lo, hi in inner)
 
 
-def _addr_cover(outer: AddrMatch | None, inner: AddrMatch | None) -> bool:
+def _entries(m: AddrMatch, sets: Mapping[str, SetIR] | None) -> list[Prefix] | None:
+    """The prefixes an address match stands for; None when a set's contents are unknown."""
+    if m.set_name is None:
+        return list(m.prefixes)
+    s = (sets or {}).get(m.set_name)
+    if s is None:
+        return None
+    return [Prefix(4, a, p) for a, p in s.v4] + [Prefix(6, a, p) for a, p in s.v6]
+
+
+class _PrefixCover:
+    """Which of many prefixes contains a given one: one dict probe per shorter length."""
+
+    def __init__(self, prefixes: list[Prefix]):
+        self.by_len: dict[tuple[int, int], dict[int, Prefix]] = {}
+        for o in prefixes:
+            shift = WIDTH[o.family] - o.plen
+            self.by_len.setdefault((o.family, o.plen), {}).setdefault(o.addr >> shift, o)
+        self.lens = sorted(self.by_len)
+
+    def container(self, p: Prefix) -> Prefix | None:
+        for fam, plen in self.lens:
+            if fam == p.family and plen <= p.plen:
+                hit = self.by_len[(fam, plen)].get(p.addr >> (WIDTH[fam] - plen))
+                if hit is not None:
+                    return hit
+        return None
+
+
+_COVER_CACHE: dict[tuple[str, int], tuple[object, _PrefixCover]] = {}
+
+
+def _addr_cover_entry(outer: AddrMatch | None, inner: AddrMatch | None,
+                      sets: Mapping[str, SetIR] | None = None):
+    """False when outer may miss an address inner matches; else True, or the outer set entry
+    that covers inner when the proof went through set contents (for the warning)."""
     if outer is None:
         return True
     if inner is None:
         return False
-    if outer.set_name is not None or inner.set_name is not None:
-        return outer.set_name == inner.set_name
-    for p in inner.prefixes:
-        for o in outer.prefixes:
-            if o.family == p.family and o.plen <= p.plen:
-                shift = WIDTH[o.family] - o.plen
-                if (p.addr >> shift) == (o.addr >> shift):
-                    break
-        else:
+    if outer.set_name is not None and outer.set_name == inner.set_name:
+        return True
+    if (outer.set_name is not None or inner.set_name is not None) and sets is None:
+        return False
+    outer_list, inner_list = _entries(outer, sets), _entries(inner, sets)
+    if outer_list is None or inner_list is None or not inner_list:
+        return False
+    index = None
+    if outer.set_name is not None:         # a big set is indexed once per policy
+        key = (outer.set_name, id(sets))
+        cached = _COVER_CACHE.get(key)
+        if cached is not None and cached[0] is sets:
+            index = cached[1]
+    if index is None:
+        index = _PrefixCover(outer_list)
+        if outer.set_name is not None:
+            if len(_COVER_CACHE) > 64:
+                _COVER_CACHE.clear()
+            _COVER_CACHE[(outer.set_name, id(sets))] = (sets, index)
+    used = None
+    for p in inner_list:
+        o = index.container(p)
+        if o is None:
             return False
-    return True
+        used = used or o
+    if outer.set_name is None and inner.set_name is None:
+        return True
+    return used
 
 
-def covers(a: RuleIR, b: RuleIR) -> bool:
-    """True when every packet rule b matches is also matched by rule a."""
+def _addr_cover(outer: AddrMatch | None, inner: AddrMatch | None,
+                sets: Mapping[str, SetIR] | None = None) -> bool:
+    return _addr_cover_entry(outer, inner, sets) is not False
+
+
+def covers(a: RuleIR, b: RuleIR, sets: Mapping[str, SetIR] | None = None) -> bool:
+    """True when every packet rule b matches is also matched by rule a (set contents are
+    looked into when sets is given)."""
     pa = _protos(a)
     if pa is not None:
         pb = _protos(b)
@@ -74,7 +132,19 @@ def covers(a: RuleIR, b: RuleIR) -> bool:
         mask, bits = a.tcp_flags
         if b.tcp_flags[0] & mask != mask or b.tcp_flags[1] & mask != bits:
             return False
-    return _addr_cover(a.src, b.src) and _addr_cover(a.dst, b.dst)
+    return _addr_cover(a.src, b.src, sets) and _addr_cover(a.dst, b.dst, sets)
+
+
+def covering_entries(a: RuleIR, b: RuleIR, sets: Mapping[str, SetIR]) -> list[str]:
+    """Where a's cover of b went through set contents: 'src 10.0.0.0/8 of @blocklist'."""
+    out = []
+    for attr in ("src", "dst"):
+        outer, inner = getattr(a, attr), getattr(b, attr)
+        hit = _addr_cover_entry(outer, inner, sets)
+        if isinstance(hit, Prefix):
+            where = f" of @{outer.set_name}" if outer.set_name else ""
+            out.append(f"{attr} {addr_text(hit.family, hit.addr)}/{hit.plen}{where}")
+    return out
 
 
 class _AddrIndex:
@@ -85,13 +155,17 @@ class _AddrIndex:
         self.wild: list[int] = []
         self.by_key: dict[tuple, list[int]] = {}
         self.plens: dict[int, set[int]] = {4: set(), 6: set()}
+        self.with_set: list[int] = []      # may cover anything, through their contents
+        self.all: list[int] = []           # prefix rules: may cover a set, through its contents
 
     def add(self, index: int, match: AddrMatch | None) -> None:
         if match is None:
             self.wild.append(index)
         elif match.set_name is not None:
             self.by_key.setdefault(("@", match.set_name), []).append(index)
+            self.with_set.append(index)
         else:
+            self.all.append(index)
             for p in match.prefixes:
                 self.plens[p.family].add(p.plen)
                 self.by_key.setdefault((p.family, p.addr, p.plen), []).append(index)
@@ -100,10 +174,10 @@ class _AddrIndex:
         if match is None:
             return [self.wild]
         if match.set_name is not None:
-            return [self.wild, self.by_key.get(("@", match.set_name), [])]
+            return [self.wild, self.with_set, self.all]
         first = match.prefixes[0]
         width = WIDTH[first.family]
-        out = [self.wild]
+        out = [self.wild, self.with_set]
         for plen in self.plens[first.family]:
             if plen <= first.plen:
                 shift = width - plen
@@ -205,7 +279,8 @@ class _ProtoIndex:
                 if protos is None or (mine is not None and mine <= protos)]
 
 
-def find_shadowed(rules: Sequence[RuleIR]) -> list[tuple[int, int]]:
+def find_shadowed(rules: Sequence[RuleIR],
+                  sets: Mapping[str, SetIR] | None = None) -> list[tuple[int, int]]:
     """(shadowed index, index of the first earlier terminal rule covering it), in order.
 
     Count rules never shadow (packets go on after them) but can be shadowed.
@@ -223,8 +298,12 @@ def find_shadowed(rules: Sequence[RuleIR]) -> list[tuple[int, int]]:
         # lowest index first (each list is in rule order), so the first cover found is the
         # earliest rule and the walk stops there.
         smallest = min(options, key=lambda lists: sum(map(len, lists)))
+        seen = -1
         for i in heapq.merge(*smallest):
-            if covers(rules[i], rule):
+            if i == seen:
+                continue          # a rule can sit in two candidate lists
+            seen = i
+            if covers(rules[i], rule, sets):
                 found.append((j, i))
                 break
         if rule.action in _TERMINAL:
