@@ -15,10 +15,14 @@ class InputError(NetbpfError):
 
 
 class PolicyError(InputError):
-    """An invalid policy; .errors holds every problem as 'FILE:LINE:COL: path: message'."""
+    """An invalid policy; .errors holds every problem as 'FILE:LINE:COL: path: message',
+    .problems the same as records (file, line, column, path, message) for --json."""
 
-    def __init__(self, errors: list[str]):
+    def __init__(self, errors: list[str], problems: list[dict] | None = None):
         self.errors = list(errors)
+        self.problems = list(problems) if problems is not None else [
+            {"file": None, "line": None, "column": None, "path": None, "message": e}
+            for e in self.errors]
         super().__init__("\n".join(self.errors))
 
 

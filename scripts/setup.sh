@@ -57,6 +57,6 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch "$STAMP"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, scapy, pydantic, netbpf' \
+.venv/bin/python -c 'import bcc, pyroute2, scapy, pydantic, netbpf, ansible' \
     || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }
 echo "setup: ready ($(.venv/bin/python --version), bcc from $(.venv/bin/python -c 'import bcc,os;print(os.path.dirname(bcc.__file__))'))"

@@ -133,13 +133,21 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
     Rule changes rewrite maps atomically (the program and its id stay); a failure leaves
     the previous policy running. The same policy twice changes nothing. A policy that would
     drop the ssh session apply runs from, or a flow under 'protect:', is refused (exit 2).
+    With --json, stdout holds one object: the plan per interface ("changed", rule changes,
+    "diff", "changes"), "programs" after the apply, and "errors" (file, line, column, path,
+    message).
     \b
     Examples:
       netbpf apply policies/demo.yaml --dry-run
       netbpf -n lab-gw apply policies/demo.yaml
       netbpf apply gw.yaml --confirm 60      # then 'netbpf confirm', or it rolls back
+      netbpf apply policies/demo.yaml --dry-run --json
     """
-    if not (dry_run or as_json or confirm_s or selftest) and os.geteuid() == 0:
+    if as_json:
+        # the full plan even when the input is unchanged: tools read every interface's record
+        _apply_json(ctx, policy, dry_run, confirm_s, force, selftest)
+        return
+    if not (dry_run or confirm_s or selftest) and os.geteuid() == 0:
         from netbpf.unchanged import input_unchanged
         if input_unchanged(policy, _netns(ctx)):
             click.echo("nothing to do: the running policy is this one (input unchanged)")
@@ -168,15 +176,88 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
         safety.selftest_plan(plan)
 
 
+def _apply_json(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | None,
+                force: bool, selftest: bool) -> None:
+    """apply --json: one JSON object on stdout whatever happens; the exit code is kept."""
+    from netbpf.apply import apply_policy, plan_apply
+    from netbpf.cli import safety
+    from netbpf.plandiff import plan_json
+    from netbpf.errors import NetbpfError
+    from netbpf.planreport import error_record, outcome_record, plan_record
+    from netbpf.policy import load_policy
+
+    def fail(errors: list[dict], code: int, plan_rec: dict | None = None) -> None:
+        rec = plan_rec or {"policy": policy, "netns": _netns(ctx), "dry_run": dry_run,
+                           "changed": False, "interfaces": [], "diff": ""}
+        rec["errors"] = errors
+        click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None))
+        raise SystemExit(code)
+
+    try:
+        loaded = load_policy(policy)
+    except PolicyError as e:
+        for line in e.errors:
+            _err(line)
+        fail(e.problems, 2)
+    for w in loaded.warnings:
+        _err(f"warning: {w}")
+    require_privileges(ctx)
+    safety.guard_lockout(loaded, _netns(ctx), force)
+    seen = []
+    started = time.time()
+    try:
+        if dry_run:
+            plan = plan_apply(loaded, policy, _netns(ctx))
+            rec = plan_record(plan, dry_run=True)
+        else:
+            plan = safety.apply_confirmed(loaded, policy, _netns(ctx), confirm_s, apply_policy,
+                                          seen.append, log=_err)
+            rec = outcome_record(plan, started)
+        rec["changes"] = plan_json(plan)
+    except NetbpfError as e:
+        _err(f"netbpf: {e}")
+        if seen:
+            rec = outcome_record(seen[0], started, e)
+            click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None))
+            raise SystemExit(e.exit_code)
+        fail([error_record(e)], e.exit_code)
+    click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None, default=str))
+    if selftest and not dry_run:
+        safety.selftest_plan(plan)
+
+
 @click.command()
 @click.argument("interface")
+@click.option("-j", "--json", "as_json", is_flag=True,
+              help="Print what was detached as JSON on stdout (progress goes to stderr).")
 @click.pass_context
-def detach(ctx: click.Context, interface: str) -> None:
+def detach(ctx: click.Context, interface: str, as_json: bool) -> None:
     """Remove what netbpf attached and pinned on INTERFACE (nothing else)."""
     require_privileges(ctx)
     from netbpf.apply import detach as do_detach
+    from netbpf.errors import NetbpfError
+    from netbpf.planreport import error_record
 
-    do_detach(interface, _netns(ctx), log=click.echo)
+    if not as_json:
+        do_detach(interface, _netns(ctx), log=click.echo)
+        return
+    log: list[str] = []
+
+    def note(line: str) -> None:
+        log.append(line)
+        _err(line)
+
+    rec = {"interface": interface, "netns": _netns(ctx), "detached": False, "log": log,
+           "errors": []}
+    try:
+        do_detach(interface, _netns(ctx), log=note)
+        rec["detached"] = True
+    except NetbpfError as e:
+        _err(f"netbpf: {e}")
+        rec["errors"] = [error_record(e)]
+    click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None))
+    if rec["errors"]:
+        raise SystemExit(rec["errors"][0]["exit_code"])
 
 
 def _human(n: float) -> str:

@@ -6,6 +6,7 @@ stderr, one per line, FILE:LINE:COL: path: message), 1 stays for runtime failure
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -16,11 +17,15 @@ from netbpf.errors import PolicyError
 Examples:
   netbpf validate policies/demo.yaml
   netbpf validate -q policies/*.yaml
+  netbpf validate --json policies/demo.yaml
 """)
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing for valid files but warnings.")
+@click.option("-j", "--json", "as_json", is_flag=True,
+              help="Print every file's result as JSON on stdout; errors as records "
+                   "(file, line, column, path, message).")
 @click.pass_context
-def validate(ctx: click.Context, files: tuple[str, ...], quiet: bool) -> None:
+def validate(ctx: click.Context, files: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Check policy FILEs: every error at once, warnings for shadowed rules.
 
     Errors and warnings go to stderr as FILE:LINE:COL: path: message. A valid file prints a
@@ -29,20 +34,33 @@ def validate(ctx: click.Context, files: tuple[str, ...], quiet: bool) -> None:
     from netbpf.policy import load_policy  # pydantic models load only when needed
 
     invalid = 0
+    results = []
     for file in files:
         try:
             loaded = load_policy(file)
         except PolicyError as e:
             invalid += 1
+            results.append({"file": file, "valid": False, "errors": e.problems,
+                            "warnings": [], "summary": None})
+            if as_json:
+                continue
             for line in e.errors:
                 click.echo(line, err=True)
             click.echo(f"{file}: invalid — {len(e.errors)} "
                        f"{'error' if len(e.errors) == 1 else 'errors'}", err=True)
             continue
+        results.append({"file": file, "valid": True, "errors": [],
+                        "warnings": list(loaded.warnings), "summary": loaded.summary(),
+                        "policy_hash": loaded.source_hash})
+        if as_json:
+            continue
         for warning in loaded.warnings:
             click.echo(warning, err=True)
         if not quiet:
             click.echo(loaded.summary())
+    if as_json:
+        click.echo(json.dumps({"valid": not invalid, "files": results},
+                              indent=2 if sys.stdout.isatty() else None))
     if invalid:
         ctx.exit(2)
 

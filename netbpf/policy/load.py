@@ -68,26 +68,39 @@ def _plural(n: int, word: str) -> str:
 
 
 class _Report:
-    """Collects problems as formatted lines, placed using the document's positions."""
+    """Collects problems, placed using the document's positions: as formatted lines for
+    people and as records (file, line, column, path, message) for --json."""
 
     def __init__(self, display: str, doc: Document | None):
         self.display = display
         self.doc = doc
-        self.lines: list[tuple[tuple, str]] = []
+        self.lines: list[tuple[tuple, str, dict]] = []
 
     def at(self, loc: Loc, message: str, key: bool = False) -> None:
         line, col = self.doc.position(loc, key) if self.doc else (1, 1)
         path = format_path(loc)
         text = f"{self.display}:{line}:{col}: " + (f"{path}: " if path else "") + message
-        self.lines.append(((0, self.display, line, col), text))
+        self.lines.append(((0, self.display, line, col), text,
+                           _problem(self.display, line, col, path, message)))
 
     def in_file(self, display: str, line: int, col: int, message: str) -> None:
         where = f"{display}:{line}:{col}:" if line else f"{display}:"
         self.lines.append(((1 if display != self.display else 0, display, line, col),
-                           f"{where} {message}"))
+                           f"{where} {message}", _problem(display, line, col, "", message)))
 
     def sorted(self) -> list[str]:
-        return list(dict.fromkeys(text for _, text in sorted(self.lines, key=lambda x: x[0])))
+        return list(dict.fromkeys(text for _, text, _ in sorted(self.lines, key=lambda x: x[0])))
+
+    def error(self) -> PolicyError:
+        records = {}
+        for _, text, rec in sorted(self.lines, key=lambda x: x[0]):
+            records.setdefault(text, rec)
+        return PolicyError(list(records), list(records.values()))
+
+
+def _problem(file: str, line: int, col: int, path: str, message: str) -> dict:
+    return {"file": file, "line": line or None, "column": col or None, "path": path or None,
+            "message": message}
 
 
 class _Digest:
@@ -115,15 +128,15 @@ def load_policy(path: str | Path) -> LoadedPolicy:
     except SourceError as e:
         for line, col, msg in e.problems:
             report.in_file(display, line, col, msg)
-        raise PolicyError(report.sorted()) from None
+        raise report.error() from None
     report.doc = doc
     if doc.data is None:
         report.in_file(display, 1, 1, "the file is empty; a policy starts with 'version: 1'")
-        raise PolicyError(report.sorted())
+        raise report.error()
     if not isinstance(doc.data, dict):
         report.at((), f"a policy must be a mapping starting with 'version: 1' "
                       f"(got {describe(doc.data)})")
-        raise PolicyError(report.sorted())
+        raise report.error()
 
     # Top-level 'x-' keys are ignored, as in docker-compose: a home for YAML anchors.
     data = {k: v for k, v in doc.data.items() if not k.startswith("x-")}
@@ -146,7 +159,7 @@ def load_policy(path: str | Path) -> LoadedPolicy:
     for loc, msg in errors:
         report.at(loc, msg)
     if report.lines or model is None:
-        raise PolicyError(report.sorted())
+        raise report.error()
 
     for dv in view.directions:
         for index, rule in dv.rules:
@@ -244,7 +257,7 @@ def read_set_file(spec: SetFile, base_dir: Path, name: str) -> None:
     spec._entries = _read_set_file(spec, base_dir / spec.file, ("sets", name), report,
                                    _Digest(b""))
     if report.lines:
-        raise PolicyError(report.sorted())
+        raise report.error()
 
 
 # ---- pydantic errors -> positions and messages ---------------------------------------------
