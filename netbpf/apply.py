@@ -26,7 +26,7 @@ from netbpf.errors import NetbpfError
 from netbpf.fwtables import CounterCarry, FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
 from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for
-from netbpf.kernel import attach, bpfsys
+from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.state import (STAGING_DIRS, InterfaceState, PartState, RuleState, SetState,
@@ -206,6 +206,11 @@ def drift(st: InterfaceState) -> str | None:
         if raw is not None and int.from_bytes(raw, "little") & 1 != part.gen:
             return f"the {d} rules are half-applied (an apply was interrupted)"
     for d, part in st.parts.items():
+        if part.attach == "link":
+            why = _link_drift(st, d, part)
+            if why:
+                return why
+            continue
         if part.hook == "xdp":
             if cur is None:
                 return "the XDP program was detached by someone else"
@@ -218,6 +223,29 @@ def drift(st: InterfaceState) -> str | None:
         if f.prog_id != part.prog_id:
             return f"another program (id {f.prog_id}) replaced our TC {d} filter"
     return None
+
+
+def _link_drift(st: InterfaceState, d: str, part: PartState) -> str | None:
+    try:
+        info = link.pinned_link_info(pin_dir(st.key) / d / link.LINK_PIN)
+    except NetbpfError:
+        info = None
+    if info is None:
+        return "pins are missing"
+    if info.ifindex == 0:
+        return f"the {d} link was detached by someone else"
+    if info.prog_id != part.prog_id:
+        return f"another program (id {info.prog_id}) replaced ours on the {d} link"
+    return None
+
+
+def _live_link(path: Path) -> link.LinkInfo | None:
+    """The link pinned at path if it still holds a hook (not detached, device not gone)."""
+    try:
+        info = link.pinned_link_info(path)
+    except NetbpfError:
+        return None
+    return info if info is not None and info.ifindex else None
 
 
 def _ct_timeouts(iface: InterfaceIR) -> dict:
@@ -469,14 +497,15 @@ def _allocate_tags(c: CompiledDirection, sets: dict[str, SetIR],
 
 
 def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
-                tags: dict[str, SetState], gen: int = 0) -> PartState:
+                tags: dict[str, SetState], gen: int = 0, attach: str = "netlink") -> PartState:
     rules = [RuleState(n, a, d, s, line, pp.direction) for (n, a, d, line), s in
              zip(_rule_states(pp.compiled, pp.ir), slots)]
     return PartState(direction=pp.direction, hook=pp.hook, fields=pp.fields, mode=mode,
                      prog_id=prog_id,
                      prog_hash=pp.prog_hash, words=pp.shape.words,
                      class_cap=pp.shape.class_cap, default_action=pp.ir.default,
-                     rules=rules, sets=list(tags.values()), sample=pp.ir.sample, gen=gen)
+                     rules=rules, sets=list(tags.values()), sample=pp.ir.sample, gen=gen,
+                     attach=attach)
 
 
 def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
@@ -526,7 +555,7 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             _fill(tables, pp, plan.sets, 1 - active, slots, tags, to_write)
             olds[d] = active
             parts[d] = _part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots,
-                                   tags=tags, gen=1 - active)
+                                   tags=tags, gen=1 - active, attach=old.attach)
         for d, tables in opened.items():
             tables.flip(1 - olds[d])
         time.sleep(GRACE_S)
@@ -628,7 +657,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     # the shared maps where the running ones pinned them (or create them in staging).
     shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
         else staging / "ingress"
-    loaded, parts, attached, carries = {}, {}, [], []
+    loaded, parts, attached, carries, hows = {}, {}, [], [], {}
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
     before_tc = {d: _tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
                  if part.hook == "tc"}
@@ -652,21 +681,25 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         states = {}
         for d, (pp, slots, tags) in parts.items():
             fd, prog_id = loaded[d].prog_fd(pp.func), loaded[d].prog_id(pp.func)
+            pin = staging / d / link.LINK_PIN
             if pp.hook == "xdp":
-                mode = _attach_xdp(p, fd, log)
+                mode, hows[d] = _attach_xdp(p, fd, log, pin)
             else:
-                created_clsact = attach.ensure_clsact(p.ifname, netns=p.netns) or created_clsact
-                attach.attach_tc(p.ifname, d, fd, pp.func, netns=p.netns)
+                hows[d], created = _attach_tc(p, d, fd, pp.func, pin, log)
+                created_clsact = created or created_clsact
                 mode = "tc"
             attached.append(d)
-            states[d] = _part_state(pp, mode=mode, prog_id=prog_id, slots=slots, tags=tags)
+            states[d] = _part_state(pp, mode=mode, prog_id=prog_id, slots=slots, tags=tags,
+                                    attach="netlink" if hows[d][0] == "netlink" else "link")
         # What the old state ran and the new one does not (a part gone, or a hook changed):
         # removed only after its replacement is attached, so no packet goes unfiltered.
         for d, part in (p.old.parts.items() if p.old else ()):
             new = states.get(d)
             if new is not None and new.hook == part.hook:
                 continue
-            if part.hook == "xdp":
+            if part.attach == "link":
+                link.detach_pinned(pin_dir(p.key) / d / link.LINK_PIN)
+            elif part.hook == "xdp":
                 attach.detach_xdp(p.ifname, None, prog_id=part.prog_id, netns=p.netns)
             else:
                 attach.detach_tc(p.ifname, d, netns=p.netns)
@@ -683,7 +716,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         st = _iface_state(plan, p, states, created_clsact)
         save_state(st)
     except BaseException:
-        _roll_back(p, attached, before_xdp, before_tc, loaded)
+        _roll_back(p, attached, before_xdp, before_tc, loaded, hows, staging)
         unpin_tree(staging)
         raise
     finally:
@@ -693,6 +726,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             l.close()
     for d, ps in states.items():
         where = f"in {ps.mode} mode" if ps.hook == "xdp" else f"on tc {d}"
+        where += " through a bpf_link" if ps.attach == "link" else " through netlink"
         log(f"{p.key}: attached {PROGRAMS[(d, ps.hook)][1]} (program id {ps.prog_id}) {where}; "
             f"{len(ps.rules)} {d} rules")
     log(f"{p.key}: loaded new programs ({', '.join(p.reasons)})")
@@ -721,13 +755,19 @@ def _fill_lb(p: IfacePlan, loaded) -> None:
 
 
 def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc: dict,
-               loaded) -> None:
+               loaded, hows: dict, staging: Path) -> None:
     """Put back what ran before a failed apply: the old programs, or none."""
     for d in attached:
         pp = p.parts[d]
         try:
             new_id = loaded[d].prog_id(pp.func)
-            if pp.hook == "xdp":
+            how, before_id = hows.get(d, ("netlink", 0))
+            if how == "link-new":
+                link.detach_pinned(staging / d / link.LINK_PIN)
+            elif how == "link-update":
+                with bpfsys.prog_get_fd_by_id(before_id) as old_fd:
+                    link.update_pinned(pin_dir(p.key) / d / link.LINK_PIN, old_fd, new_id)
+            elif pp.hook == "xdp":
                 if before_xdp is None:
                     attach.detach_xdp(p.ifname, None, prog_id=new_id, netns=p.netns)
                     continue
@@ -757,9 +797,33 @@ def _is_stray_netbpf(prog_id: int) -> bool:
         fd.close()
 
 
-def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
+def _our_link(p: IfacePlan, d: str, hook: str) -> link.LinkInfo | None:
+    """netbpf's live link for direction d: the state says so, or (state lost) one is pinned
+    where netbpf pins it."""
+    if p.stale:
+        return None
+    old = p.old.parts.get(d) if p.old else None
+    if old is not None and (old.hook != hook or old.attach != "link"):
+        return None
+    return _live_link(pin_dir(p.key) / d / link.LINK_PIN)
+
+
+def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log,
+                pin: Path) -> tuple[str, tuple[str, int]]:
+    """Attach or swap the XDP program; returns (mode, (how, program id before)): how is
+    link-update or link-new (a bpf_link pinned at pin) or netlink. An interface keeps the way
+    it is attached, since moving a program from netlink to a link cannot be one step."""
+    old = p.old.parts.get("ingress") if p.old and not p.stale else None
+    old_pin = pin_dir(p.key) / "ingress" / link.LINK_PIN
+    ours_linked = _our_link(p, "ingress", "xdp")
+    if ours_linked is not None:
+        was = old.mode if old else attach.xdp_state(p.ifname, netns=p.netns).mode
+        if p.mode in ("auto", was):
+            link.update_pinned(old_pin, prog_fd, ours_linked.prog_id, also_pin=pin)
+            return was, ("link-update", ours_linked.prog_id)
+        log(f"{p.key}: switching xdp mode {was} -> {p.mode} (brief detach)")
+        link.detach_pinned(old_pin)
     cur = attach.xdp_state(p.ifname, netns=p.netns)
-    old = p.old.parts.get("ingress") if p.old else None
     ours = cur is not None and old is not None and old.hook == "xdp" and cur.prog_id == old.prog_id
     if cur is not None and not ours and _is_stray_netbpf(cur.prog_id):
         log(f"{p.key}: replacing netbpf program id {cur.prog_id} left by an interrupted apply")
@@ -772,15 +836,48 @@ def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
         # one netlink call swaps the programs: no packet goes unfiltered
         with bpfsys.prog_get_fd_by_id(cur.prog_id) as old_fd:
             return attach.attach_xdp(p.ifname, prog_fd, cur.mode, replace_prog_fd=old_fd,
-                                     netns=p.netns)
+                                     netns=p.netns), ("netlink", cur.prog_id)
     if ours:
         # A mode change cannot be one call: the kernel keeps one program per mode.
         log(f"{p.key}: switching xdp mode {cur.mode} -> {p.mode} (brief detach)")
         attach.detach_xdp(p.ifname, cur.mode, netns=p.netns)
-    mode = attach.attach_xdp(p.ifname, prog_fd, p.mode, netns=p.netns)
+    try:
+        fd, mode = link.create_link(prog_fd, p.ifname, "xdp", p.mode, netns=p.netns)
+        with fd:
+            bpfsys.obj_pin(fd, pin)
+        how = ("link-new", 0)
+    except link.LinkUnsupported as e:
+        log(f"{p.key}: {e}; attaching through netlink")
+        mode, how = attach.attach_xdp(p.ifname, prog_fd, p.mode, netns=p.netns), ("netlink", 0)
     if p.mode == "auto":
         log(f"{p.key}: xdp mode auto chose {mode}")
-    return mode
+    return mode, how
+
+
+def _attach_tc(p: IfacePlan, d: str, prog_fd: int, name: str, pin: Path,
+               log: Log) -> tuple[tuple[str, int], bool]:
+    """Attach or swap the TC program of direction d: a TCX link where the kernel has them
+    (appended after other TCX programs), else our cls_bpf filter on clsact. Returns ((how,
+    program id before), whether a clsact qdisc was added)."""
+    old = p.old.parts.get(d) if p.old and not p.stale else None
+    old_pin = pin_dir(p.key) / d / link.LINK_PIN
+    ours_linked = _our_link(p, d, "tc")
+    if ours_linked is not None:
+        link.update_pinned(old_pin, prog_fd, ours_linked.prog_id, also_pin=pin)
+        return ("link-update", ours_linked.prog_id), False
+    keep_filter = old is not None and old.hook == "tc" and old.attach == "netlink" and \
+        _tc_filter(p.old, d) is not None
+    if not keep_filter:
+        try:
+            fd, _ = link.create_link(prog_fd, p.ifname, d, netns=p.netns)
+            with fd:
+                bpfsys.obj_pin(fd, pin)
+            return ("link-new", 0), False
+        except link.LinkUnsupported as e:
+            log(f"{p.key}: {e}; attaching through clsact")
+    created = attach.ensure_clsact(p.ifname, netns=p.netns)
+    attach.attach_tc(p.ifname, d, prog_fd, name, netns=p.netns)
+    return ("netlink", 0), created
 
 
 # ---- detach ----
@@ -810,6 +907,16 @@ def _detach_programs(st: InterfaceState, log: Log) -> bool:
         return False  # the interface is gone: its programs went with it
     for d, part in st.parts.items():
         name = PROGRAMS[(d, part.hook)][1]
+        if part.attach == "link":
+            try:
+                info = link.detach_pinned(pin_dir(st.key) / d / link.LINK_PIN)
+            except NetbpfError:
+                info = None
+            if info is not None and info.ifindex:
+                removed = True
+                log(f"{st.key}: detached {name} (program id {info.prog_id}, "
+                    f"{'xdp' if part.hook == 'xdp' else 'tcx ' + d} link {info.id})")
+            continue
         if part.hook == "xdp":
             if cur is None:
                 continue

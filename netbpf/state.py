@@ -96,6 +96,7 @@ class PartState:
     sample: int = 0          # the direction's event sampling (1 in N; 0 none)
     fields: int = 0x7ff      # classifier fields compiled in (NB_FIELDS)
     gen: int = 0             # the generation this state's rules were written to
+    attach: str = "netlink"  # link (bpf_link pinned beside the maps) | netlink (XDP, cls_bpf)
 
     @classmethod
     def from_json(cls, data: dict) -> "PartState":

@@ -9,8 +9,9 @@ import sys
 import time
 
 import click
-from rich.console import Console
 from rich.table import Table
+
+from netbpf.cli.output import emit
 
 from netbpf.errors import PolicyError
 from netbpf.ir import addr_text
@@ -215,82 +216,128 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
     return tables
 
 
+def _targets(interface: str | None, netns: str | None) -> list[tuple[str, str | None]]:
+    """(ifname, netns) to show: INTERFACE, or every interface netbpf manages (in NETNS
+    alone with -n)."""
+    if interface:
+        return [(interface, netns)]
+    from netbpf.state import list_states
+
+    return [(st.ifname, st.netns) for st in list_states() if netns is None or st.netns == netns]
+
+
 @click.command()
-@click.argument("interface")
+@click.argument("interface", required=False)
 @click.option("-j", "--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", "watch", type=float, is_flag=False, flag_value=1.0, default=None,
-              metavar="[SECONDS]", help="Redraw every SECONDS (default 1) with rates.")
+              metavar="[SECONDS]", help="Redraw every SECONDS (default 1) with rates; into a "
+              "pipe, one block (or JSON line) per interval.")
 @click.pass_context
-def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None) -> None:
-    """Per-rule and total packet/byte counters of INTERFACE, read from the pinned maps.
+def stats(ctx: click.Context, interface: str | None, as_json: bool,
+          watch: float | None) -> None:
+    """Per-rule and total packet/byte counters of INTERFACE (every managed interface when
+    none is named), read from the pinned maps.
 
     \b
     Examples:
       netbpf stats eth0
+      netbpf stats                      # every interface netbpf manages
       netbpf -n lab-gw stats gw0 --json
-      netbpf stats eth0 --watch 2
+      netbpf stats eth0 --watch 2 | tee counters.log
     """
     require_privileges(ctx)
     from netbpf.stats import read_stats
 
-    netns = _netns(ctx)
-    s = read_stats(interface, netns)
-    if as_json and watch is None:
-        # indented for a terminal; compact (and several times faster) for a pipe
-        click.echo(json.dumps(s, indent=2 if sys.stdout.isatty() else None))
-        return
-    console = Console()
-    if watch is None:
-        for t in _stats_tables(s, None, 1.0):
-            console.print(t)
-        return
-    from rich.console import Group
-    from rich.live import Live
+    targets = _targets(interface, _netns(ctx))
 
+    def read() -> list[dict]:
+        return [read_stats(name, ns) for name, ns in targets]
+
+    s = read()
+    if as_json and watch is None:
+        doc = s[0] if interface else s
+        # indented for a terminal; compact (and several times faster) for a pipe
+        click.echo(json.dumps(doc, indent=2 if sys.stdout.isatty() else None))
+        return
+    if not targets:
+        click.echo("netbpf manages no interface" + (f" in netns {_netns(ctx)}"
+                                                    if _netns(ctx) else ""))
+        return
+
+    def tables(cur, prev, dt) -> list:
+        return [t for i, one in enumerate(cur)
+                for t in _stats_tables(one, prev[i] if prev else None, dt)]
+
+    if watch is None:
+        emit(*tables(s, None, 1.0))
+        return
     prev, t0 = s, time.monotonic()
+    live = None
     try:
-        with Live(Group(*_stats_tables(s, None, 1.0)), console=console,
-                  auto_refresh=False) as live:
-            while True:
-                time.sleep(watch)
-                cur, t1 = read_stats(interface, netns), time.monotonic()
-                if as_json:
-                    click.echo(json.dumps(cur))
-                else:
-                    live.update(Group(*_stats_tables(cur, prev, t1 - t0)), refresh=True)
-                prev, t0 = cur, t1
-    except KeyboardInterrupt:
+        if sys.stdout.isatty() and not as_json:
+            from rich.console import Group
+            from rich.live import Live
+
+            live = Live(Group(*tables(s, None, 1.0)), auto_refresh=False)
+            live.start()
+        elif as_json:
+            click.echo(json.dumps(s[0] if interface else s))
+        else:
+            emit(*tables(s, None, 1.0))
+        while True:
+            time.sleep(watch)
+            cur, t1 = read(), time.monotonic()
+            if as_json:
+                click.echo(json.dumps(cur[0] if interface else cur))
+            elif live is not None:
+                live.update(Group(*tables(cur, prev, t1 - t0)), refresh=True)
+            else:
+                # streamed into a pipe: one block per interval, stamped, flushed
+                click.echo(f"--- {time.strftime('%H:%M:%S')}")
+                emit(*tables(cur, prev, t1 - t0))
+            sys.stdout.flush()
+            prev, t0 = cur, t1
+    except (KeyboardInterrupt, BrokenPipeError):
         pass
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @click.command()
 @click.option("-j", "--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Every interface netbpf manages: mode, program, policy, and drift from what was applied."""
+    """Every interface netbpf manages (in NETNS alone with -n): XDP mode, how it is attached
+    (bpf_link or netlink), programs, policy, and drift from what was applied.
+
+    Exit status 1 when any interface drifted (detached, replaced, pins lost).
+    """
     require_privileges(ctx)
     from netbpf.status import read_status
 
-    rows = read_status()
+    netns = _netns(ctx)
+    rows = [r for r in read_status() if netns is None or r["netns"] == netns]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         if any(r["health"] != "ok" for r in rows):
             sys.exit(1)
         return
     if not rows:
-        click.echo("netbpf manages no interface")
+        click.echo("netbpf manages no interface" + (f" in netns {netns}" if netns else ""))
         return
     t = Table()
-    for col in ("interface", "xdp", "programs", "rules", "applied", "health"):
+    for col in ("interface", "xdp", "attach", "programs", "rules", "applied", "health"):
         t.add_column(col)
     for r in rows:
         applied = time.strftime("%m-%d %H:%M", time.localtime(r["applied_at"])) \
             if r.get("applied_at") else "-"
         progs = " ".join(f"{d}:{i}" for d, i in r.get("programs", {}).items()) or "-"
         where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]
-        t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), applied,
+        how = ",".join(sorted(set(r.get("attach", {}).values()))) or "-"
+        t.add_row(where, r.get("mode") or "-", how, progs, str(r.get("rules", "-")), applied,
                   r["health"])
-    Console().print(t)
+    emit(t)
     if any(r["health"] != "ok" for r in rows):
         sys.exit(1)
 
