@@ -13,7 +13,8 @@ import click
 
 from netbpf.errors import NetbpfError
 
-COMMAND_MODULES = ("netbpf.cli.lab", "netbpf.cli.policy", "netbpf.cli.dataplane", "netbpf.cli.observe")
+COMMAND_MODULES = ("netbpf.cli.lab", "netbpf.cli.policy", "netbpf.cli.dataplane", "netbpf.cli.observe",
+                   "netbpf.cli.restore")
 
 EPILOG = """\b
 Examples:

@@ -127,6 +127,17 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
     plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
     if not plan.changes:
         click.echo("nothing to do: the running policy is this one")
+    _save_for_restore(loaded, policy, _netns(ctx))
+
+
+def _save_for_restore(loaded, policy: str, netns: str | None) -> None:
+    from netbpf import persist
+
+    try:
+        persist.save_applied(loaded, policy, netns)
+    except OSError as e:
+        _err(f"warning: applied, but not saved for 'netbpf restore' under {persist.LIB_ROOT}: "
+             f"{e.strerror or e}")
 
 
 @click.command()
@@ -138,6 +149,9 @@ def detach(ctx: click.Context, interface: str) -> None:
     from netbpf.apply import detach as do_detach
 
     do_detach(interface, _netns(ctx), log=click.echo)
+    from netbpf import persist
+
+    persist.forget_interface(interface, _netns(ctx))
 
 
 def _human(n: float) -> str:

@@ -84,6 +84,16 @@ def read_bytes(path: Path, limit: int, what: str) -> bytes:
     return data
 
 
+def read_stdin(limit: int) -> bytes:
+    """The policy piped in ('netbpf validate -'), bounded like a file."""
+    import sys
+
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise SourceError([(0, 0, f"policy is larger than the limit of {limit} bytes")])
+    return data
+
+
 def decode_utf8(data: bytes) -> str:
     """UTF-8 (a BOM is allowed); a bad byte is reported at its line and column."""
     try:
