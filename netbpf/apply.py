@@ -505,7 +505,8 @@ def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
                      prog_hash=pp.prog_hash, words=pp.shape.words,
                      class_cap=pp.shape.class_cap, default_action=pp.ir.default,
                      rules=rules, sets=list(tags.values()), sample=pp.ir.sample, gen=gen,
-                     attach=attach)
+                     attach=attach,
+                     sampled=bool(pp.ir.sample or any(r.sample for r in pp.ir.rules)))
 
 
 def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
