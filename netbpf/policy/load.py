@@ -293,6 +293,16 @@ def _all_keys() -> list[str]:
 _KNOWN_KEYS = _all_keys()
 
 
+def _is_network(text: str) -> bool:
+    from netbpf.policy.addr import AddrError, parse_network
+
+    try:
+        parse_network(text)
+    except (AddrError, ValueError):
+        return False
+    return True
+
+
 def _closest(key: str) -> str | None:
     """The known key a typo most likely meant; swapped letters ('dprot') beat other edits."""
     close = difflib.get_close_matches(key, _KNOWN_KEYS, n=3, cutoff=0.7)
@@ -306,7 +316,17 @@ def _message(path: Loc, kind: str, err: dict) -> str:
         key = path[-1] if path else "?"
         if key in ("rules", "default") and len(path) == 3 and path[0] == "interfaces":
             return f"unknown key '{key}': it goes under 'ingress:' or 'egress:'"
+        if "timeouts" in path:
+            known = ", ".join(models.ConntrackTimeouts.model_fields)
+            return (f"unknown key '{key}': conntrack timeouts are per protocol and state: "
+                    f"{known} (e.g. timeouts: {{tcp_established: 5}})")
+        if _is_network(str(key)):
+            return (f"unknown key '{key}': in a {{...}} mapping a comma ends a value, so this "
+                    f"address stood alone; write the addresses as a list, e.g. "
+                    f"src: [10.0.0.0/8, {key}]")
         close = _closest(str(key))
+        if close == key:
+            close = None
         return f"unknown key '{key}'" + (f" (did you mean '{close}'?)" if close else "")
     if value is None and kind in ("model_type", "dict_type", "list_type", "string_type",
                                   "int_type", "bool_type", "model_attributes_type"):

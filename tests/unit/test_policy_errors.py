@@ -99,8 +99,9 @@ CASES = [
       "(must be clear)"]),
     ("unknown_action",
      rules("- {name: r, action: reject}"), {},
-     ["p.yaml:6:29: interfaces.eth0.ingress.rules[0].action: must be allow, drop or count "
-      "(got 'reject')"]),
+     ["p.yaml:6:29: interfaces.eth0.ingress.rules[0].action: must be allow, drop, count or "
+      "{rate_limit: ...} (got 'reject'); netbpf has no reject: XDP and TC programs here do "
+      "not answer with a TCP reset or an ICMP error; use drop"]),
     ("rate_limit_bad_values",
      rules("- name: r", "  action:", "    rate_limit: {pps: 0, per: host}"), {},
      ["p.yaml:8:31: interfaces.eth0.ingress.rules[0].action.rate_limit.pps: must be "
