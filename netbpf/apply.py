@@ -314,6 +314,7 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                               f"{', '.join(lb.name for lb in lbs)} need the xdp ingress hook")
         _plan_lb(p)
         _check_forwarding(p)
+        _check_vips(p)
         p.ifindex = ifindex
         if old is not None and old.ifindex != ifindex:
             p.stale = True
@@ -373,6 +374,24 @@ def _check_forwarding(p: IfacePlan) -> None:
             raise NetbpfError(f"{p.ifname}: load balancing needs IPv{fam} forwarding on the "
                               f"interface; run 'sysctl -w net.{conf}.conf.{p.ifname}.forwarding=1'"
                               + (f" in namespace {p.netns}" if p.netns else ""))
+
+
+def _check_vips(p: IfacePlan) -> None:
+    """A NAT VIP nobody answers ARP/ND for applies fine and then no connection works."""
+    from netbpf.ir import addr_text
+    from netbpf.kernel.reach import vip_problem
+
+    for lb in p.lbs:
+        if lb.mode != "nat":
+            continue
+        vip = addr_text(lb.family, lb.vip)
+        why = vip_problem(p.ifname, vip, p.netns)
+        if why:
+            ip = f"ip -n {p.netns}" if p.netns else "ip"
+            plen = 32 if lb.family == 4 else 128
+            raise NetbpfError(f"load balancer {lb.name}: {why}; give the VIP to this host "
+                              f"('{ip} addr add {vip}/{plen} dev lo') or route it here from "
+                              f"the clients' router")
 
 
 def _plan_lb(p: IfacePlan) -> None:
