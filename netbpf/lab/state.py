@@ -28,6 +28,8 @@ class LabRecord:
     pid: int | None  # owning process; None once 'netbpf lab up' handed the lab to people
     created: float = field(default_factory=time.time)
     interfaces: list[dict] = field(default_factory=list)  # for 'lab list' / 'lab up' output
+    readable: bool = True  # False: the record exists but this user may not read it
+
 
     @property
     def persistent(self) -> bool:
@@ -35,7 +37,8 @@ class LabRecord:
 
     @property
     def orphaned(self) -> bool:
-        return not self.persistent and not pid_alive(self.pid)
+        # a record we cannot read is someone's lab, not a leftover
+        return self.readable and not self.persistent and not pid_alive(self.pid)
 
 
 def state_path(prefix: str) -> Path:
@@ -46,11 +49,13 @@ def claim(record: LabRecord) -> bool:
     """Create the record only if no lab with this prefix exists (O_EXCL): two runs never share a prefix."""
     try:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
+        STATE_DIR.chmod(0o755)  # the CLI's umask is 077; records are for everyone to read
         fd = os.open(state_path(record.prefix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
     except OSError as e:
         raise LabError(f"cannot record the lab in {STATE_DIR}: {e.strerror} (the lab needs root)") from None
+    os.fchmod(fd, 0o644)  # whatever the umask: 'lab list' works for every user
     with os.fdopen(fd, "w") as f:
         json.dump(asdict(record), f, indent=1)
     return True
@@ -59,6 +64,7 @@ def claim(record: LabRecord) -> bool:
 def save(record: LabRecord) -> None:
     tmp = state_path(record.prefix).with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(record), indent=1))
+    tmp.chmod(0o644)
     os.replace(tmp, state_path(record.prefix))
 
 
@@ -67,6 +73,9 @@ def load(prefix: str) -> LabRecord | None:
         data = json.loads(state_path(prefix).read_text())
     except FileNotFoundError:
         return None
+    except PermissionError:
+        return LabRecord(prefix=prefix, topology="?", path="?", namespaces=[], pid=None,
+                         readable=False)
     except (OSError, ValueError):
         return LabRecord(prefix=prefix, topology="?", path="?", namespaces=[], pid=0)  # corrupt: a leftover
     return LabRecord(**{k: v for k, v in data.items() if k in LabRecord.__dataclass_fields__})
@@ -114,6 +123,8 @@ def orphans() -> list[str]:
     """Namespaces of killed runs: random-prefix ones whose record is missing or whose owner died,
     and any recorded lab (random prefix or not) whose owner died before handing it over."""
     present = list_netns()  # before the records: see cleanup()
+    if STATE_DIR.is_dir() and not os.access(STATE_DIR, os.R_OK | os.X_OK):
+        return []  # records we may not read: every lab would look like a leftover
     recs = {r.prefix: r for r in records()}
     out = set()
     for name in present:
