@@ -16,7 +16,14 @@ from pathlib import Path
 from netbpf.lab.netns import LabError, delete_netns, list_netns, pid_alive
 
 STATE_DIR = Path(os.environ.get("NETBPF_LAB_STATE_DIR", "/run/netbpf/lab"))
-RANDOM_PREFIX_RE = re.compile(r"^nb[0-9a-f]{6}-")
+# A test run's prefix: nb<6 hex>p<owner pid>- (older runs: nb<6 hex>-). The pid makes a
+# lab's owner known machine-wide: helpers with their own NETBPF_LAB_STATE_DIR cannot see each
+# other's records, and without it each took the other's live labs for leftovers.
+RANDOM_PREFIX_RE = re.compile(r"^nb[0-9a-f]{6}(?:p([0-9]+))?-")
+
+
+def _owner_alive(m: re.Match) -> bool:
+    return m.group(1) is not None and pid_alive(int(m.group(1)))
 
 
 @dataclass
@@ -129,7 +136,7 @@ def orphans() -> list[str]:
     out = set()
     for name in present:
         m = RANDOM_PREFIX_RE.match(name)
-        if m and (m.group(0) not in recs or recs[m.group(0)].orphaned):
+        if m and not _owner_alive(m) and (m.group(0) not in recs or recs[m.group(0)].orphaned):
             out.add(name)
     for r in recs.values():
         if r.orphaned:
@@ -158,7 +165,8 @@ def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
         prefixes = {p for p, r in recs.items() if r.orphaned or (include_live and RANDOM_PREFIX_RE.match(p))}
         for name in present:
             m = RANDOM_PREFIX_RE.match(name)
-            if m and (m.group(0) not in recs or m.group(0) in prefixes):
+            if m and (m.group(0) in prefixes or
+                      (m.group(0) not in recs and not _owner_alive(m))):
                 prefixes.add(m.group(0))
         for p in sorted(prefixes):
             r, e = remove_lab(p)

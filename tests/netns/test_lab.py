@@ -71,7 +71,9 @@ def test_accessors_match_the_kernel(two_hosts):
 
 
 def test_lab_names_are_prefixed_and_interface_names_are_plain(two_hosts):
-    assert two_hosts.prefix.startswith("nb") and len(two_hosts.prefix) == 9
+    # nb<6 hex>p<owner pid>-: the owner is known to every user of the machine
+    assert two_hosts.prefix == f"{two_hosts.prefix[:8]}p{os.getpid()}-"
+    assert two_hosts.prefix.startswith("nb")
     assert set(ours(two_hosts)) == {f"{two_hosts.prefix}client", f"{two_hosts.prefix}gw"}
     names = two_hosts.run("client", ["ip", "-br", "link"]).stdout.split()
     assert "client0@if2" in names or any(n.startswith("client0") for n in names)
@@ -391,3 +393,15 @@ def test_lab_list_as_an_unprivileged_user_shows_a_live_lab_as_live(tmp_path):
         subprocess.run([NETBPF, "lab", "down", "two-hosts", "--prefix", prefix],
                        capture_output=True, text=True, timeout=120, env=env)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_live_runs_lab_is_no_leftover_even_without_its_record(two_hosts, monkeypatch,
+                                                                 tmp_path):
+    """Another user of the machine, with another lab state directory, sees our lab's
+    namespaces but not its record: the pid in the prefix says its owner is alive."""
+    from netbpf.lab import state
+
+    monkeypatch.setattr(state, "STATE_DIR", tmp_path / "other-lab-state")
+    # orphans() only (read-only): cleanup() here would remove other runs' old-style labs
+    assert not any(n.startswith(two_hosts.prefix) for n in state.orphans())
+    assert two_hosts.ns("gw") in state.list_netns()
