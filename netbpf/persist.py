@@ -115,6 +115,13 @@ def forget_interface(ifname: str, netns: str | None) -> None:
             _exclude(rec, {ifname})
 
 
+def forget_netns(netns: str) -> None:
+    """The namespace was deleted (a lab went down): its saved policies describe nothing."""
+    for rec in records():
+        if rec.get("netns") == netns:
+            shutil.rmtree(rec["dir"], ignore_errors=True)
+
+
 def restore(log: Log = print) -> int:
     """Apply every saved policy again, oldest first; returns how many failed."""
     from netbpf.apply import apply_policy, detach_key
