@@ -128,7 +128,8 @@ def _reader_lock(key: str, ifname: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        holder = (os.pread(fd, 32, 0).decode(errors="replace").splitlines() or ["?"])[0] \
+            .strip() or "?"
         os.close(fd)
         if e.errno not in (errno.EAGAIN, errno.EACCES):
             raise
@@ -136,8 +137,10 @@ def _reader_lock(key: str, ifname: str) -> int:
                           f"({_cmdline(holder)}); each event goes to one reader, so read that "
                           f"one's output (e.g. 'netbpf events {ifname} --json | tee FILE') or "
                           f"stop it first") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    # pid first, then cut what is left of an older one: a reader never sees an empty file
+    data = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
     return fd
 
 

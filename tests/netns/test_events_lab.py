@@ -12,6 +12,8 @@ import time
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
+from netbpf.state import STATE_ROOT
+
 from netbpf_cli import NETBPF
 
 POLICY = """\
@@ -69,13 +71,15 @@ def test_a_second_reader_is_refused_naming_the_first(two_hosts, tmp_path):
     subprocess.run([NETBPF, "-n", ns, "apply", str(policy)], check=True, capture_output=True)
     first = subprocess.Popen([NETBPF, "-n", ns, "events", "gw0", "--timeout", "30"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = STATE_ROOT / "events" / f"{ns}:gw0.lock"
     try:
-        for _ in range(100):      # until the first reader holds the interface's reader lock
-            second = subprocess.run([NETBPF, "-n", ns, "events", "gw0", "--timeout", "0"],
-                                    capture_output=True, text=True)
-            if second.returncode != 0:
+        for _ in range(300):      # until the first reader holds the interface's reader lock
+            if lock.exists() and lock.read_text().strip() == str(first.pid):
                 break
+            assert first.poll() is None, first.communicate()
             time.sleep(0.1)
+        second = subprocess.run([NETBPF, "-n", ns, "events", "gw0", "--timeout", "0"],
+                                capture_output=True, text=True)
         assert second.returncode == 1, second
         assert f"already being read by pid {first.pid}" in second.stderr, second.stderr
         assert "events" in second.stderr.split("pid", 1)[1]
