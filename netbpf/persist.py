@@ -78,7 +78,7 @@ def save_applied(loaded, policy_path: str, netns: str | None) -> Path:
     mirror = root / str(source).lstrip("/")
     mirror.parent.mkdir(parents=True, mode=0o700)
     mirror.write_bytes(loaded.raw)
-    for f in loaded.set_files:
+    for f in loaded.set_paths:
         f = Path(os.path.abspath(f))
         target = root / str(f).lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -85,13 +85,9 @@ def _add_netns_option(command: click.Command) -> None:
 
 def _register() -> None:
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # not built yet
-            raise
-        for command in getattr(mod, "COMMANDS", ()):
+        # a renamed or missing module is an error here, not a silently missing subcommand
+        mod = importlib.import_module(name)
+        for command in mod.COMMANDS:
             _add_netns_option(command)
             cli.add_command(command)
 

@@ -144,6 +144,18 @@ def orphans() -> list[str]:
     return sorted(out)
 
 
+# A lab namespace with no record is an orphan only once it is this old: another netbpf (a
+# checkout with its own NETBPF_LAB_STATE_DIR) may be building it right now.
+UNRECORDED_GRACE_S = 600.0
+
+
+def _older_than(netns: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(os.path.join("/run/netns", netns)).st_mtime > seconds
+    except OSError:
+        return False
+
+
 def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
     """Remove lab leftovers; returns the namespaces removed.
 
@@ -166,7 +178,8 @@ def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
         for name in present:
             m = RANDOM_PREFIX_RE.match(name)
             if m and (m.group(0) in prefixes or
-                      (m.group(0) not in recs and not _owner_alive(m))):
+                      (m.group(0) not in recs and not _owner_alive(m)
+                       and _older_than(name, UNRECORDED_GRACE_S))):
                 prefixes.add(m.group(0))
         for p in sorted(prefixes):
             r, e = remove_lab(p)

@@ -7,7 +7,6 @@ the one-line summary. Not the language itself (models.py) nor the checks (checks
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from netbpf import inputs
 from netbpf.errors import PolicyError
+from netbpf.inputs import add_set_file
 from netbpf.ir import PolicyIR
 from netbpf.policy import models
 from netbpf.policy.addr import parse_set_text
@@ -40,7 +41,8 @@ class LoadedPolicy:
     warnings: list[str] = field(default_factory=list)
     source_hash: str = ""        # sha256 over the policy file and every set file it names
     raw: bytes = b""             # the policy file's bytes (kept for `netbpf restore`)
-    set_files: list[Path] = field(default_factory=list)   # every set file read, absolute
+    set_files: list[str] = field(default_factory=list)   # as named, in hashing order
+    set_paths: list[Path] = field(default_factory=list)  # the set files read, as paths
 
     def summary(self) -> str:
         ir = self.ir
@@ -91,6 +93,20 @@ class _Report:
         return list(dict.fromkeys(text for _, text in sorted(self.lines, key=lambda x: x[0])))
 
 
+class _Digest:
+    """netbpf.inputs' fingerprint, remembering which set files went into it."""
+
+    def __init__(self, policy_bytes: bytes):
+        self._h = inputs.start(policy_bytes)
+        self.files: list[str] = []
+
+    def update(self, data: bytes) -> None:
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 STDIN = "-"
 
 
@@ -128,10 +144,10 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
         _report_validation(report, e, data)
     view = view_of_model(model) if model is not None else view_of_data(data)
 
-    digest = hashlib.sha256(raw)
+    digest = _Digest(raw)
     # set files are relative to the policy itself, also when it was reached through a symlink
     base_dir = Path.cwd() if stdin else path.resolve().parent
-    set_files = _read_set_files(view, base_dir, display, report, digest, root)
+    set_paths = _read_set_files(view, base_dir, display, report, digest, root)
 
     def line_of(loc: Loc) -> int:
         return doc.position(loc)[0]
@@ -152,7 +168,7 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     _shadow_warnings(ir, notes)
     return LoadedPolicy(path=path, display=display, model=model, ir=ir,
                         warnings=notes.sorted(), source_hash=digest.hexdigest(), raw=raw,
-                        set_files=set_files)
+                        set_files=digest.files, set_paths=set_paths)
 
 
 def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
@@ -208,8 +224,8 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
         else:
             report.at(loc + ("file",), msg)
         return None
-    digest.update(b"\0set\0" + spec.file.encode() + b"\0" + str(len(data)).encode() + b"\0")
-    digest.update(data)
+    add_set_file(digest, spec.file, data)
+    digest.files.append(spec.file)
     v4, v6, bad = parse_set_text(text)
     where = format_path(loc)
     for lineno, msg in bad[:MAX_BAD_SET_LINES]:
@@ -225,7 +241,7 @@ def read_set_file(spec: SetFile, base_dir: Path, name: str) -> None:
     spec._path = str(base_dir / spec.file)
     report = _Report(spec._path, None)
     spec._entries = _read_set_file(spec, base_dir / spec.file, ("sets", name), report,
-                                   hashlib.sha256())
+                                   _Digest(b""))
     if report.lines:
         raise PolicyError(report.sorted())
 

@@ -18,7 +18,7 @@ from scapy.layers.l2 import Ether
 from cases.firewall import eth
 from unit.fw_builders import direction
 
-from netbpf.apply import FW_PROG, FW_SOURCE
+from netbpf.progspec import FW_PROG, FW_SOURCE
 from netbpf.compile import compile_direction
 from netbpf.fwtables import FwTables
 from netbpf.ir import BackendIR, LoadBalancerIR

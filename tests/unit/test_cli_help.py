@@ -34,11 +34,11 @@ def test_help_documents_exit_codes_including_status_drift():
 def test_netns_after_the_subcommand_is_the_same_as_before_it(monkeypatch):
     seen = {}
     monkeypatch.setattr("netbpf.cli.dataplane.require_privileges", lambda ctx: None)
+    rows = [{"netns": "ns1", "interface": "a", "health": "ok"},
+            {"netns": "ns2", "interface": "b", "health": "ok"}]
     monkeypatch.setattr("netbpf.status.read_status",
-                        lambda: seen.setdefault("rows", [{"netns": "ns1", "interface": "a",
-                                                          "health": "ok"},
-                                                         {"netns": "ns2", "interface": "b",
-                                                          "health": "ok"}]))
+                        lambda netns=None, ifname=None: seen.setdefault(netns, [
+                            r for r in rows if netns is None or r["netns"] == netns]))
     after = run("status", "-n", "ns1", "-j")
     before = run("-n", "ns1", "status", "--json")
     assert after.exit_code == 0 and after.output == before.output
