@@ -10,7 +10,7 @@ from pathlib import Path
 
 from netbpf.drift import drift
 from netbpf.inputs import input_hash
-from netbpf.state import health_file, list_states, load_journal
+from netbpf.state import health_file, list_states, load_journal, staging_dirs
 
 
 def input_unchanged(policy: str, netns: str | None) -> bool:
@@ -31,5 +31,7 @@ def input_unchanged(policy: str, netns: str | None) -> bool:
     if input_hash(path, first.set_files) != first.policy_hash:
         return False
     # the health checker's findings also shape the tables: leave those to a full plan
+    # nor the staging pins of a killed apply: a full apply removes them
     return not any(load_journal(st.key) or health_file(st.key).exists() or drift(st)
+                   or any(d.exists() for d in staging_dirs(st.key))
                    for st in states)
