@@ -107,6 +107,8 @@ def _print_plan(plan) -> None:
 def _progress():
     """Long steps (compiling, big sets) on a terminal as a transient spinner line; nothing
     when stdout is a pipe or a file."""
+    from rich.console import Console
+
     from netbpf import progress
 
     if not sys.stdout.isatty():
