@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit demo bench clean-lab
+.PHONY: setup test test-unit demo bench clean-lab man
 
 setup:
 	@bash scripts/setup.sh
@@ -21,3 +21,6 @@ bench: setup
 
 clean-lab: setup
 	.venv/bin/netbpf lab down --all
+
+man: setup
+	@.venv/bin/python -m netbpf.cli.manpages docs/man

@@ -29,7 +29,7 @@ from netbpf.fwtables import CounterCarry, FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
 from netbpf.reject import REJECT_ENTRY, link_reject_entry
 from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for
-from netbpf.kernel import attach, bpfsys
+from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
@@ -165,6 +165,15 @@ def _ifindex(ifname: str, netns: str | None) -> int | None:
             return None
 
 
+def _live_link(path: Path) -> link.LinkInfo | None:
+    """The link pinned at path if it still holds a hook (not detached, device not gone)."""
+    try:
+        info = link.pinned_link_info(path)
+    except NetbpfError:
+        return None
+    return info if info is not None and info.ifindex else None
+
+
 def _ct_timeouts(iface: InterfaceIR) -> dict:
     t = dict(abi.CT_DEFAULT_TIMEOUTS)
     t.update(dict(iface.ct_timeouts))
@@ -236,6 +245,7 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                               f"{', '.join(lb.name for lb in lbs)} need the xdp ingress hook")
         _plan_lb(p)
         _check_forwarding(p)
+        _check_vips(p)
         p.ifindex = ifindex
         if old is not None and old.ifindex != ifindex:
             p.stale = True
@@ -298,6 +308,24 @@ def _check_forwarding(p: IfacePlan) -> None:
             raise NetbpfError(f"{p.ifname}: load balancing needs IPv{fam} forwarding on the "
                               f"interface; run 'sysctl -w net.{conf}.conf.{p.ifname}.forwarding=1'"
                               + (f" in namespace {p.netns}" if p.netns else ""))
+
+
+def _check_vips(p: IfacePlan) -> None:
+    """A NAT VIP nobody answers ARP/ND for applies fine and then no connection works."""
+    from netbpf.ir import addr_text
+    from netbpf.kernel.reach import vip_problem
+
+    for lb in p.lbs:
+        if lb.mode != "nat":
+            continue
+        vip = addr_text(lb.family, lb.vip)
+        why = vip_problem(p.ifname, vip, p.netns)
+        if why:
+            ip = f"ip -n {p.netns}" if p.netns else "ip"
+            plen = 32 if lb.family == 4 else 128
+            raise NetbpfError(f"load balancer {lb.name}: {why}; give the VIP to this host "
+                              f"('{ip} addr add {vip}/{plen} dev lo') or route it here from "
+                              f"the clients' router")
 
 
 def _plan_lb(p: IfacePlan) -> None:
@@ -457,7 +485,7 @@ def _allocate_tags(c: CompiledDirection, sets: dict[str, SetIR],
 
 
 def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
-                tags: dict[str, SetState], gen: int = 0) -> PartState:
+                tags: dict[str, SetState], gen: int = 0, attach: str = "netlink") -> PartState:
     pos = {r.name: i for i, r in enumerate(pp.ir.rules)}
     rules = [RuleState(n, a, d, s, line, pp.direction, pos[n]) for (n, a, d, line), s in
              zip(_rule_states(pp.compiled, pp.ir), slots)]
@@ -466,7 +494,9 @@ def _part_state(pp: PartPlan, *, mode: str, prog_id: int, slots: list[int],
                      prog_hash=pp.prog_hash, words=pp.shape.words,
                      class_cap=pp.shape.class_cap, dir_chunks=pp.shape.chunks,
                      default_action=pp.ir.default,
-                     rules=rules, sets=list(tags.values()), sample=pp.ir.sample, gen=gen)
+                     rules=rules, sets=list(tags.values()), sample=pp.ir.sample, gen=gen,
+                     attach=attach,
+                     sampled=bool(pp.ir.sample or any(r.sample for r in pp.ir.rules)))
 
 
 def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
@@ -521,7 +551,7 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             _fill(tables, pp, plan.sets, 1 - active, slots, tags, to_write)
             olds[d] = active
             parts[d] = _part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots,
-                                   tags=tags, gen=1 - active)
+                                   tags=tags, gen=1 - active, attach=old.attach)
         kill_point("update:written")
         st = _iface_state(plan, p, parts, p.old.created_clsact)
         # Balancer tables and conntrack timeouts are written after the flip; a kill there
@@ -638,7 +668,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     # the shared maps where the running ones pinned them (or create them in staging).
     shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
         else staging / "ingress"
-    loaded, parts, attached, carries = {}, {}, [], []
+    loaded, parts, attached, carries, hows = {}, {}, [], [], {}
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
     before_tc = {d: tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
                  if part.hook == "tc"}
@@ -669,11 +699,13 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             carry.copy()
         for d, (pp, slots, tags) in parts.items():
             fd = loaded[d].prog_fd(pp.func)
+            pin = staging / d / link.LINK_PIN
             if pp.hook == "xdp":
-                states[d].mode = _attach_xdp(p, fd, log)
+                states[d].mode, hows[d] = _attach_xdp(p, fd, log, pin)
             else:
-                created_clsact = attach.ensure_clsact(p.ifname, netns=p.netns) or created_clsact
-                attach.attach_tc(p.ifname, d, fd, pp.func, netns=p.netns)
+                hows[d], created = _attach_tc(p, d, fd, pp.func, pin, log)
+                created_clsact = created or created_clsact
+            states[d].attach = "netlink" if hows[d][0] == "netlink" else "link"
             attached.append(d)
             kill_point(f"program:attached-{d}")
         # What the old state ran and the new one does not (a part gone, or a hook changed):
@@ -682,7 +714,9 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             new = states.get(d)
             if new is not None and new.hook == part.hook:
                 continue
-            if part.hook == "xdp":
+            if part.attach == "link":
+                link.detach_pinned(pin_dir(p.key) / d / link.LINK_PIN)
+            elif part.hook == "xdp":
                 attach.detach_xdp(p.ifname, None, prog_id=part.prog_id, netns=p.netns)
             else:
                 attach.detach_tc(p.ifname, d, netns=p.netns)
@@ -704,7 +738,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         remove_journal(p.key)
         kill_point("program:state-saved")
     except BaseException:
-        _roll_back(p, attached, before_xdp, before_tc, loaded)
+        _roll_back(p, attached, before_xdp, before_tc, loaded, hows, staging)
         unpin_tree(staging)
         remove_journal(p.key)
         raise
@@ -715,6 +749,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             l.close()
     for d, ps in states.items():
         where = f"in {ps.mode} mode" if ps.hook == "xdp" else f"on tc {d}"
+        where += " through a bpf_link" if ps.attach == "link" else " through netlink"
         log(f"{p.key}: attached {PROGRAMS[(d, ps.hook)][1]} (program id {ps.prog_id}) {where}; "
             f"{len(ps.rules)} {d} rules")
     log(f"{p.key}: loaded new programs ({', '.join(p.reasons)})")
@@ -743,13 +778,19 @@ def _fill_lb(p: IfacePlan, loaded) -> None:
 
 
 def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc: dict,
-               loaded) -> None:
+               loaded, hows: dict, staging: Path) -> None:
     """Put back what ran before a failed apply: the old programs, or none."""
     for d in attached:
         pp = p.parts[d]
         try:
             new_id = loaded[d].prog_id(pp.func)
-            if pp.hook == "xdp":
+            how, before_id = hows.get(d, ("netlink", 0))
+            if how == "link-new":
+                link.detach_pinned(staging / d / link.LINK_PIN)
+            elif how == "link-update":
+                with bpfsys.prog_get_fd_by_id(before_id) as old_fd:
+                    link.update_pinned(pin_dir(p.key) / d / link.LINK_PIN, old_fd, new_id)
+            elif pp.hook == "xdp":
                 if before_xdp is None:
                     attach.detach_xdp(p.ifname, None, prog_id=new_id, netns=p.netns)
                     continue
@@ -767,9 +808,33 @@ def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc: dict,
             pass  # the original error matters more; 'netbpf status' shows what is left
 
 
-def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
+def _our_link(p: IfacePlan, d: str, hook: str) -> link.LinkInfo | None:
+    """netbpf's live link for direction d: the state says so, or (state lost) one is pinned
+    where netbpf pins it."""
+    if p.stale:
+        return None
+    old = p.old.parts.get(d) if p.old else None
+    if old is not None and (old.hook != hook or old.attach != "link"):
+        return None
+    return _live_link(pin_dir(p.key) / d / link.LINK_PIN)
+
+
+def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log,
+                pin: Path) -> tuple[str, tuple[str, int]]:
+    """Attach or swap the XDP program; returns (mode, (how, program id before)): how is
+    link-update or link-new (a bpf_link pinned at pin) or netlink. An interface keeps the way
+    it is attached, since moving a program from netlink to a link cannot be one step."""
+    old = p.old.parts.get("ingress") if p.old and not p.stale else None
+    old_pin = pin_dir(p.key) / "ingress" / link.LINK_PIN
+    ours_linked = _our_link(p, "ingress", "xdp")
+    if ours_linked is not None:
+        was = old.mode if old else attach.xdp_state(p.ifname, netns=p.netns).mode
+        if p.mode in ("auto", was):
+            link.update_pinned(old_pin, prog_fd, ours_linked.prog_id, also_pin=pin)
+            return was, ("link-update", ours_linked.prog_id)
+        log(f"{p.key}: switching xdp mode {was} -> {p.mode} (brief detach)")
+        link.detach_pinned(old_pin)
     cur = attach.xdp_state(p.ifname, netns=p.netns)
-    old = p.old.parts.get("ingress") if p.old else None
     ours = cur is not None and old is not None and old.hook == "xdp" and cur.prog_id == old.prog_id
     if cur is not None and not ours and is_netbpf_program(cur.prog_id):
         log(f"{p.key}: replacing netbpf program id {cur.prog_id} left by an interrupted apply")
@@ -782,15 +847,48 @@ def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
         # one netlink call swaps the programs: no packet goes unfiltered
         with bpfsys.prog_get_fd_by_id(cur.prog_id) as old_fd:
             return attach.attach_xdp(p.ifname, prog_fd, cur.mode, replace_prog_fd=old_fd,
-                                     netns=p.netns)
+                                     netns=p.netns), ("netlink", cur.prog_id)
     if ours:
         # A mode change cannot be one call: the kernel keeps one program per mode.
         log(f"{p.key}: switching xdp mode {cur.mode} -> {p.mode} (brief detach)")
         attach.detach_xdp(p.ifname, cur.mode, netns=p.netns)
-    mode = attach.attach_xdp(p.ifname, prog_fd, p.mode, netns=p.netns)
+    try:
+        fd, mode = link.create_link(prog_fd, p.ifname, "xdp", p.mode, netns=p.netns)
+        with fd:
+            bpfsys.obj_pin(fd, pin)
+        how = ("link-new", 0)
+    except link.LinkUnsupported as e:
+        log(f"{p.key}: {e}; attaching through netlink")
+        mode, how = attach.attach_xdp(p.ifname, prog_fd, p.mode, netns=p.netns), ("netlink", 0)
     if p.mode == "auto":
         log(f"{p.key}: xdp mode auto chose {mode}")
-    return mode
+    return mode, how
+
+
+def _attach_tc(p: IfacePlan, d: str, prog_fd: int, name: str, pin: Path,
+               log: Log) -> tuple[tuple[str, int], bool]:
+    """Attach or swap the TC program of direction d: a TCX link where the kernel has them
+    (appended after other TCX programs), else our cls_bpf filter on clsact. Returns ((how,
+    program id before), whether a clsact qdisc was added)."""
+    old = p.old.parts.get(d) if p.old and not p.stale else None
+    old_pin = pin_dir(p.key) / d / link.LINK_PIN
+    ours_linked = _our_link(p, d, "tc")
+    if ours_linked is not None:
+        link.update_pinned(old_pin, prog_fd, ours_linked.prog_id, also_pin=pin)
+        return ("link-update", ours_linked.prog_id), False
+    keep_filter = old is not None and old.hook == "tc" and old.attach == "netlink" and \
+        tc_filter(p.old, d) is not None
+    if not keep_filter:
+        try:
+            fd, _ = link.create_link(prog_fd, p.ifname, d, netns=p.netns)
+            with fd:
+                bpfsys.obj_pin(fd, pin)
+            return ("link-new", 0), False
+        except link.LinkUnsupported as e:
+            log(f"{p.key}: {e}; attaching through clsact")
+    created = attach.ensure_clsact(p.ifname, netns=p.netns)
+    attach.attach_tc(p.ifname, d, prog_fd, name, netns=p.netns)
+    return ("netlink", 0), created
 
 
 # ---- detach ----
@@ -845,6 +943,17 @@ def _recorded_ids(key: str) -> set[int]:
 
 
 def _detach_programs(key: str, ifname: str, netns: str | None, log: Log) -> None:
+    # Links first (pinned beside the maps, or in a staging tree a killed apply left): netlink
+    # cannot remove what they hold.
+    for root in (pin_dir(key), *staging_dirs(key)):
+        for pin in sorted(root.glob(f"*/{link.LINK_PIN}")):
+            try:
+                info = link.detach_pinned(pin)
+            except NetbpfError:
+                continue
+            if info is not None and info.ifindex:
+                log(f"{key}: detached program id {info.prog_id} ({info.kind} link {info.id}, "
+                    f"{pin.parent.name})")
     st = load_state(key) or getattr(load_journal(key), "state", None)
     ours = _recorded_ids(key)
     cur = attach.xdp_state(ifname, netns=netns)

@@ -10,7 +10,7 @@ import socket
 import time
 
 from netbpf.errors import NetbpfError
-from netbpf.kernel import attach, bpfsys
+from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.netns import enter_netns, netns_path
 from netbpf.progspec import PROG_PIN, PROGRAM_NAMES
 from netbpf.state import InterfaceState, Journal, PartState, load_journal, pin_dir
@@ -48,7 +48,11 @@ def attached_prog_id(st: InterfaceState, direction: str, part: PartState) -> int
         cur = attach.xdp_state(st.ifname, netns=st.netns)
         return cur.prog_id if cur else None
     f = tc_filter(st, direction)
-    return f.prog_id if f else None
+    if f is not None:
+        return f.prog_id
+    # a TCX link: netbpf's program is the one the part names, if the hook runs it
+    ids = link.tcx_prog_ids(st.ifname, direction, netns=st.netns)
+    return part.prog_id if part.prog_id in ids else (ids[-1] if ids else None)
 
 
 def active_gen(key: str, direction: str) -> int | None:
@@ -119,6 +123,11 @@ def drift(st: InterfaceState) -> str | None:
         if gen != part.gen:
             return f"the {d} rules are half-applied (an apply was interrupted)"
     for d, part in st.parts.items():
+        if part.attach == "link":
+            why = _link_drift(st, d, part)
+            if why:
+                return why
+            continue
         if part.hook == "xdp":
             if cur is None:
                 return "the XDP program was detached by someone else"
@@ -130,6 +139,20 @@ def drift(st: InterfaceState) -> str | None:
             return f"the TC {d} filter was removed by someone else"
         if f.prog_id != part.prog_id:
             return _replaced(f"program (id {f.prog_id}) on our TC {d} filter", f.prog_id)
+    return None
+
+
+def _link_drift(st: InterfaceState, d: str, part: PartState) -> str | None:
+    try:
+        info = link.pinned_link_info(pin_dir(st.key) / d / link.LINK_PIN)
+    except NetbpfError:
+        info = None
+    if info is None:
+        return "pins are missing"
+    if info.ifindex == 0:
+        return f"the {d} link was detached by someone else"
+    if info.prog_id != part.prog_id:
+        return _replaced(f"program (id {info.prog_id}) on our {d} link", info.prog_id)
     return None
 
 

@@ -5,8 +5,12 @@ with libbpf's ring_buffer API and turn each record into a readable dict (rule na
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import ipaddress
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -14,7 +18,7 @@ from netbpf import abi
 from netbpf.errors import NetbpfError
 from netbpf.kernel import bpfsys
 from netbpf.kernel.netns import netns_label
-from netbpf.state import iface_key, load_state, pin_dir
+from netbpf.state import STATE_ROOT, iface_key, load_state, pin_dir
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 ACTION_NAMES = {abi.NB_ACT_ALLOW: "allow", abi.NB_ACT_DROP: "drop", abi.NB_ACT_REJECT: "reject"}
@@ -65,7 +69,13 @@ def follow(ifname: str, netns: str | None, directions=("ingress", "egress"),
     lib.ring_buffer__poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
 
+    parts = [st.parts[d] for d in directions if d in st.parts]
+    if parts and not any(p.sampled or p.sample for p in parts):
+        raise NetbpfError(f"{ifname}: sampling is off for this interface ({'/'.join(directions)});"
+                          f" add 'sample: N' to a rule or to the direction in "
+                          f"{st.policy_path} and apply it to see 1 in N packets")
     sources = []
+    lock = _reader_lock(key, ifname)
     for d in directions:
         part = st.parts.get(d)
         if part is None:
@@ -106,3 +116,37 @@ def follow(ifname: str, netns: str | None, directions=("ingress", "egress"),
         lib.ring_buffer__free(rb)
         for s in sources:
             s.fd.close()
+        os.close(lock)
+
+
+def _reader_lock(key: str, ifname: str) -> int:
+    """One reader per interface: a BPF ring buffer hands each event to whoever consumes it
+    first, so two readers would each see some. The second is refused, naming the first."""
+    path = STATE_ROOT / "events" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = (os.pread(fd, 32, 0).decode(errors="replace").splitlines() or ["?"])[0] \
+            .strip() or "?"
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise NetbpfError(f"{ifname}: events are already being read by pid {holder} "
+                          f"({_cmdline(holder)}); each event goes to one reader, so read that "
+                          f"one's output (e.g. 'netbpf events {ifname} --json | tee FILE') or "
+                          f"stop it first") from None
+    # pid first, then cut what is left of an older one: a reader never sees an empty file
+    data = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+    return fd
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "netbpf events"
+    return " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a)[:80]

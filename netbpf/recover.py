@@ -12,7 +12,7 @@ from typing import Callable
 
 from netbpf.drift import is_netbpf_program, journal_progress, netns_gone, tc_filter
 from netbpf.errors import NetbpfError
-from netbpf.kernel import attach, bpfsys
+from netbpf.kernel import attach, bpfsys, link
 from netbpf.progspec import PROG_PIN, PROGRAMS
 from netbpf.state import (REPAIR_HASH, InterfaceState, Journal, list_journal_keys, load_journal,
                           load_state, pin_dir, remove_journal, rename_pins, save_state,
@@ -99,19 +99,34 @@ def _forward_programs(j: Journal, old: InterfaceState | None, progress: dict) ->
     staging, retired = staging_dirs(st.key)
     src = staging if staging.is_dir() else final
     for d, part in st.parts.items():
+        # the journal was written before attaching: how each part is attached is read back
+        mine = [lk for lk in (staging / d / link.LINK_PIN, final / d / link.LINK_PIN)
+                if (info := _live(lk)) is not None and info.prog_id == part.prog_id]
         if progress[d]:
+            part.attach = "link" if mine else "netlink"
             continue
+        old_link = final / d / link.LINK_PIN
+        was = old.parts.get(d) if old else None
         with bpfsys.obj_get(src / d / PROG_PIN) as fd:
-            if part.hook == "xdp":
+            if was is not None and was.hook == part.hook and (info := _live(old_link)):
+                link.update_pinned(old_link, fd, info.prog_id,
+                                   also_pin=staging / d / link.LINK_PIN if staging.is_dir()
+                                   else None)
+                part.attach = "link"
+            elif part.hook == "xdp":
                 part.mode = _replace_xdp(st, fd, old)
+                part.attach = "netlink"
             else:
                 attach.ensure_clsact(st.ifname, netns=st.netns)
                 attach.attach_tc(st.ifname, d, fd, PROGRAMS[(d, "tc")][1], netns=st.netns)
+                part.attach = "netlink"
     for d, part in (old.parts.items() if old else ()):
         new = st.parts.get(d)
         if new is not None and new.hook == part.hook:
             continue
-        if part.hook == "xdp":
+        if part.attach == "link":
+            link.detach_pinned(final / d / link.LINK_PIN)
+        elif part.hook == "xdp":
             attach.detach_xdp(st.ifname, None, prog_id=part.prog_id, netns=st.netns)
         elif (f := tc_filter(st, d)) is not None and f.prog_id == part.prog_id:
             attach.detach_tc(st.ifname, d, netns=st.netns)
@@ -127,6 +142,14 @@ def _forward_programs(j: Journal, old: InterfaceState | None, progress: dict) ->
         if cur is not None:
             ing.mode = cur.mode
     save_state(st)
+
+
+def _live(path) -> "link.LinkInfo | None":
+    try:
+        info = link.pinned_link_info(path)
+    except NetbpfError:
+        return None
+    return info if info is not None and info.ifindex else None
 
 
 def _replace_xdp(st: InterfaceState, prog_fd, old: InterfaceState | None) -> str:

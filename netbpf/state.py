@@ -124,6 +124,8 @@ class PartState:
     fields: int = 0x7ff      # classifier fields compiled in (NB_FIELDS)
     gen: int = 0             # the generation this state's rules were written to
     dir_chunks: int = 64     # address table chunks compiled in (NB_DIR_CHUNKS)
+    attach: str = "netlink"  # link (bpf_link pinned beside the maps) | netlink (XDP, cls_bpf)
+    sampled: bool = False    # some rule or the direction samples packets into events
 
     @classmethod
     def from_json(cls, data: dict) -> "PartState":

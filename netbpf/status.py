@@ -25,6 +25,7 @@ def read_status(netns: str | None = None, ifname: str | None = None) -> list[dic
         rows.append({"interface": st.ifname, "netns": st.netns,
                      "mode": ing.mode if ing else None,
                      "programs": {d: p.prog_id for d, p in st.parts.items()},
+                     "attach": {d: p.attach for d, p in st.parts.items()},
                      "prog_id": ing.prog_id if ing else None,
                      "rules": len(st.rules), "conntrack": st.conntrack,
                      "policy_path": st.policy_path, "policy_hash": st.policy_hash,

@@ -59,4 +59,5 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
 fi
 .venv/bin/python -c 'import bcc, pyroute2, scapy, pydantic, netbpf, ansible' \
     || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }
+bash scripts/install-unit.sh
 echo "setup: ready ($(.venv/bin/python --version), bcc from $(.venv/bin/python -c 'import bcc,os;print(os.path.dirname(bcc.__file__))'))"

@@ -16,6 +16,11 @@ import pytest
 # tests/ on the path: the case tables (tests/cases) and builders (tests/unit) are shared by tiers.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Saved policies for `netbpf restore` go beside the runtime state, never into the machine's
+# /var/lib/netbpf (set before any netbpf module reads it; inherited by the CLI we run).
+os.environ.setdefault("NETBPF_LIB_ROOT",
+                      os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf") + "-lib")
+
 TIERS = ("unit", "bpf", "netns")
 
 

@@ -16,6 +16,11 @@
 #include "lb.h"
 #endif
 
+/* No verdict of ours (allowed, counted, not IP): TC_ACT_UNSPEC, which TCX names TCX_NEXT and
+ * cls_bpf's direct-action reads as "run the next filter". Other programs on the hook still see
+ * the packet and the last one decides (none left: it passes). Only a drop ends the chain. */
+#define NB_TC_NEXT TC_ACT_UNSPEC
+
 /* Headers must be in the linear part for direct access; pulling is a no-op when they are. */
 #define NB_PULL_LEN 256
 
@@ -78,19 +83,19 @@ static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
     if (rc == NB_PARSE_NONIP) {
         nb_stat(NB_STAT_NONIP, len);
         nb_stat(NB_STAT_PASS, len);
-        return TC_ACT_OK;
+        return NB_TC_NEXT;
     }
     if (rc != NB_PARSE_OK) {
         nb_stat(NB_STAT_MALFORMED, len);
         /* our own stack wrote it: pass on egress rather than break the host; drop on ingress */
         nb_stat(egress ? NB_STAT_PASS : NB_STAT_DROP, len);
-        return egress ? TC_ACT_OK : TC_ACT_SHOT;
+        return egress ? NB_TC_NEXT : TC_ACT_SHOT;
     }
 #ifdef NB_CONNTRACK
     if (!egress && nb_ct_ingress(&p)) {
         nb_stat(NB_STAT_CT_REPLY, len);
         nb_stat(NB_STAT_PASS, len);
-        return TC_ACT_OK;
+        return NB_TC_NEXT;
     }
 #endif
     struct nb_pending pend;
@@ -117,7 +122,7 @@ static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
         nb_lb_reverse(skb, &p);
 #endif
     nb_count_rules(&pend, len);
-    return TC_ACT_OK;
+    return NB_TC_NEXT;
 }
 
 int nb_fw_tc_eg(struct __sk_buff *skb)

@@ -11,8 +11,9 @@ from contextlib import contextmanager
 import time
 
 import click
-from rich.console import Console
 from rich.table import Table
+
+from netbpf.cli.output import emit
 
 from netbpf.errors import PolicyError
 from netbpf.ir import addr_text
@@ -103,6 +104,8 @@ def _print_plan(plan, verbose: bool = False) -> None:
 def _progress():
     """Long steps (compiling, big sets) on a terminal as a transient spinner line; nothing
     when stdout is a pipe or a file."""
+    from rich.console import Console
+
     from netbpf import progress
 
     if not sys.stdout.isatty():
@@ -174,6 +177,7 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
         click.echo("nothing to do: the running policy is this one")
     if selftest:
         safety.selftest_plan(plan)
+    _save_for_restore(loaded, policy, _netns(ctx))
 
 
 def _apply_json(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | None,
@@ -222,8 +226,20 @@ def _apply_json(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float
             raise SystemExit(e.exit_code)
         fail([error_record(e)], e.exit_code)
     click.echo(json.dumps(rec, indent=2 if sys.stdout.isatty() else None, default=str))
+    if not dry_run:
+        _save_for_restore(loaded, policy, _netns(ctx))
     if selftest and not dry_run:
         safety.selftest_plan(plan)
+
+
+def _save_for_restore(loaded, policy: str, netns: str | None) -> None:
+    from netbpf import persist
+
+    try:
+        persist.save_applied(loaded, policy, netns)
+    except OSError as e:
+        _err(f"warning: applied, but not saved for 'netbpf restore' under {persist.LIB_ROOT}: "
+             f"{e.strerror or e}")
 
 
 @click.command()
@@ -238,8 +254,11 @@ def detach(ctx: click.Context, interface: str, as_json: bool) -> None:
     from netbpf.errors import NetbpfError
     from netbpf.planreport import error_record
 
+    from netbpf import persist
+
     if not as_json:
         do_detach(interface, _netns(ctx), log=click.echo)
+        persist.forget_interface(interface, _netns(ctx))
         return
     log: list[str] = []
 
@@ -251,6 +270,7 @@ def detach(ctx: click.Context, interface: str, as_json: bool) -> None:
            "errors": []}
     try:
         do_detach(interface, _netns(ctx), log=note)
+        persist.forget_interface(interface, _netns(ctx))
         rec["detached"] = True
     except NetbpfError as e:
         _err(f"netbpf: {e}")
@@ -339,52 +359,92 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
     return tables
 
 
+def _targets(interface: str | None, netns: str | None) -> list[tuple[str, str | None]]:
+    """(ifname, netns) to show: INTERFACE, or every interface netbpf manages (in NETNS
+    alone with -n)."""
+    if interface:
+        return [(interface, netns)]
+    from netbpf.state import list_states
+
+    return [(st.ifname, st.netns) for st in list_states() if netns is None or st.netns == netns]
+
+
 @click.command()
-@click.argument("interface")
+@click.argument("interface", required=False)
 @click.option("-j", "--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", "watch", type=float, is_flag=False, flag_value=1.0, default=None,
-              metavar="[SECONDS]", help="Redraw every SECONDS (default 1) with rates.")
+              metavar="[SECONDS]", help="Redraw every SECONDS (default 1) with rates; into a "
+              "pipe, one block (or JSON line) per interval.")
 @click.pass_context
-def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None) -> None:
-    """Per-rule and total packet/byte counters of INTERFACE, read from the pinned maps.
+def stats(ctx: click.Context, interface: str | None, as_json: bool,
+          watch: float | None) -> None:
+    """Per-rule and total packet/byte counters of INTERFACE (every managed interface when
+    none is named), read from the pinned maps.
 
     \b
     Examples:
       netbpf stats eth0
+      netbpf stats                      # every interface netbpf manages
       netbpf -n lab-gw stats gw0 --json
-      netbpf stats eth0 --watch 2
+      netbpf stats eth0 --watch 2 | tee counters.log
     """
     require_privileges(ctx)
     from netbpf.stats import read_stats
 
-    netns = _netns(ctx)
-    s = read_stats(interface, netns)
-    if as_json and watch is None:
-        # indented for a terminal; compact (and several times faster) for a pipe
-        click.echo(json.dumps(s, indent=2 if sys.stdout.isatty() else None))
-        return
-    console = Console()
-    if watch is None:
-        for t in _stats_tables(s, None, 1.0):
-            console.print(t)
-        return
-    from rich.console import Group
-    from rich.live import Live
+    targets = _targets(interface, _netns(ctx))
 
+    def read() -> list[dict]:
+        return [read_stats(name, ns) for name, ns in targets]
+
+    s = read()
+    if as_json and watch is None:
+        doc = s[0] if interface else s
+        # indented for a terminal; compact (and several times faster) for a pipe
+        click.echo(json.dumps(doc, indent=2 if sys.stdout.isatty() else None))
+        return
+    if not targets:
+        click.echo("netbpf manages no interface" + (f" in netns {_netns(ctx)}"
+                                                    if _netns(ctx) else ""))
+        return
+
+    def tables(cur, prev, dt) -> list:
+        return [t for i, one in enumerate(cur)
+                for t in _stats_tables(one, prev[i] if prev else None, dt)]
+
+    if watch is None:
+        emit(*tables(s, None, 1.0))
+        return
     prev, t0 = s, time.monotonic()
+    live = None
     try:
-        with Live(Group(*_stats_tables(s, None, 1.0)), console=console,
-                  auto_refresh=False) as live:
-            while True:
-                time.sleep(watch)
-                cur, t1 = read_stats(interface, netns), time.monotonic()
-                if as_json:
-                    click.echo(json.dumps(cur))
-                else:
-                    live.update(Group(*_stats_tables(cur, prev, t1 - t0)), refresh=True)
-                prev, t0 = cur, t1
-    except KeyboardInterrupt:
+        if sys.stdout.isatty() and not as_json:
+            from rich.console import Group
+            from rich.live import Live
+
+            live = Live(Group(*tables(s, None, 1.0)), auto_refresh=False)
+            live.start()
+        elif as_json:
+            click.echo(json.dumps(s[0] if interface else s))
+        else:
+            emit(*tables(s, None, 1.0))
+        while True:
+            time.sleep(watch)
+            cur, t1 = read(), time.monotonic()
+            if as_json:
+                click.echo(json.dumps(cur[0] if interface else cur))
+            elif live is not None:
+                live.update(Group(*tables(cur, prev, t1 - t0)), refresh=True)
+            else:
+                # streamed into a pipe: one block per interval, stamped, flushed
+                click.echo(f"--- {time.strftime('%H:%M:%S')}")
+                emit(*tables(cur, prev, t1 - t0))
+            sys.stdout.flush()
+            prev, t0 = cur, t1
+    except (KeyboardInterrupt, BrokenPipeError):
         pass
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @click.command()
@@ -393,7 +453,7 @@ def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None
 @click.pass_context
 def status(ctx: click.Context, interface: str | None, as_json: bool) -> None:
     """Every interface netbpf manages (with -n, those in NETNS; or just INTERFACE): mode,
-    programs, policy, and drift from what was applied. Exits 1 when any row shown drifted.
+    how it is attached (bpf_link or netlink), programs, policy, and drift from what was applied. Exits 1 when any row shown drifted.
 
     \b
     Examples:
@@ -416,19 +476,20 @@ def status(ctx: click.Context, interface: str | None, as_json: bool) -> None:
             sys.exit(1)
         return
     if not rows:
-        click.echo("netbpf manages no interface")
+        click.echo("netbpf manages no interface" + (f" in netns {netns}" if netns else ""))
         return
     t = Table()
-    for col in ("interface", "xdp", "programs", "rules", "applied", "health"):
+    for col in ("interface", "xdp", "attach", "programs", "rules", "applied", "health"):
         t.add_column(col)
     for r in rows:
         applied = time.strftime("%m-%d %H:%M", time.localtime(r["applied_at"])) \
             if r.get("applied_at") else "-"
         progs = " ".join(f"{d}:{i}" for d, i in r.get("programs", {}).items()) or "-"
         where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]
-        t.add_row(where, r.get("mode") or "-", progs, str(r.get("rules", "-")), applied,
+        how = ",".join(sorted(set(r.get("attach", {}).values()))) or "-"
+        t.add_row(where, r.get("mode") or "-", how, progs, str(r.get("rules", "-")), applied,
                   r["health"])
-    Console().print(t)
+    emit(t)
     for r in rows:
         if r.get("policy_file") in ("changed", "gone"):
             where = f"{r['netns']}:{r['interface']}" if r["netns"] else r["interface"]

@@ -140,9 +140,15 @@ def list_(as_json: bool) -> None:
     present = set(list_netns())
     labs = []
     for rec in records():
-        owner = "lab up" if rec.persistent else (f"pid {rec.pid}" + (" (dead)" if rec.orphaned else ""))
+        if not rec.readable:
+            owner = "unknown (record readable by root only)"
+            names = [n for n in sorted(present) if n.startswith(rec.prefix)]
+        else:
+            owner = "lab up" if rec.persistent else \
+                (f"pid {rec.pid}" + (" (dead)" if rec.orphaned else ""))
+            names = [n for n in rec.namespaces if n in present]
         labs.append({"prefix": rec.prefix, "topology": rec.topology, "owner": owner,
-                     "namespaces": [n for n in rec.namespaces if n in present]})
+                     "namespaces": names})
     left = orphans()
     if as_json:
         click.echo(json.dumps({"labs": labs, "leftovers": left}, indent=2))
@@ -150,19 +156,19 @@ def list_(as_json: bool) -> None:
     if not labs and not left:
         click.echo("no labs are up")
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from netbpf.cli.output import emit
 
     table = Table(title="labs", title_justify="left")
     for col in ("prefix", "topology", "owner", "namespaces"):
         table.add_column(col, overflow="fold")
     for item in labs:
         table.add_row(item["prefix"], item["topology"], item["owner"], " ".join(item["namespaces"]) or "-")
-    console = Console()
-    console.print(table)
+    emit(table)
     if left:
-        console.print(f"leftovers of killed runs ({len(left)}): {' '.join(left)}\n"
-                      "remove them with: netbpf lab down --all", highlight=False)
+        click.echo(f"leftovers of killed runs ({len(left)}): {' '.join(left)}\n"
+                   "remove them with: netbpf lab down --all")
 
 
 COMMANDS = [lab]

@@ -1,7 +1,8 @@
 """Kernel I/O: the only package that imports bcc, pyroute2 and libbpf (ctypes).
 
-bpfsys (pins, map I/O), loader (bcc compile + load), testrun (BPF_PROG_TEST_RUN), attach (XDP
-and TC clsact via netlink), netns (enter a network namespace only). No policy logic here.
+bpfsys (pins, map I/O), loader (bcc compile + load), testrun (BPF_PROG_TEST_RUN), link (XDP
+and TCX bpf_links), attach (XDP and TC clsact via netlink, the fallback), reach (can clients
+reach a VIP), netns (enter a network namespace only). No policy logic here.
 """
 from netbpf.kernel.attach import (NB_TC_HANDLE, NB_TC_PRIO, XDP_MODES, TcFilter, XdpState,
                                   attach_tc, attach_xdp, detach_tc, detach_xdp, driver_name,

@@ -54,7 +54,7 @@ def run_prefixes() -> list[str]:
 
 
 def random_prefix() -> str:
-    return f"nb{secrets.token_hex(3)}-"
+    return f"nb{secrets.token_hex(3)}p{os.getpid()}-"
 
 
 class Lab:

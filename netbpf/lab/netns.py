@@ -138,8 +138,10 @@ def delete_netns(name: str, kill_pids: bool = True) -> str | None:
     # What netbpf pinned for the namespace's interfaces (they are gone now) goes with it.
     from netbpf.errors import NetbpfError
     from netbpf.state import forget_netns
+    from netbpf.persist import forget_netns as forget_saved
     try:
         forget_netns(name)
+        forget_saved(name)   # and 'netbpf restore' has nothing to bring back there
     except (NetbpfError, OSError) as e:  # the namespace is gone; say what stays, go on
         print(f"netbpf lab: {name} deleted, but its netbpf pins stay: {e}; "
               "'netbpf status' lists them", file=sys.stderr)

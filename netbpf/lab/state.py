@@ -17,7 +17,14 @@ from pathlib import Path
 from netbpf.lab.netns import LabError, delete_netns, list_netns, pid_alive
 
 STATE_DIR = Path(os.environ.get("NETBPF_LAB_STATE_DIR", "/run/netbpf/lab"))
-RANDOM_PREFIX_RE = re.compile(r"^nb[0-9a-f]{6}-")
+# A test run's prefix: nb<6 hex>p<owner pid>- (older runs: nb<6 hex>-). The pid makes a
+# lab's owner known machine-wide: helpers with their own NETBPF_LAB_STATE_DIR cannot see each
+# other's records, and without it each took the other's live labs for leftovers.
+RANDOM_PREFIX_RE = re.compile(r"^nb[0-9a-f]{6}(?:p([0-9]+))?-")
+
+
+def _owner_alive(m: re.Match) -> bool:
+    return m.group(1) is not None and pid_alive(int(m.group(1)))
 
 
 @dataclass
@@ -29,6 +36,8 @@ class LabRecord:
     pid: int | None  # owning process; None once 'netbpf lab up' handed the lab to people
     created: float = field(default_factory=time.time)
     interfaces: list[dict] = field(default_factory=list)  # for 'lab list' / 'lab up' output
+    readable: bool = True  # False: the record exists but this user may not read it
+
 
     @property
     def persistent(self) -> bool:
@@ -36,7 +45,8 @@ class LabRecord:
 
     @property
     def orphaned(self) -> bool:
-        return not self.persistent and not pid_alive(self.pid)
+        # a record we cannot read is someone's lab, not a leftover
+        return self.readable and not self.persistent and not pid_alive(self.pid)
 
 
 def state_path(prefix: str) -> Path:
@@ -47,11 +57,13 @@ def claim(record: LabRecord) -> bool:
     """Create the record only if no lab with this prefix exists (O_EXCL): two runs never share a prefix."""
     try:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
+        STATE_DIR.chmod(0o755)  # the CLI's umask is 077; records are for everyone to read
         fd = os.open(state_path(record.prefix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
     except OSError as e:
         raise LabError(f"cannot record the lab in {STATE_DIR}: {e.strerror} (the lab needs root)") from None
+    os.fchmod(fd, 0o644)  # whatever the umask: 'lab list' works for every user
     with os.fdopen(fd, "w") as f:
         json.dump(asdict(record), f, indent=1)
     return True
@@ -60,6 +72,7 @@ def claim(record: LabRecord) -> bool:
 def save(record: LabRecord) -> None:
     tmp = state_path(record.prefix).with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(record), indent=1))
+    tmp.chmod(0o644)
     os.replace(tmp, state_path(record.prefix))
 
 
@@ -68,6 +81,9 @@ def load(prefix: str) -> LabRecord | None:
         data = json.loads(state_path(prefix).read_text())
     except FileNotFoundError:
         return None
+    except PermissionError:
+        return LabRecord(prefix=prefix, topology="?", path="?", namespaces=[], pid=None,
+                         readable=False)
     except (OSError, ValueError):
         return LabRecord(prefix=prefix, topology="?", path="?", namespaces=[], pid=0)  # corrupt: a leftover
     return LabRecord(**{k: v for k, v in data.items() if k in LabRecord.__dataclass_fields__})
@@ -129,13 +145,16 @@ def orphans() -> list[str]:
     """Namespaces of killed runs: random-prefix ones whose record is missing or whose owner died,
     and any recorded lab (random prefix or not) whose owner died before handing it over."""
     present = list_netns()  # before the records: see cleanup()
+    if STATE_DIR.is_dir() and not os.access(STATE_DIR, os.R_OK | os.X_OK):
+        return []  # records we may not read: every lab would look like a leftover
     recs = {r.prefix: r for r in records()}
     watched = watched_prefixes()
     out = set()
     for name in present:
         m = RANDOM_PREFIX_RE.match(name)
-        if m and ((m.group(0) not in recs and m.group(0) not in watched)
-                  or (m.group(0) in recs and recs[m.group(0)].orphaned)):
+        if m and not _owner_alive(m) and (
+                (m.group(0) not in recs and m.group(0) not in watched)
+                or (m.group(0) in recs and recs[m.group(0)].orphaned)):
             out.add(name)
     for r in recs.values():
         if r.orphaned:
@@ -168,7 +187,8 @@ def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
         for name in present:
             m = RANDOM_PREFIX_RE.match(name)
             if m and (m.group(0) in prefixes or
-                      (m.group(0) not in recs and m.group(0) not in watched)):
+                      (m.group(0) not in recs and m.group(0) not in watched
+                       and not _owner_alive(m))):
                 prefixes.add(m.group(0))
         for p in sorted(prefixes):
             r, e = remove_lab(p)

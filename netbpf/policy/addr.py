@@ -43,6 +43,11 @@ def parse_network(text: str) -> tuple[int, int, int]:
     Host bits set after the prefix length are an error, not silently cleared: '10.0.0.1/24'
     is more often a typo for a host than a request for the whole network.
     """
+    if "," in text:
+        # the iptables/nft habit: -s 10.0.0.0/8,192.168.0.0/16
+        items = ", ".join(t.strip() for t in text.split(",") if t.strip())
+        raise AddrError(f"'{text}' is several networks in one string; write them as a list: "
+                        f"[{items}]")
     addr, slash, plen_text = text.partition("/")
     family = _family_of(addr)
     value = _to_int(family, addr)

@@ -25,6 +25,7 @@ from netbpf.policy.convert import policy_to_ir
 from netbpf.policy.models import Policy, SetFile, describe
 from netbpf.policy.shadow import covering_entries, find_shadowed
 from netbpf.policy.source import (MAX_POLICY_BYTES, MAX_SET_FILE_BYTES, Document, Loc,
+                                  read_stdin,
                                   SourceError, decode_utf8, format_path, parse_yaml, read_bytes)
 
 MAX_BAD_SET_LINES = 20  # per set file; a wrong file can have a million bad lines
@@ -39,7 +40,9 @@ class LoadedPolicy:
     ir: PolicyIR
     warnings: list[str] = field(default_factory=list)
     source_hash: str = ""        # sha256 over the policy file and every set file it names
+    raw: bytes = b""             # the policy file's bytes (kept for `netbpf restore`)
     set_files: list[str] = field(default_factory=list)   # as named, in hashing order
+    set_paths: list[Path] = field(default_factory=list)  # the set files read, as paths
 
     def summary(self) -> str:
         ir = self.ir
@@ -117,13 +120,20 @@ class _Digest:
         return self._h.hexdigest()
 
 
-def load_policy(path: str | Path) -> LoadedPolicy:
-    """Read, validate and convert a policy file; PolicyError holds every problem found."""
-    display = str(path)
+STDIN = "-"
+
+
+def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
+    """Read, validate and convert a policy file ('-': standard input, set files relative to
+    the working directory); PolicyError holds every problem found. root, when given, is where
+    absolute set-file paths are looked up (a saved copy of the file system, see persist.py)."""
+    stdin = str(path) == STDIN
+    display = "<stdin>" if stdin else str(path)
     path = Path(path)
     report = _Report(display, None)
     try:
-        raw = read_bytes(path, MAX_POLICY_BYTES, "policy")
+        raw = read_stdin(MAX_POLICY_BYTES) if stdin else \
+            read_bytes(path, MAX_POLICY_BYTES, "policy")
         doc = parse_yaml(decode_utf8(raw))
     except SourceError as e:
         for line, col, msg in e.problems:
@@ -149,8 +159,8 @@ def load_policy(path: str | Path) -> LoadedPolicy:
 
     digest = _Digest(raw)
     # set files are relative to the policy itself, also when it was reached through a symlink
-    base_dir = path.resolve().parent
-    _read_set_files(view, base_dir, display, report, digest)
+    base_dir = Path.cwd() if stdin else path.resolve().parent
+    set_paths = _read_set_files(view, base_dir, display, report, digest, root)
 
     def line_of(loc: Loc) -> int:
         return doc.position(loc)[0]
@@ -170,8 +180,8 @@ def load_policy(path: str | Path) -> LoadedPolicy:
         notes.at(loc, msg)
     _shadow_warnings(ir, notes)
     return LoadedPolicy(path=path, display=display, model=model, ir=ir,
-                        warnings=notes.sorted(), source_hash=digest.hexdigest(),
-                        set_files=digest.files)
+                        warnings=notes.sorted(), source_hash=digest.hexdigest(), raw=raw,
+                        set_files=digest.files, set_paths=set_paths)
 
 
 def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
@@ -212,18 +222,23 @@ def _set_file_display(policy_display: str, file: str) -> str:
 
 
 def _read_set_files(view: PolicyView, base_dir: Path, display: str, report: _Report,
-                    digest: Any) -> None:
-    """Read every set file named by a valid set; entries land on the SetFile models."""
+                    digest: Any, root: Path | None = None) -> list[Path]:
+    """Read every set file named by a valid set; entries land on the SetFile models.
+    Returns the files read."""
     cache: dict[Path, tuple[list, list] | None] = {}
     for name, s in view.sets.items():
         spec = s.spec
         if not isinstance(spec, SetFile):
             continue
-        target = base_dir / spec.file
+        if root is not None and os.path.isabs(spec.file):
+            target = root / spec.file.lstrip("/")
+        else:
+            target = base_dir / spec.file
         spec._path = _set_file_display(display, spec.file)
         if target not in cache:   # two sets may share a file: read and report it once
             cache[target] = _read_set_file(spec, target, s.loc, report, digest)
         spec._entries = cache[target]
+    return list(cache)
 
 
 def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
@@ -323,6 +338,16 @@ def _all_keys() -> list[str]:
 _KNOWN_KEYS = _all_keys()
 
 
+def _is_network(text: str) -> bool:
+    from netbpf.policy.addr import AddrError, parse_network
+
+    try:
+        parse_network(text)
+    except (AddrError, ValueError):
+        return False
+    return True
+
+
 def _closest(key: str) -> str | None:
     """The known key a typo most likely meant; swapped letters ('dprot') beat other edits."""
     close = difflib.get_close_matches(key, _KNOWN_KEYS, n=3, cutoff=0.7)
@@ -336,7 +361,17 @@ def _message(path: Loc, kind: str, err: dict) -> str:
         key = path[-1] if path else "?"
         if key in ("rules", "default") and len(path) == 3 and path[0] == "interfaces":
             return f"unknown key '{key}': it goes under 'ingress:' or 'egress:'"
+        if "timeouts" in path:
+            known = ", ".join(models.ConntrackTimeouts.model_fields)
+            return (f"unknown key '{key}': conntrack timeouts are per protocol and state: "
+                    f"{known} (e.g. timeouts: {{tcp_established: 5}})")
+        if _is_network(str(key)):
+            return (f"unknown key '{key}': in a {{...}} mapping a comma ends a value, so this "
+                    f"address stood alone; write the addresses as a list, e.g. "
+                    f"src: [10.0.0.0/8, {key}]")
         close = _closest(str(key))
+        if close == key:
+            close = None
         return f"unknown key '{key}'" + (f" (did you mean '{close}'?)" if close else "")
     if value is None and kind in ("model_type", "dict_type", "list_type", "string_type",
                                   "int_type", "bool_type", "model_attributes_type"):

@@ -118,10 +118,21 @@ IfName = Annotated[str, PlainValidator(_check_ifname), WithJsonSchema(
      "description": "Linux interface name: 1-15 characters, no '/', ':' or whitespace"})]
 
 
+def _got(value: Any) -> str:
+    """'got a mapping', plus the likely cause when YAML turned an unquoted IPv6 address
+    ending in ':' ('2001:db8::') into a key."""
+    if isinstance(value, dict) and len(value) == 1:
+        key, val = next(iter(value.items()))
+        if val is None and isinstance(key, str) and ":" in key:
+            return (f"got a mapping: YAML read the unquoted IPv6 address '{key}:' as a key; "
+                    f"quote it: \"{key}:\"")
+    return f"got {describe(value)}"
+
+
 def _check_address(value: Any) -> tuple[int, int]:
     _no_null(value)
     if not isinstance(value, str):
-        raise fail(f"must be an IPv4 or IPv6 address (got {describe(value)})")
+        raise fail(f"must be an IPv4 or IPv6 address ({_got(value)})")
     try:
         return parse_address(value)
     except AddrError as e:
@@ -248,7 +259,7 @@ def _check_addr_match(value: Any) -> AddrMatch:
                                  "instead of a list)"))
         elif not isinstance(item, str):
             problems.append((at, "must be an address, a network, a list of them or '@set' "
-                                 f"(got {describe(item)})"))
+                                 f"({_got(item)})"))
         else:
             try:
                 prefixes.append(Prefix(*parse_network(item)))
@@ -421,6 +432,9 @@ def _one_of(*words: str) -> Any:
 
 
 def _check_version(value: Any) -> int:
+    if isinstance(value, str) and value.strip() == "1":
+        raise fail(f"must be the number 1, not the string {describe(value)}: write "
+                   "'version: 1' without quotes")
     if value != 1 or not _is_int(value):
         raise fail(f"unsupported policy version {describe(value)}; this netbpf reads version 1")
     return 1
@@ -468,7 +482,30 @@ class RateLimitAction(StrictModel):
     rate_limit: RateLimit = Field(description="Allow up to pps packets per second, drop the rest.")
 
 
-ActionWord = _one_of("allow", "drop", "reject", "count")
+# Words iptables and nftables users bring with them, and what netbpf calls them.
+_ACTION_HABITS = {
+    "accept": "iptables' ACCEPT / nft's accept is 'allow' here",
+    "return": "there are no chains to return from; a rule that matches ends the walk (count "
+              "goes on)",
+    "log": "sampling replaces log: keep the action and add 'sample: N' (see 'netbpf events')",
+}
+
+
+def _check_action_word(value: Any) -> str:
+    _no_null(value)
+    if value in ("allow", "drop", "reject", "count"):
+        return value
+    msg = f"must be allow, drop, reject, count or {{rate_limit: ...}} (got {describe(value)})"
+    word = value.lower() if isinstance(value, str) else None
+    if word in _ACTION_HABITS:
+        msg += f"; {_ACTION_HABITS[word]}"
+    elif word in ("allow", "drop", "reject", "count"):
+        msg += f"; actions are lower case: {word}"
+    raise fail(msg)
+
+
+ActionWord = Annotated[str, PlainValidator(_check_action_word),
+                       WithJsonSchema({"enum": ["allow", "drop", "reject", "count"]})]
 
 
 def _action_kind(value: Any) -> str | None:
@@ -482,8 +519,7 @@ def _action_kind(value: Any) -> str | None:
 Action = Annotated[
     Union[Annotated[ActionWord, Tag("word")], Annotated[RateLimitAction, Tag("rate_limit")]],
     Discriminator(_action_kind, custom_error_type="netbpf",
-                  custom_error_message="must be allow, drop, reject, count or a rate_limit "
-                                       "mapping")]
+                  custom_error_message="must be allow, drop, reject, count or {rate_limit: ...}")]
 
 
 class Rule(StrictModel):
@@ -692,7 +728,7 @@ class SetFile(StrictModel):
 def _check_set_entry(value: Any) -> tuple[int, int, int]:
     _no_null(value)
     if not isinstance(value, str):
-        raise fail(f"must be an address or network (got {describe(value)})")
+        raise fail(f"must be an address or network ({_got(value)})")
     try:
         return parse_network(value)
     except AddrError as e:

@@ -84,6 +84,16 @@ def read_bytes(path: Path, limit: int, what: str) -> bytes:
     return data
 
 
+def read_stdin(limit: int) -> bytes:
+    """The policy piped in ('netbpf validate -'), bounded like a file."""
+    import sys
+
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise SourceError([(0, 0, f"policy is larger than the limit of {limit} bytes")])
+    return data
+
+
 def decode_utf8(data: bytes) -> str:
     """UTF-8 (a BOM is allowed); a bad byte is reported at its line and column."""
     try:
@@ -335,6 +345,8 @@ def _parse_yaml(text: str, pure: bool) -> Document:
         mark = e.problem_mark or e.context_mark
         line, col = _mark_pos(mark) if mark is not None else (0, 0)
         message = " ".join(str(x) for x in (e.context, e.problem) if x)
+        # the parser's own words ('expected <block end>') mean nothing to a policy author
+        message = next((plain for clue, plain in _SYNTAX_REWRITES if clue in message), message)
         message += next((hint for clue, hint in _SYNTAX_HINTS if clue in message), "")
         raise SourceError(problems + [(line, col, f"invalid YAML: {message}")]) from None
     except YAMLError as e:
@@ -355,7 +367,14 @@ _SYNTAX_HINTS = (
     ("'\\t'", " (indent with spaces, not tabs)"),
     ("scanning a tag", " (quote values that start with '!')"),
     ("mapping values are not allowed", " (check the indentation, or quote values containing "
-                                       "': ')"),
+                                       "': ' or ending in ':', such as IPv6 \"2001:db8::\")"),
+)
+_SYNTAX_REWRITES = (
+    ("expected <block end>", "bad indentation: this line does not line up with the lines above "
+                             "it (keys of one mapping, and the items of one list, start in the "
+                             "same column)"),
+    ("could not find expected ':'", "a key without ':' (or a quote left open) on the line "
+                                    "before"),
 )
 
 

@@ -2,7 +2,7 @@
 frame of tests/cases/firewall.py cut at every length, and mutated headers.
 
 What must hold for every packet: the verdict is a defined one (XDP_PASS/XDP_DROP for nb_fw_xdp,
-TC_ACT_OK/TC_ACT_SHOT for nb_fw_tc_eg; never XDP_ABORTED or a kernel error) and the counters
+TC_ACT_UNSPEC/TC_ACT_SHOT for nb_fw_tc_eg; never XDP_ABORTED or a kernel error) and the counters
 add up (pass + drop totals == packets run; the drop total == drops seen; every packet is
 accounted once as non_ip, malformed, a terminal rule or the default; bytes too).
 Not the exact verdict of each behaviour (tests/bpf/test_firewall.py does that).
@@ -26,7 +26,7 @@ from netbpf import abi
 from netbpf.progspec import TC_EGRESS_PROG, TC_SOURCE
 from netbpf.fwtables import FwTables
 from netbpf.kernel.loader import load_program
-from netbpf.kernel.testrun import (TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+from netbpf.kernel.testrun import (TC_ACT_UNSPEC, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
                                    tc_verdict_name, xdp_verdict_name)
 from netbpf.kernel.testrun import test_run as run_prog
 
@@ -156,7 +156,7 @@ def xdp():
 
 @pytest.fixture(scope="module")
 def tc():
-    c = Checker(TcProg(words=4, class_cap=256), {TC_ACT_OK: "ok", TC_ACT_SHOT: "shot"},
+    c = Checker(TcProg(words=4, class_cap=256), {TC_ACT_UNSPEC: "next", TC_ACT_SHOT: "shot"},
                 TC_ACT_SHOT, "nb_fw_tc_eg")
     c.install()
     return c
@@ -214,8 +214,8 @@ def test_every_case_frame_cut_at_every_length_gets_a_defined_verdict(request, pr
                 cuts = [c for c in cuts if not _skb_refused(c)]
             got = chk.run(cuts)
             whole = chk.drop_code if case.verdict == "drop" else (
-                XDP_PASS if prog == "xdp" else TC_ACT_OK)
-            short = chk.drop_code if prog == "xdp" else TC_ACT_OK
+                XDP_PASS if prog == "xdp" else TC_ACT_UNSPEC)
+            short = chk.drop_code if prog == "xdp" else TC_ACT_UNSPEC
             for cut, code in zip(cuts, got):
                 if end is None:
                     want = whole          # not IP: never parsed past the Ethertype

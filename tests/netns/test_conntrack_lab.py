@@ -211,9 +211,62 @@ def test_user_filter_keeps_counting_after_apply_and_detach(make_lab, tmp_path):
     assert "clsact" in qdiscs  # not ours to remove: the user created it
 
 
+# A user's own TCX program appended after netbpf's: it runs only because netbpf's program
+# returns TCX_NEXT (TC_ACT_UNSPEC) when it has no verdict (here: allowed, counted).
+USER_TCX = """\
+#include <uapi/linux/bpf.h>
+BPF_ARRAY(user_tcx_cnt, u64, 1);
+int user_tcx(struct __sk_buff *skb)
+{
+    int k = 0;
+    u64 *v = user_tcx_cnt.lookup(&k);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+    return -1;
+}
+"""
+
+
+def test_user_tcx_program_after_netbpf_keeps_seeing_packets(make_lab, tmp_path):
+    from netbpf.kernel import bpfsys, link
+    from netbpf.kernel.loader import load_program
+
+    lab = make_lab("two-hosts")
+    ns = lab.ns("gw")
+    policy = tmp_path / "ct.yaml"
+    policy.write_text(POLICY)
+    netbpf(lab, "apply", str(policy))
+    src = tmp_path / "user_tcx.bpf.c"
+    src.write_text(USER_TCX)
+    loaded = load_program(src, {}, {"user_tcx": "sched_cls"})
+    fd, _ = link.create_link(loaded.prog_fd("user_tcx"), "gw0", "egress", netns=ns)
+    try:
+        ours = stats(lab)["parts"]["egress"]["prog_id"]
+        assert link.tcx_prog_ids("gw0", "egress", netns=ns) == [ours, loaded.prog_id("user_tcx")]
+        _send_udp(lab, 3)
+        raw = bpfsys.map_lookup(loaded.maps["user_tcx_cnt"].fd, bytes(4), 8)
+        assert int.from_bytes(raw, "little") >= 3
+        assert stats(lab)["parts"]["egress"]["totals"]["pass"]["packets"] >= 3
+    finally:
+        fd.close()
+        loaded.close()
+        netbpf(lab, "detach", "gw0", check=False)
+
+
 # ---- the same firewall on the clsact ingress hook instead of XDP ----
 
 TC_HOOK_POLICY = POLICY.replace("    ingress:\n      default: drop", "    ingress:\n      hook: tc\n      default: drop")
+
+
+def tcx_names(lab, direction: str) -> list[str]:
+    """Names of the programs on gw0's TCX hook, in the order they run."""
+    from netbpf.kernel import bpfsys, link
+
+    names = []
+    for pid in link.tcx_prog_ids("gw0", direction, netns=lab.ns("gw")):
+        with bpfsys.prog_get_fd_by_id(pid) as fd:
+            names.append(bpfsys.prog_info(fd).name)
+    return names
 
 
 def test_tc_ingress_hook_enforces_rules_and_conntrack_then_yields_to_xdp(make_lab, tmp_path):
@@ -226,8 +279,7 @@ def test_tc_ingress_hook_enforces_rules_and_conntrack_then_yields_to_xdp(make_la
     try:
         out = netbpf(lab, "apply", str(policy)).stdout
         assert "nb_fw_tc_in" in out and "on tc ingress" in out
-        filters = lab.run("gw", ["tc", "filter", "show", "dev", "gw0", "ingress"]).stdout
-        assert "nb_fw_tc_in" in filters
+        assert "nb_fw_tc_in" in tcx_names(lab, "ingress")     # a TCX link, no clsact
         assert lab.run("gw", ["ip", "link", "show", "gw0"]).stdout.count("xdp") == 0
         client = lab.addr("client", "client0")
         assert lab.call("gw", tcp_roundtrip, client, 7000) == b"echo:hello"   # conntrack
@@ -236,8 +288,7 @@ def test_tc_ingress_hook_enforces_rules_and_conntrack_then_yields_to_xdp(make_la
             lab.call("client", tcp_roundtrip, lab.addr("gw", "gw0"), 7100, 1.0)
         policy.write_text(POLICY)
         assert "ingress hook tc -> xdp" in netbpf(lab, "apply", str(policy)).stdout
-        filters = lab.run("gw", ["tc", "filter", "show", "dev", "gw0", "ingress"]).stdout
-        assert "nb_fw_tc_in" not in filters
+        assert tcx_names(lab, "ingress") == []
         assert lab.call("gw", tcp_roundtrip, client, 7000) == b"echo:hello"
     finally:
         netbpf(lab, "detach", "gw0", check=False)

@@ -51,7 +51,10 @@ def test_unchanged_input_is_recognised_before_parsing(gw, tmp_path):
     assert UNCHANGED in netbpf(lab, "apply", str(p)).stdout
 
     # drift is never "unchanged": the full path repairs it
-    lab.run("gw", ["ip", "link", "set", "dev", "gw0", "xdp", "off"])
+    # (a link-attached program: only its link can be detached, 'ip ... xdp off' cannot)
+    from netbpf.state import pin_dir
+    subprocess.run(["bpftool", "link", "detach", "pinned",
+                    str(pin_dir(f"{lab.ns('gw')}:gw0") / "ingress" / "link")], check=True)
     out = netbpf(lab, "apply", str(p)).stdout
     assert "nothing to do" not in out, out
     assert UNCHANGED in netbpf(lab, "apply", str(p)).stdout

@@ -12,6 +12,8 @@ import time
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
+from netbpf.state import STATE_ROOT
+
 from netbpf_cli import NETBPF
 
 POLICY = """\
@@ -59,3 +61,45 @@ def test_events_on_an_unmanaged_interface_is_a_clear_error(two_hosts):
     p = subprocess.run([NETBPF, "-n", two_hosts.ns("gw"), "events", "gw0", "--timeout", "1"],
                        capture_output=True, text=True)
     assert p.returncode == 1 and "not managed by netbpf" in p.stderr
+
+
+def test_a_second_reader_is_refused_naming_the_first(two_hosts, tmp_path):
+    lab = two_hosts
+    policy = tmp_path / "ev.yaml"
+    policy.write_text(POLICY)
+    ns = lab.ns("gw")
+    subprocess.run([NETBPF, "-n", ns, "apply", str(policy)], check=True, capture_output=True)
+    first = subprocess.Popen([NETBPF, "-n", ns, "events", "gw0", "--timeout", "30"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = STATE_ROOT / "events" / f"{ns}:gw0.lock"
+    try:
+        for _ in range(300):      # until the first reader holds the interface's reader lock
+            if lock.exists() and lock.read_text().strip() == str(first.pid):
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.1)
+        second = subprocess.run([NETBPF, "-n", ns, "events", "gw0", "--timeout", "0"],
+                                capture_output=True, text=True)
+        assert second.returncode == 1, second
+        assert f"already being read by pid {first.pid}" in second.stderr, second.stderr
+        assert "events" in second.stderr.split("pid", 1)[1]
+    finally:
+        first.kill()
+        first.wait()
+        subprocess.run([NETBPF, "-n", ns, "detach", "gw0"], capture_output=True)
+
+
+def test_events_without_sampling_says_sampling_is_off(two_hosts, tmp_path):
+    lab = two_hosts
+    policy = tmp_path / "nosample.yaml"
+    policy.write_text(POLICY.replace(", sample: 1", ""))
+    ns = lab.ns("gw")
+    subprocess.run([NETBPF, "-n", ns, "apply", str(policy)], check=True, capture_output=True)
+    try:
+        p = subprocess.run([NETBPF, "-n", ns, "events", "gw0", "--timeout", "1"],
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and p.stdout == ""
+        assert "sampling is off for this interface" in p.stderr
+        assert "sample: N" in p.stderr
+    finally:
+        subprocess.run([NETBPF, "-n", ns, "detach", "gw0"], capture_output=True)

@@ -58,7 +58,8 @@ POLICIES = {
         extra="        - {name: drop-replies, proto: icmp, icmp_type: echo-reply, action: drop}\n"),
 }
 BAD_POLICY_ERROR = ("bad.yaml:10:54: interfaces.gw0.ingress.rules[1].action: "
-                    "must be allow, drop or count (got 'accept')")
+                    "must be allow, drop, reject, count or {rate_limit: ...} (got 'accept'); "
+                    "iptables' ACCEPT / nft's accept is 'allow' here")
 RECAP = re.compile(r"^(gw\d)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=\d+\s+failed=(\d+)",
                    re.MULTILINE)
 

@@ -26,7 +26,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from netbpf.kernel import attach, bpfsys
+from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.testrun import TC_ACT_SHOT, XDP_DROP
 from netbpf.kernel.testrun import test_run as run_prog
 from netbpf.state import PIN_ROOT, staging_dirs
@@ -66,8 +66,10 @@ def drops_by_test_run(lab, tags) -> tuple[set[int], set[int]]:
     gw4, cl4 = lab.addr("gw", "gw0"), lab.addr("client", "client0")
     ing, eg = set(), set()
     xdp = attach.xdp_state("gw0", netns=ns)
-    tc = [f for f in attach.list_tc_filters("gw0", "egress", netns=ns)
-          if f.prio == attach.NB_TC_PRIO]
+    # netbpf's TCX link is appended: the last program on the hook (cls_bpf when forced)
+    tc = [pid for pid in link.tcx_prog_ids("gw0", "egress", netns=ns)][-1:] or \
+        [f.prog_id for f in attach.list_tc_filters("gw0", "egress", netns=ns)
+         if f.prio == attach.NB_TC_PRIO]
     for t in tags:
         frame_in = bytes(Ether(src=cl_mac, dst=gw_mac) / IP(src=cl4, dst=gw4) /
                          UDP(sport=40000, dport=IN_BASE + t) / b"probe")
@@ -78,7 +80,7 @@ def drops_by_test_run(lab, tags) -> tuple[set[int], set[int]]:
                 if run_prog(fd, frame_in).retval == XDP_DROP:
                     ing.add(t)
         if tc:
-            with bpfsys.prog_get_fd_by_id(tc[0].prog_id) as fd:
+            with bpfsys.prog_get_fd_by_id(tc[0]) as fd:
                 if run_prog(fd, frame_out).retval == TC_ACT_SHOT:
                     eg.add(t)
     return ing, eg

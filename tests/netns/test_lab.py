@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,7 +72,9 @@ def test_accessors_match_the_kernel(two_hosts):
 
 
 def test_lab_names_are_prefixed_and_interface_names_are_plain(two_hosts):
-    assert two_hosts.prefix.startswith("nb") and len(two_hosts.prefix) == 9
+    # nb<6 hex>p<owner pid>-: the owner is known to every user of the machine
+    assert two_hosts.prefix == f"{two_hosts.prefix[:8]}p{os.getpid()}-"
+    assert two_hosts.prefix.startswith("nb")
     assert set(ours(two_hosts)) == {f"{two_hosts.prefix}client", f"{two_hosts.prefix}gw"}
     names = two_hosts.run("client", ["ip", "-br", "link"]).stdout.split()
     assert "client0@if2" in names or any(n.startswith("client0") for n in names)
@@ -366,3 +369,50 @@ def test_topology_errors_point_into_the_file():
     assert any(e.startswith("t.yaml:4:") and "net.*" in e for e in errors)
     assert any(e.startswith("t.yaml:8:") and "1-15 characters" in e for e in errors)
     assert any("02:00:00:00:00:01 is also used" in e for e in errors)
+
+
+def test_lab_list_as_an_unprivileged_user_shows_a_live_lab_as_live(tmp_path):
+    """`netbpf lab up` runs with umask 077; its record must still read as a live lab (owner
+    'lab up', its namespaces) for a user without root, not as a dead leftover."""
+    import json as _json
+    import secrets
+
+    from netbpf_cli import NETBPF
+
+    import shutil
+    import tempfile
+
+    prefix = f"nbu{secrets.token_hex(2)}-"
+    # a lab state directory every user can reach (the test's own roots are root-only)
+    state = Path(tempfile.mkdtemp(prefix="netbpf-labtest-"))
+    state.chmod(0o755)
+    env = {**os.environ, "NETBPF_LAB_STATE_DIR": str(state / "lab")}
+    up = subprocess.run([NETBPF, "lab", "up", "two-hosts", "--prefix", prefix],
+                        capture_output=True, text=True, timeout=120, env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534",
+                            "--clear-groups", "--inh-caps=-all", NETBPF, "lab", "list", "-j"],
+                           capture_output=True, text=True, timeout=60, cwd="/", env=env)
+        assert r.returncode == 0, r.stderr
+        doc = _json.loads(r.stdout)
+        ours = [lab for lab in doc["labs"] if lab["prefix"] == prefix]
+        assert ours and ours[0]["owner"] == "lab up", doc
+        assert sorted(ours[0]["namespaces"]) == [f"{prefix}client", f"{prefix}gw"]
+        assert not any(n.startswith(prefix) for n in doc["leftovers"])
+    finally:
+        subprocess.run([NETBPF, "lab", "down", "two-hosts", "--prefix", prefix],
+                       capture_output=True, text=True, timeout=120, env=env)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_live_runs_lab_is_no_leftover_even_without_its_record(two_hosts, monkeypatch,
+                                                                 tmp_path):
+    """Another user of the machine, with another lab state directory, sees our lab's
+    namespaces but not its record: the pid in the prefix says its owner is alive."""
+    from netbpf.lab import state
+
+    monkeypatch.setattr(state, "STATE_DIR", tmp_path / "other-lab-state")
+    # orphans() only (read-only): cleanup() here would remove other runs' old-style labs
+    assert not any(n.startswith(two_hosts.prefix) for n in state.orphans())
+    assert two_hosts.ns("gw") in state.list_netns()

@@ -296,3 +296,20 @@ def test_dsr_backends_answer_the_client_directly(make_lab, tmp_path):
         for p in servers:
             p.kill()
             p.wait()
+
+
+def test_nat_vip_nobody_answers_for_is_refused_with_the_fix(lb, tmp_path):
+    """The VIP on lb0's own subnet, owned by no one: clients would get no ARP reply. apply
+    refuses and names the fix; with the VIP on lo again the same policy plans fine."""
+    path = tmp_path / "vip.yaml"
+    path.write_text(policy())
+    lb.run("lb", ["ip", "addr", "del", f"{VIP4}/32", "dev", "lo"])
+    try:
+        r = netbpf(lb, "apply", str(path), "--dry-run", check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"VIP {VIP4} is on lb0's subnet 10.20.0.0/24" in r.stderr
+        assert "nothing answered ARP" in r.stderr
+        assert f"addr add {VIP4}/32 dev lo" in r.stderr
+    finally:
+        lb.run("lb", ["ip", "addr", "add", f"{VIP4}/32", "dev", "lo"])
+    assert netbpf(lb, "apply", str(path), "--dry-run").returncode == 0

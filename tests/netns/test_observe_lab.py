@@ -228,7 +228,11 @@ def test_status_reports_a_hand_detached_program_and_apply_restores_it(applied):
     assert "classifier tables:" in netbpf(lab, "stats", "gw0").stdout
     assert "classifier tables (kernel memory):" in netbpf(lab, "status", check=False).stdout
 
-    subprocess.run(["ip", "-n", ns, "link", "set", "gw0", "xdp", "off"], check=True)
+    # netlink cannot remove a link-attached program ('ip link set ... xdp off' gets EBUSY);
+    # bpftool can detach the link itself
+    from netbpf.state import pin_dir
+    subprocess.run(["bpftool", "link", "detach", "pinned",
+                    str(pin_dir(f"{ns}:gw0") / "ingress" / "link")], check=True)
     table = netbpf(lab, "status", check=False)
     assert table.returncode == 1
     row = [line for line in table.stdout.splitlines() if f"{ns}:gw0" in line]

@@ -133,7 +133,7 @@ def pinned_memlock(key: str) -> int:
     """Sum of fdinfo 'memlock' over every map pinned for key (each map once)."""
     by_id = {}
     for p in pin_dir(key).rglob("*"):
-        if not p.is_file() or p.name == "prog":
+        if not p.is_file() or p.name in ("prog", "link"):
             continue
         with bpfsys.obj_get(p) as fd:
             info = dict(line.split(":\t", 1) for line in

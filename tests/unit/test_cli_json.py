@@ -43,7 +43,8 @@ def test_validate_json_gives_every_error_as_a_record_and_exit_2(tmp_path):
     assert good["valid"] and good["errors"] == [] and good["summary"].startswith("good.yaml: ok")
     assert bad["errors"] == [
         {"file": "bad.yaml", "line": 6, "column": 54, "message":
-         "must be allow, drop or count (got 'accept')",
+         "must be allow, drop, reject, count or {rate_limit: ...} (got 'accept'); "
+         "iptables' ACCEPT / nft's accept is 'allow' here",
          "path": "interfaces.eth0.ingress.rules[0].action"},
         {"file": "bad.yaml", "line": 7, "column": 42, "message": "must be 0-65535 (got 70000)",
          "path": "interfaces.eth0.ingress.rules[1].dport"},

@@ -99,8 +99,8 @@ CASES = [
       "(must be clear)"]),
     ("unknown_action",
      rules("- {name: r, action: refuse}"), {},
-     ["p.yaml:6:29: interfaces.eth0.ingress.rules[0].action: must be allow, drop, reject or "
-      "count (got 'refuse')"]),
+     ["p.yaml:6:29: interfaces.eth0.ingress.rules[0].action: must be allow, drop, reject, "
+      "count or {rate_limit: ...} (got 'refuse')"]),
     ("rate_limit_bad_values",
      rules("- name: r", "  action:", "    rate_limit: {pps: 0, per: host}"), {},
      ["p.yaml:8:31: interfaces.eth0.ingress.rules[0].action.rate_limit.pps: must be "
