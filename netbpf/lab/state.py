@@ -17,6 +17,9 @@ from netbpf.lab.netns import LabError, delete_netns, list_netns, pid_alive
 
 STATE_DIR = Path(os.environ.get("NETBPF_LAB_STATE_DIR", "/run/netbpf/lab"))
 RANDOM_PREFIX_RE = re.compile(r"^nb[0-9a-f]{6}-")
+# With a private NETBPF_LAB_STATE_DIR (developers sharing one machine), other runs record their
+# labs elsewhere: a namespace with no record here may be someone else's live lab, not a leftover.
+UNRECORDED_ARE_LEFTOVERS = "NETBPF_LAB_STATE_DIR" not in os.environ
 
 
 @dataclass
@@ -118,7 +121,8 @@ def orphans() -> list[str]:
     out = set()
     for name in present:
         m = RANDOM_PREFIX_RE.match(name)
-        if m and (m.group(0) not in recs or recs[m.group(0)].orphaned):
+        if m and ((m.group(0) not in recs and UNRECORDED_ARE_LEFTOVERS)
+                  or (m.group(0) in recs and recs[m.group(0)].orphaned)):
             out.add(name)
     for r in recs.values():
         if r.orphaned:
@@ -147,7 +151,8 @@ def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
         prefixes = {p for p, r in recs.items() if r.orphaned or (include_live and RANDOM_PREFIX_RE.match(p))}
         for name in present:
             m = RANDOM_PREFIX_RE.match(name)
-            if m and (m.group(0) not in recs or m.group(0) in prefixes):
+            if m and ((m.group(0) not in recs and UNRECORDED_ARE_LEFTOVERS)
+                      or m.group(0) in prefixes):
                 prefixes.add(m.group(0))
         for p in sorted(prefixes):
             r, e = remove_lab(p)
