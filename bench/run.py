@@ -120,6 +120,13 @@ def judge(rows: dict[str, Row]) -> list[str]:
         behind.append(f"per packet, big address set, hit: netbpf {s.median:.0f} ns (LPM trie) "
                       f"vs xdp-filter {peer.median:.0f} ns (hash)")
 
+    for key, most in (("cost.lb.established", 1.5), ("cost.lb.new", 4)):
+        r = get(key)
+        base = get(r.floor_key) if r else None
+        if r and base:
+            a = r.median / base.median
+            r.target = f"<={most}x 1-rule firewall: {a:.2f}x {_mark(a <= most)}"
+
     peers = [("iptables-legacy", "iptables legacy"), ("iptables-nft", "iptables nft"),
              ("nft.rules", "nftables rules"), ("nft.set", "nftables set")]
     for n in (1, 100, 1_000, 10_000):

@@ -240,7 +240,7 @@ struct nb_flow_key {                        /* client -> VIP, as the client sent
 struct nb_flow {
     __u32 backend;
     __u32 vip_index;
-    __u64 last_ns;                          /* bpf_ktime_get_ns(), at most nb_vip.touch_ns old */
+    __u64 last_ns;                          /* bpf_ktime_get_coarse_ns(), <= touch_ns stale */
 };
 
 struct nb_nat_key {                         /* a backend's reply, as it leaves toward the client */
