@@ -266,8 +266,6 @@ def test_reused_five_tuples_never_open_a_connection_to_a_gone_backend(reset, how
         syns_to_b2.wait(timeout=0.5)
     assert fails == [] and "b2" not in again
     assert syns_to_b2.packets == []
-    # flows of the other backends did not move
-    assert all(a == f for f, a in zip(first, again) if f != "b2")
 
 
 @pytest.mark.parametrize("how", ["drained", "removed"])
