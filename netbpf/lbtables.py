@@ -180,6 +180,29 @@ def backend_value(family: int, addr: int, port: int, flags: int) -> bytes:
     return bytes(b)
 
 
+# The maps shared through pins across program changes, and the shapes this netbpf needs.
+SHARED_SHAPES = {"nb_lb_flows": (abi.NbFlowKey, abi.NbFlow),
+                 "nb_lb_nat": (abi.NbNatKey, abi.NbNatVal),
+                 "nb_lb_cnt": (ctypes.c_uint32, abi.NbLbCounter)}
+
+
+def stale_shared_maps(directory: Path) -> list[str]:
+    """Shared LB maps pinned in directory with another key or value size than this netbpf's
+    (pinned by an older version): a program cannot use them, the verifier would refuse it."""
+    stale = []
+    for name, (key, value) in SHARED_SHAPES.items():
+        if not (directory / name).exists():
+            continue
+        fd = bpfsys.obj_get(directory / name)
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            fd.close()
+        if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            stale.append(name)
+    return stale
+
+
 LB_ENTRY = "nb_lb_entry"      # the balancer's own XDP program, reached by tail call
 
 

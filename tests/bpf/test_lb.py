@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ipaddress
+import os
 import time
 
 import pytest
@@ -28,7 +29,8 @@ from netbpf.ir import BackendIR, LoadBalancerIR
 from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb
+from netbpf.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
+                             stale_shared_maps)
 
 VIP4, VIP6 = "10.20.0.100", "fd00:20::100"
 XDP_DROP, XDP_PASS = 1, 2
@@ -293,3 +295,30 @@ def test_vip_entry_carries_the_idle_timeout(prog):
                bpfsys.map_lookup_batch(tables.fds["nb_lb_vips"], ctypes.sizeof(abi.NbVipKey),
                                        ctypes.sizeof(abi.NbVip))]
     assert (v.idle_ns, v.touch_ns) == (2_000_000_000, 500_000_000)
+
+
+def _pin_map(path, map_type: int, key_size: int, value_size: int) -> None:
+    lib = bpfsys.libbpf()
+    lib.bpf_map_create.restype = ctypes.c_int
+    fd = lib.bpf_map_create(map_type, path.name.encode(), key_size, value_size, 1024, None)
+    assert fd >= 0, fd
+    try:
+        bpfsys.obj_pin(fd, path)
+    finally:
+        os.close(fd)
+
+
+def test_flow_table_pinned_by_an_older_layout_is_found_stale(pin_dir):
+    """An apply over pins an older netbpf made must not hand them to the new program (the
+    verifier refuses 8-byte flow values now that they carry a last-seen time)."""
+    lru_hash, percpu_array = 9, 6
+    pin_dir.mkdir()
+    _pin_map(pin_dir / "nb_lb_flows", lru_hash, ctypes.sizeof(abi.NbFlowKey), 8)
+    _pin_map(pin_dir / "nb_lb_nat", lru_hash, ctypes.sizeof(abi.NbNatKey),
+             ctypes.sizeof(abi.NbNatVal))
+    assert stale_shared_maps(pin_dir) == ["nb_lb_flows"]
+    (pin_dir / "nb_lb_flows").unlink()
+    _pin_map(pin_dir / "nb_lb_flows", lru_hash, ctypes.sizeof(abi.NbFlowKey),
+             ctypes.sizeof(abi.NbFlow))
+    _pin_map(pin_dir / "nb_lb_cnt", percpu_array, 4, ctypes.sizeof(abi.NbLbCounter))
+    assert stale_shared_maps(pin_dir) == []
