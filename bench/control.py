@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from netbpf.policy import load_policy
@@ -45,6 +46,9 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
     mn = row(f"control.rss.{n_rules}", f"max RSS of apply, {n_rules:,} rules", "MB",
              "control.rss.1")
     mset = row("control.rss.set", f"max RSS of apply, {big}-entry set", "MB", "control.rss.1")
+    par = row("control.apply.parallel", "2 applies at once, 2 interfaces, 1 rule each")
+    p1x = tmp / "one-xf.yaml"
+    p1x.write_text(workload.policy_yaml(netlab.XF_IF, 1))
     ipt = row(f"control.iptables.{n_rules}", f"iptables-legacy-restore, {n_rules:,} rules")
     nft = row(f"control.nft.{n_rules}", f"nft -f, {n_rules:,} rules")
     ld = row(f"control.load.{n_rules}", f"  of which load_policy(), {n_rules:,} rules")
@@ -78,11 +82,24 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
         for _ in range(2):
             st.samples.append(run_timed(nb + ["stats", netlab.RX_IF, "--json"]).wall_s)
 
+    def parallel() -> None:
+        """rx0 and xf0 at once: with a lock per interface this takes about one apply."""
+        nx = netlab.netbpf_cmd() + ["-n", netlab.XF_NS]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(2) as ex:
+            runs = [ex.submit(run_timed, nb + ["apply", str(p1)]),
+                    ex.submit(run_timed, nx + ["apply", str(p1x)])]
+            for r in runs:
+                r.result()
+        par.samples.append(time.perf_counter() - t0)
+        netlab.detach_netbpf(netlab.XF_NS, netlab.XF_IF)
+
     try:
         for k in range(rounds):
             log(f"  round {k + 1}/{rounds}")
             for _ in range(2):      # the floor twice: every other row is divided by it
                 guarded(a1, lambda: apply(p1, a1, m1))
+            guarded(par, parallel)
             guarded(an, big_policy)
             guarded(aset, lambda: apply(pset, aset, mset))
             for r, fn in ((ipt, _iptables_load), (nft, _nft_load)):

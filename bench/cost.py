@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from netbpf import abi
-from netbpf.apply import FW_PROG, FW_SOURCE
+from netbpf.progspec import FW_PROG, FW_SOURCE
 from netbpf.compile import choose_shape, compile_direction
 from netbpf.fwtables import FwTables
 from netbpf.kernel import bpfsys

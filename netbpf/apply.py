@@ -11,18 +11,20 @@ Not the CLI (netbpf/cli/dataplane.py), not map layouts (netbpf/fwtables.py).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import time
 from array import array
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from netbpf import abi
+from netbpf import abi, progress
 from netbpf.compile import CompiledDirection, Shape, choose_shape, compile_direction
+from netbpf.drift import drift, is_netbpf_program, netns_gone, tc_filter
 from netbpf.errors import NetbpfError
+from netbpf.faults import kill_point
 from netbpf.fwtables import CounterCarry, FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
 from netbpf.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for,
@@ -30,28 +32,19 @@ from netbpf.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
-from netbpf.state import (STAGING_DIRS, InterfaceState, PartState, RuleState, SetState,
-                          apply_lock, health_file, iface_key, list_states, load_state, pin_dir,
-                          prune_pin_roots, remove_state, save_state, staging_dirs, state_file,
-                          unpin_tree)
+from netbpf.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
+                             TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE)
+from netbpf.recover import recover, recover_all
+from netbpf.state import (InterfaceState, Journal, PartState, RuleState,
+                          SetState, apply_lock, health_down, iface_key, list_states, split_key,
+                          load_journal, load_state, pin_dir, prune_pin_roots, remove_journal,
+                          remove_lock, remove_state, save_journal, save_state, staging_dirs,
+                          state_file, unpin_tree, make_pin_dirs, REPAIR_HASH)
 
-FW_SOURCE = abi.BPF_DIR / "xdp" / "firewall.bpf.c"
-FW_PROG = "nb_fw_xdp"
-TC_SOURCE = abi.BPF_DIR / "tc" / "firewall.bpf.c"
-TC_EGRESS_PROG = "nb_fw_tc_eg"
-TC_INGRESS_PROG = "nb_fw_tc_in"
-PROG_PIN = "prog"
-# Maps of the ingress program that the egress program and later reloads open by pin:
-# tracked connections, load-balanced flows and their NAT, LB counters survive program changes.
-SHARED_MAPS = ("nb_ct", "nb_ct_cfg", "nb_lb_flows", "nb_lb_nat", "nb_lb_cnt")
-PROGRAMS = {  # (direction, hook) -> (source, function, program type)
-    ("ingress", "xdp"): (FW_SOURCE, FW_PROG, "xdp"),
-    ("ingress", "tc"): (TC_SOURCE, TC_INGRESS_PROG, "sched_cls"),
-    ("egress", "tc"): (TC_SOURCE, TC_EGRESS_PROG, "sched_cls"),
-}
 # A packet being classified holds the old generation for microseconds (XDP and TC run under
 # RCU); the old generation's prefixes are removed only after this grace period.
 GRACE_S = 0.05
+BIG_SET = 10_000       # entries: writing a set this big is worth a progress line
 
 Log = Callable[[str], None]
 
@@ -136,6 +129,7 @@ class Plan:
     netns: str | None
     interfaces: list[IfacePlan]
     sets: dict[str, SetIR]
+    set_files: list[str] = field(default_factory=list)
 
     @property
     def changes(self) -> bool:
@@ -162,63 +156,12 @@ def _rule_states(c: CompiledDirection, ir: DirectionIR) -> list[tuple[str, str, 
     return out
 
 
-def health_down(key: str) -> set[str]:
-    """Backends `netbpf lb-health` last found down (netbpf/health.py writes the file)."""
-    try:
-        return set(json.loads(health_file(key).read_text()).get("down", []))
-    except (OSError, ValueError):
-        return set()
-
-
 def _ifindex(ifname: str, netns: str | None) -> int | None:
     with enter_netns(netns):
         try:
             return socket.if_nametoindex(ifname)
         except OSError:
             return None
-
-
-def _tc_filter(st: InterfaceState, direction: str):
-    for f in attach.list_tc_filters(st.ifname, direction, netns=st.netns):
-        if f.kind == "bpf" and f.prio == attach.NB_TC_PRIO and f.handle == attach.NB_TC_HANDLE:
-            return f
-    return None
-
-
-def drift(st: InterfaceState) -> str | None:
-    """Why the interface no longer runs what the state says, or None if it does."""
-    for d, part in st.parts.items():
-        if not (pin_dir(st.key) / d / PROG_PIN).exists():
-            return "pins are missing"
-    try:
-        cur = attach.xdp_state(st.ifname, netns=st.netns)
-        with enter_netns(st.netns):
-            ifindex = socket.if_nametoindex(st.ifname)
-    except (NetbpfError, OSError):
-        return "the interface is gone"
-    if ifindex != st.ifindex:
-        return f"the interface was re-created (ifindex {st.ifindex} -> {ifindex})"
-    for d, part in st.parts.items():
-        try:
-            with bpfsys.obj_get(pin_dir(st.key) / d / "nb_fw_gen") as fd:
-                raw = bpfsys.map_lookup(fd, (0).to_bytes(4, "little"), 4)
-        except NetbpfError:
-            return "pins are missing"
-        if raw is not None and int.from_bytes(raw, "little") & 1 != part.gen:
-            return f"the {d} rules are half-applied (an apply was interrupted)"
-    for d, part in st.parts.items():
-        if part.hook == "xdp":
-            if cur is None:
-                return "the XDP program was detached by someone else"
-            if cur.prog_id != part.prog_id:
-                return f"another XDP program (id {cur.prog_id}) replaced ours"
-            continue
-        f = _tc_filter(st, d)
-        if f is None:
-            return f"the TC {d} filter was removed by someone else"
-        if f.prog_id != part.prog_id:
-            return f"another program (id {f.prog_id}) replaced our TC {d} filter"
-    return None
 
 
 def _ct_timeouts(iface: InterfaceIR) -> dict:
@@ -305,6 +248,8 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
                     p.reasons.append(f"{d} program removed")
                 elif old.parts[d].hook != p.parts[d].hook:
                     p.reasons.append(f"{d} hook {old.parts[d].hook} -> {p.parts[d].hook}")
+                elif old.parts[d].prog_hash == REPAIR_HASH:
+                    p.reasons.append(f"{d} program reloaded to finish an interrupted apply")
                 elif old.parts[d].prog_hash != p.parts[d].prog_hash:
                     shape_now = p.parts[d].shape
                     was = Shape(old.parts[d].words, old.parts[d].class_cap)
@@ -328,7 +273,8 @@ def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
         if st.policy_path == path and st.netns == netns and st.key not in wanted:
             plans.append(IfacePlan(key=st.key, ifname=st.ifname, netns=st.netns,
                                    what="remove", old=st))
-    return Plan(path, loaded_policy.source_hash, netns, plans, dict(ir.sets))
+    return Plan(path, loaded_policy.source_hash, netns, plans, dict(ir.sets),
+                list(getattr(loaded_policy, "set_files", [])))
 
 
 def _check_forwarding(p: IfacePlan) -> None:
@@ -384,34 +330,68 @@ def _set_digests(c: CompiledDirection, sets: dict[str, SetIR]) -> dict[str, str]
 
 def apply_policy(loaded_policy, policy_path: str, netns: str | None, log: Log = print,
                  show_plan: Callable[[Plan], None] | None = None) -> Plan:
-    """Plan and apply under the apply lock, so the plan is made against the state it changes
-    (a plan made before waiting for another apply would work from a stale state)."""
-    with apply_lock(wait_message=log):
-        remove_leftovers()
-        plan = plan_apply(loaded_policy, policy_path, netns)
-        if show_plan:
-            show_plan(plan)
-        if plan.changes:
-            apply_plan(plan, log, locked=True)
-        return plan
+    """Plan and apply under the locks of the interfaces the plan touches, so the plan is made
+    against the state it changes (a plan made before waiting for another apply would work
+    from a stale state). Applies to other interfaces go on meanwhile."""
+    keys = _policy_keys(loaded_policy, policy_path, netns)
+    while True:
+        with apply_lock(keys, wait_message=log):
+            unrepaired = recover_all(log, keys)
+            remove_leftovers(keys, keep=unrepaired)
+            plan = plan_apply(loaded_policy, policy_path, netns)
+            more = {p.key for p in plan.interfaces} - keys
+            if more:          # another apply of this file added an interface meanwhile
+                keys |= more
+                continue
+            if show_plan:
+                show_plan(plan)
+            if plan.changes:
+                apply_plan(plan, log, locked=True)
+            _record_inputs(plan)
+            return plan
 
 
-def remove_leftovers() -> None:
-    """Staging pins and half-written state files of an apply that was killed (only an apply
-    holding the lock uses them)."""
-    for d in STAGING_DIRS:
-        for leftover in (d.iterdir() if d.is_dir() else ()):
-            unpin_tree(leftover)
-    state_dir = state_file("x").parent
-    for tmp in (state_dir.glob("*.tmp*") if state_dir.is_dir() else ()):
-        tmp.unlink(missing_ok=True)
+def _record_inputs(plan: Plan) -> None:
+    """An interface whose tables did not change still records this apply's input (file, its
+    hash, set files, sibling interfaces), so the next identical apply is known unchanged
+    before parsing (netbpf/unchanged.py)."""
+    keys = [q.key for q in plan.interfaces if q.what != "remove"]
+    for p in plan.interfaces:
+        st = p.old
+        if p.what != "unchanged" or st is None:
+            continue
+        now = (plan.policy_path, plan.policy_hash, plan.set_files, keys)
+        if (st.policy_path, st.policy_hash, st.set_files, st.policy_keys) != now:
+            st.policy_path, st.policy_hash, st.set_files, st.policy_keys = now
+            save_state(st)
+
+
+def _policy_keys(loaded_policy, policy_path: str, netns: str | None) -> set[str]:
+    """The interfaces an apply of this file may change: those it names, and those it named
+    before (removed by the plan)."""
+    ir = loaded_policy.ir
+    names = set(ir.interfaces) | {lb.interface for lb in ir.load_balancers.values()}
+    path = str(Path(policy_path).resolve())
+    return {iface_key(n, netns) for n in names} | \
+        {st.key for st in list_states() if st.policy_path == path and st.netns == netns}
+
+
+def remove_leftovers(keys, keep: frozenset[str] = frozenset()) -> None:
+    """Staging pins and half-written state files of an apply of keys killed before it wrote
+    its journal (only an apply holding a key's lock uses them); keep: keys being repaired."""
+    for key in set(keys) - keep:
+        for d in staging_dirs(key):
+            unpin_tree(d)
+        for kind in ("json", "journal"):
+            for tmp in state_file(key).parent.glob(f"{glob_escape(key)}.{kind}.tmp*"):
+                tmp.unlink(missing_ok=True)
 
 
 def apply_plan(plan: Plan, log: Log = print, locked: bool = False) -> list[InterfaceState]:
     """Make the plan so; each interface either switches whole or not. Takes the apply lock
     unless the caller holds it (apply_policy)."""
     if not locked:
-        with apply_lock(wait_message=log):
+        with apply_lock({p.key for p in plan.interfaces}, wait_message=log):
             return apply_plan(plan, log, locked=True)
     done = []
     for p in plan.interfaces:
@@ -426,15 +406,13 @@ def apply_plan(plan: Plan, log: Log = print, locked: bool = False) -> list[Inter
     return done
 
 
-def _allocate_slots(new: list[tuple[str, str, str, int]], old: PartState | None,
-                    cap: int, reuse: bool) -> tuple[list[int], list[int]]:
-    """Counter slot per rule: an unchanged rule (same name and digest) keeps its slot; others
-    get slots no rule of the running generation uses (those are still counting)."""
-    kept, used = {}, set()
-    if old is not None:
-        used = {r.slot for r in old.rules}
-        if reuse:
-            kept = {(r.name, r.digest): r.slot for r in old.rules}
+def _allocate_slots(new: list[tuple[str, str, str, int]], old: PartState,
+                    cap: int) -> tuple[list[int], list[int]]:
+    """Counter slots for a rule update of a running program: an unchanged rule (same name and
+    digest) keeps its slot; the others get slots the running generation does not count into.
+    Returns (slot per rule, the fresh slots to zero)."""
+    kept = {(r.name, r.digest): r.slot for r in old.rules}
+    used = {r.slot for r in old.rules}
     slots, fresh = [], []
     free = (s for s in range(cap) if s not in used)
     for name, _, digest, _ in new:
@@ -486,6 +464,8 @@ def _iface_state(plan: Plan, p: IfacePlan, parts: dict[str, PartState],
                           requested_mode=p.mode, conntrack=p.conntrack,
                           ct_timeouts=p.ct_timeouts, created_clsact=created_clsact,
                           policy_path=plan.policy_path, policy_hash=plan.policy_hash,
+                          set_files=plan.set_files,
+                          policy_keys=[q.key for q in plan.interfaces if q.what != "remove"],
                           applied_at=time.time(), parts=parts,
                           lb=p.lb_state.to_json() if p.lb_state else {})
 
@@ -500,7 +480,10 @@ def _write_ct_timeouts(fd, timeouts: dict) -> None:
 def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
           tags: dict[str, SetState], to_write: list[str]) -> None:
     for name in to_write:
-        tables.write_set(tags[name].tag, sets[name])
+        s = sets[name]
+        if len(s.v4) + len(s.v6) >= BIG_SET:
+            progress.step(f"writing set {name} ({len(s.v4) + len(s.v6):,} entries)")
+        tables.write_set(tags[name].tag, s)
     c = pp.compiled
     by_name = {r.name: r for r in pp.ir.rules}
     samples = [by_name[r.name].sample or pp.ir.sample for r in c.rules]
@@ -519,7 +502,7 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             tables = opened[d] = FwTables.from_pins(pin_dir(p.key) / d, old.words, old.class_cap)
             active = tables.active_gen()
             slots, fresh = _allocate_slots(_rule_states(pp.compiled, pp.ir), old,
-                                           abi.slot_cap(old.words), reuse=True)
+                                           abi.slot_cap(old.words))
             tags, to_write = _allocate_tags(pp.compiled, plan.sets, old)
             for name in to_write:
                 tables.delete_set(tags[name].tag)   # a killed apply may have left entries
@@ -528,8 +511,17 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             olds[d] = active
             parts[d] = _part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots,
                                    tags=tags, gen=1 - active)
+        kill_point("update:written")
+        st = _iface_state(plan, p, parts, p.old.created_clsact)
+        # Balancer tables and conntrack timeouts are written after the flip; a kill there
+        # leaves them behind the rules, so a roll-forward asks for new programs (recover.py).
+        reload = bool(p.lbs or p.lb_removed or
+                      (p.conntrack and p.ct_timeouts != p.old.ct_timeouts))
+        save_journal(Journal("update", st, reload=reload))
+        kill_point("update:journal")
         for d, tables in opened.items():
             tables.flip(1 - olds[d])
+            kill_point(f"update:flipped-{d}")
         time.sleep(GRACE_S)
         for d, tables in opened.items():
             tables.clear_generation(olds[d])
@@ -555,8 +547,9 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             lbt.close()
         for name in p.lb_changed:
             log(f"{p.key}: load balancer {name}: new Maglev table live")
-    st = _iface_state(plan, p, parts, p.old.created_clsact)
     save_state(st)
+    remove_journal(p.key)
+    kill_point("update:state-saved")
     return st
 
 
@@ -578,6 +571,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
     functions = {pp.func: pp.prog_type}
     if p.lbs and pp.hook == "xdp":
         functions[LB_ENTRY] = "xdp"
+    progress.step(f"{p.key}: compiling and verifying {pp.func}")
     if pp.hook == "xdp" and p.mode == "offload":
         # an offloaded program is loaded for its device (bcc resolves the name in this netns);
         # attach refuses first on drivers that cannot offload
@@ -590,20 +584,24 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         link_lb_entry(loaded)
     try:
         tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
-        reuse = not p.stale and _pins_usable(p.key, pp.old)
-        slots, _ = _allocate_slots(_rule_states(pp.compiled, pp.ir), pp.old if reuse else None,
-                                   abi.slot_cap(pp.shape.words), reuse=reuse)
+        # Fresh counter maps: rules take slots 0..n-1 whatever the old program used, and the
+        # counters of rules that stay (same name and match) are carried to their new slot.
+        states = _rule_states(pp.compiled, pp.ir)
+        slots = list(range(len(states)))
+        if len(slots) > abi.slot_cap(pp.shape.words):
+            raise NetbpfError(f"{len(slots)} rules need more counter slots than a program "
+                              f"built for {pp.shape.words * 64} rules has")
         tags, to_write = _allocate_tags(pp.compiled, plan.sets, None)
         _fill(tables, pp, plan.sets, 0, slots, tags, to_write)
         tables.flip(0)
         carry = None
-        if reuse:
-            kept = {(r.name, r.digest) for r in pp.old.rules}
-            keep = [s for (n, _, d, _), s in zip(_rule_states(pp.compiled, pp.ir), slots)
-                    if (n, d) in kept]
+        if not p.stale and _pins_usable(p.key, pp.old):
+            was = {(r.name, r.digest): r.slot for r in pp.old.rules}
+            pairs = [(was[(n, d)], s) for (n, _, d, _), s in zip(states, slots)
+                     if (n, d) in was]
             old_tables = FwTables.from_pins(pin_dir(p.key) / pp.direction, pp.old.words,
                                             pp.old.class_cap)
-            carry = CounterCarry(old_tables, tables, keep)
+            carry = CounterCarry(old_tables, tables, pairs)
         # bcc pins a BPF_TABLE_PINNED map itself when it creates one: skip what is there
         names = [n for n in loaded.maps if (pp.direction == "ingress" or n not in SHARED_MAPS)
                  and not (staging / pp.direction / n).exists()]
@@ -622,9 +620,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     staging, retired = staging_dirs(p.key)
     for d in (staging, retired):
         unpin_tree(d)
-    staging.mkdir(parents=True)
-    retired.parent.mkdir(parents=True, exist_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_pin_dirs(staging, retired.parent, final.parent)
     # Tracked connections and balanced flows survive a program change: the new programs open
     # the shared maps where the running ones pinned them (or create them in staging).
     shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
@@ -635,7 +631,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         shared = staging / "ingress"
     loaded, parts, attached, carries = {}, {}, [], []
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
-    before_tc = {d: _tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
+    before_tc = {d: tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
                  if part.hook == "tc"}
     try:
         for d in ("ingress", "egress"):
@@ -652,19 +648,25 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             _fill_lb(p, loaded["ingress"])
 
         created_clsact = p.old.created_clsact if p.old else _clsact_only_ours(p)
+        kill_point("program:loaded")
+        # What the interface is once this apply is done, before the kernel runs any of it:
+        # a kill from here on is finished or undone by the next apply (recover.py).
+        states = {d: _part_state(pp, mode="tc" if pp.hook == "tc" else p.mode,
+                                 prog_id=loaded[d].prog_id(pp.func), slots=slots, tags=tags)
+                  for d, (pp, slots, tags) in parts.items()}
+        save_journal(Journal("programs", _iface_state(plan, p, states, created_clsact)))
+        kill_point("program:journal")
         for carry in carries:       # as late as possible: see CounterCarry
             carry.copy()
-        states = {}
         for d, (pp, slots, tags) in parts.items():
-            fd, prog_id = loaded[d].prog_fd(pp.func), loaded[d].prog_id(pp.func)
+            fd = loaded[d].prog_fd(pp.func)
             if pp.hook == "xdp":
-                mode = _attach_xdp(p, fd, log)
+                states[d].mode = _attach_xdp(p, fd, log)
             else:
                 created_clsact = attach.ensure_clsact(p.ifname, netns=p.netns) or created_clsact
                 attach.attach_tc(p.ifname, d, fd, pp.func, netns=p.netns)
-                mode = "tc"
             attached.append(d)
-            states[d] = _part_state(pp, mode=mode, prog_id=prog_id, slots=slots, tags=tags)
+            kill_point(f"program:attached-{d}")
         # What the old state ran and the new one does not (a part gone, or a hook changed):
         # removed only after its replacement is attached, so no packet goes unfiltered.
         for d, part in (p.old.parts.items() if p.old else ()):
@@ -675,6 +677,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
                 attach.detach_xdp(p.ifname, None, prog_id=part.prog_id, netns=p.netns)
             else:
                 attach.detach_tc(p.ifname, d, netns=p.netns)
+        kill_point("program:old-detached")
         if p.old and p.old.created_clsact and not any(s.hook == "tc" for s in states.values()):
             if attach.remove_clsact_if_unused(p.ifname, netns=p.netns):
                 created_clsact = False
@@ -683,13 +686,18 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             carry.catch_up()
         if final.exists():
             os.rename(final, retired)
+            kill_point("program:pins-retired")
         os.rename(staging, final)
+        kill_point("program:pins-renamed")
         unpin_tree(retired)
         st = _iface_state(plan, p, states, created_clsact)
         save_state(st)
+        remove_journal(p.key)
+        kill_point("program:state-saved")
     except BaseException:
         _roll_back(p, attached, before_xdp, before_tc, loaded)
         unpin_tree(staging)
+        remove_journal(p.key)
         raise
     finally:
         for carry in carries:
@@ -750,23 +758,11 @@ def _roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc: dict,
             pass  # the original error matters more; 'netbpf status' shows what is left
 
 
-def _is_stray_netbpf(prog_id: int) -> bool:
-    """A netbpf firewall program nobody recorded: left by an apply killed after attach."""
-    try:
-        fd = bpfsys.prog_get_fd_by_id(prog_id)
-    except NetbpfError:
-        return False
-    try:
-        return bpfsys.prog_info(fd).name == FW_PROG
-    finally:
-        fd.close()
-
-
 def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
     cur = attach.xdp_state(p.ifname, netns=p.netns)
     old = p.old.parts.get("ingress") if p.old else None
     ours = cur is not None and old is not None and old.hook == "xdp" and cur.prog_id == old.prog_id
-    if cur is not None and not ours and _is_stray_netbpf(cur.prog_id):
+    if cur is not None and not ours and is_netbpf_program(cur.prog_id):
         log(f"{p.key}: replacing netbpf program id {cur.prog_id} left by an interrupted apply")
         ours = True
     if cur is not None and not ours:
@@ -791,56 +787,82 @@ def _attach_xdp(p: IfacePlan, prog_fd: int, log: Log) -> str:
 # ---- detach ----
 
 def detach_key(key: str, log: Log = print) -> bool:
-    """Remove exactly what netbpf attached and pinned for key; leave anything else."""
-    st = load_state(key)
-    removed = False
-    if st is not None:
-        removed |= _detach_programs(st, log)
+    """Remove exactly what netbpf attached and pinned for key; leave anything else. netbpf's
+    programs are known by what they are (their name, or an id the state, the journal or the
+    pins record), so a program left by an interrupted apply goes too."""
+    netns, ifname = split_key(key)
+    known = load_state(key) is not None or load_journal(key) is not None or \
+        any(d.exists() for d in (pin_dir(key), *staging_dirs(key)))
+    if not known:
+        return False
+    gone = "namespace" if netns_gone(netns) else None
+    if gone is None:
+        try:
+            recover(key, log)
+        except NetbpfError as e:
+            log(f"{key}: {e}; detaching what runs")
+        try:
+            with enter_netns(netns):
+                socket.if_nametoindex(ifname)
+        except (NetbpfError, OSError):
+            gone = "interface"
+    if gone is None:
+        _detach_programs(key, ifname, netns, log)
+    else:
+        log(f"{key}: the {gone} is gone (its programs went with it); forgot netbpf's pins "
+            "and state for it")
     for d in (pin_dir(key), *staging_dirs(key)):
-        if d.exists():
-            unpin_tree(d)
-            removed = True
-    if st is not None:
-        remove_state(key)
-        removed = True
+        unpin_tree(d)
+    remove_state(key)
+    remove_journal(key)
+    remove_lock(key)
     prune_pin_roots()
-    return removed
+    return True
 
 
-def _detach_programs(st: InterfaceState, log: Log) -> bool:
-    removed = False
-    try:
-        cur = attach.xdp_state(st.ifname, netns=st.netns)
-    except NetbpfError:
-        return False  # the interface is gone: its programs went with it
-    for d, part in st.parts.items():
-        name = PROGRAMS[(d, part.hook)][1]
-        if part.hook == "xdp":
-            if cur is None:
-                continue
-            if cur.prog_id == part.prog_id:
-                attach.detach_xdp(st.ifname, cur.mode, netns=st.netns)
-                removed = True
-                log(f"{st.key}: detached {name} (program id {part.prog_id}, {cur.mode} mode)")
-            else:
-                log(f"{st.key}: XDP program id {cur.prog_id} is not netbpf's "
-                    f"({part.prog_id}); left alone")
+def _recorded_ids(key: str) -> set[int]:
+    ids = set()
+    for st in (load_state(key), getattr(load_journal(key), "state", None)):
+        ids |= {p.prog_id for p in st.parts.values()} if st else set()
+    for root in (pin_dir(key), *staging_dirs(key)):
+        for pin in root.glob(f"*/{PROG_PIN}"):
+            try:
+                with bpfsys.obj_get(pin) as fd:
+                    ids.add(bpfsys.prog_info(fd).id)
+            except NetbpfError:
+                pass
+    return ids
+
+
+def _detach_programs(key: str, ifname: str, netns: str | None, log: Log) -> None:
+    st = load_state(key) or getattr(load_journal(key), "state", None)
+    ours = _recorded_ids(key)
+    cur = attach.xdp_state(ifname, netns=netns)
+    if cur is not None:
+        if cur.prog_id in ours or is_netbpf_program(cur.prog_id):
+            attach.detach_xdp(ifname, cur.mode, netns=netns)
+            log(f"{key}: detached {FW_PROG} (program id {cur.prog_id}, {cur.mode} mode)")
+        else:
+            log(f"{key}: XDP program id {cur.prog_id} is not netbpf's; left alone")
+    for d in ("ingress", "egress"):
+        f = next((f for f in attach.list_tc_filters(ifname, d, netns=netns)
+                  if f.kind == "bpf" and f.prio == attach.NB_TC_PRIO
+                  and f.handle == attach.NB_TC_HANDLE), None)
+        if f is None:
             continue
-        f = _tc_filter(st, d)
-        if f is not None and f.prog_id == part.prog_id:
-            attach.detach_tc(st.ifname, d, netns=st.netns)
-            removed = True
-            log(f"{st.key}: detached {name} (program id {part.prog_id}, tc {d})")
-        elif f is not None:
-            log(f"{st.key}: tc {d} filter holds program {f.prog_id}, not netbpf's; left alone")
-    if st.created_clsact and attach.remove_clsact_if_unused(st.ifname, netns=st.netns):
-        log(f"{st.key}: removed the clsact qdisc netbpf added")
-    return removed
+        if f.prog_id in ours or is_netbpf_program(f.prog_id):
+            attach.detach_tc(ifname, d, netns=netns)
+            log(f"{key}: detached {PROGRAMS[(d, 'tc')][1]} (program id {f.prog_id}, tc {d})")
+        else:
+            log(f"{key}: tc {d} filter holds program {f.prog_id}, not netbpf's; left alone")
+    created = st.created_clsact if st else False
+    if created and attach.remove_clsact_if_unused(ifname, netns=netns):
+        log(f"{key}: removed the clsact qdisc netbpf added")
 
 
 def detach(ifname: str, netns: str | None, log: Log = print) -> None:
     key = iface_key(ifname, netns)
-    with apply_lock(wait_message=log):
+    with apply_lock([key], wait_message=log):
         if not detach_key(key, log):
             raise NetbpfError(f"{ifname}: netbpf manages nothing on it in {netns_label(netns)} "
                               "(see 'netbpf status')")

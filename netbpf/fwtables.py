@@ -238,24 +238,26 @@ class CounterCarry:
     then add what the old program counted between the copy and the swap, so a program change
     loses (almost) nothing."""
 
-    def __init__(self, old: FwTables, new: FwTables, slots: list[int]):
+    def __init__(self, old: FwTables, new: FwTables, slots: list[tuple[int, int]]):
+        """slots: (old slot, new slot) of every rule that stays; totals keep their keys."""
         self.old, self.new = old, new
-        self.keys = {"nb_fw_cnt": list(slots), "nb_fw_stats": list(range(abi.NB_STAT_MAX))}
+        self.pairs = {"nb_fw_cnt": dict(slots),
+                      "nb_fw_stats": {k: k for k in range(abi.NB_STAT_MAX)}}
         self.snap: dict[str, dict] = {}
 
     def copy(self) -> None:
-        for name, keys in self.keys.items():
-            self.snap[name] = self.old.read_percpu(name, keys)
-            self.new.write_percpu(name, self.snap[name])
+        for name, pairs in self.pairs.items():
+            self.snap[name] = self.old.read_percpu(name, pairs)
+            self.new.write_percpu(name, {pairs[k]: v for k, v in self.snap[name].items()})
 
     def catch_up(self) -> None:
-        for name, keys in self.keys.items():
-            later = self.old.read_percpu(name, keys)
-            now = self.new.read_percpu(name, keys)
+        for name, pairs in self.pairs.items():
+            later = self.old.read_percpu(name, pairs)
+            now = self.new.read_percpu(name, pairs.values())
             out = {}
             for k, per_cpu in later.items():
                 before = self.snap[name].get(k, [(0, 0, 0)] * len(per_cpu))
-                cur = now.get(k, [(0, 0, 0)] * len(per_cpu))
-                out[k] = [tuple(c + l - b for c, l, b in zip(cv, lv, bv))
-                          for cv, lv, bv in zip(cur, per_cpu, before)]
+                cur = now.get(pairs[k], [(0, 0, 0)] * len(per_cpu))
+                out[pairs[k]] = [tuple(c + l - b for c, l, b in zip(cv, lv, bv))
+                                 for cv, lv, bv in zip(cur, per_cpu, before)]
             self.new.write_percpu(name, out)

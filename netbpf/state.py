@@ -21,6 +21,8 @@ from netbpf.errors import NetbpfError
 PIN_ROOT = Path(os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf"))
 STATE_ROOT = Path(os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf"))
 LOCK_TIMEOUT_S = 60.0
+# prog_hash of a part whose program must be reloaded by the next apply (matches no build)
+REPAIR_HASH = "repair"
 
 
 def iface_key(ifname: str, netns: str | None) -> str:
@@ -47,13 +49,25 @@ def staging_dirs(key: str) -> tuple[Path, Path]:
 
 
 def prune_pin_roots() -> None:
-    """Remove netbpf's pin directories once nothing is pinned in them (callers hold the
-    apply lock, so no apply is about to use them)."""
+    """Remove netbpf's pin directories once nothing is pinned in them. An apply of another
+    interface may be about to create something in one: it makes its directories with
+    make_pin_dirs, which tries again when a directory vanished under it."""
     for d in (*STAGING_DIRS, STAGING_ROOT, PIN_ROOT):
         try:
             d.rmdir()
         except OSError:
             pass  # absent, or still holds something
+
+
+def make_pin_dirs(*dirs: Path) -> None:
+    for attempt in range(5):
+        try:
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
 
 
 def state_file(key: str) -> Path:
@@ -120,6 +134,8 @@ class InterfaceState:
     applied_at: float = field(default_factory=time.time)
     parts: dict[str, PartState] = field(default_factory=dict)
     lb: dict = field(default_factory=dict)          # netbpf.lbtables.LbState as JSON
+    set_files: list[str] = field(default_factory=list)   # inputs beside the policy file
+    policy_keys: list[str] = field(default_factory=list)  # every interface of that apply
 
     @classmethod
     def from_json(cls, data: dict) -> "InterfaceState":
@@ -141,6 +157,14 @@ def health_file(key: str) -> Path:
     return STATE_ROOT / "health" / f"{key}.json"
 
 
+def health_down(key: str) -> set[str]:
+    """Backends `netbpf lb-health` last found down (netbpf/health.py writes the file)."""
+    try:
+        return set(json.loads(health_file(key).read_text()).get("down", []))
+    except (OSError, ValueError):
+        return set()
+
+
 def load_state(key: str) -> InterfaceState | None:
     path = state_file(key)
     try:
@@ -153,12 +177,15 @@ def load_state(key: str) -> InterfaceState | None:
 
 def save_state(state: InterfaceState) -> None:
     """Atomic (write, fsync, rename) and private to root: readers never see half a file."""
-    path = state_file(state.key)
+    _write_private(state_file(state.key), asdict(state))
+
+
+def _write_private(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(asdict(state), f, indent=1)
+        json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -169,6 +196,56 @@ def remove_state(key: str) -> None:
         state_file(key).unlink()
     except FileNotFoundError:
         pass
+
+
+# ---- the apply journal ----
+# An apply records what it is about to make true before its first change to what the kernel
+# runs (attach, flip) and removes the record once the state file says it. A journal found by
+# the next apply, `status` or `detach` means an interrupted apply: the kernel tells whether it
+# got far enough to roll forward (netbpf/recover.py).
+
+@dataclass
+class Journal:
+    kind: str                    # programs (new programs replace the old) | update (a flip)
+    state: InterfaceState        # what the interface is once the apply completes
+    reload: bool = False         # a roll-forward must also reload the programs (see recover)
+    started_at: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Journal":
+        data = dict(data)
+        data["state"] = InterfaceState.from_json(data["state"])
+        return cls(**data)
+
+
+def journal_file(key: str) -> Path:
+    return STATE_ROOT / "state" / f"{key}.journal"
+
+
+def save_journal(journal: Journal) -> None:
+    _write_private(journal_file(journal.state.key), asdict(journal))
+
+
+def load_journal(key: str) -> Journal | None:
+    path = journal_file(key)
+    try:
+        return Journal.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError):
+        # torn before the rename of save_journal cannot happen; a hand-edited file can
+        path.unlink(missing_ok=True)
+        return None
+
+
+def remove_journal(key: str) -> None:
+    journal_file(key).unlink(missing_ok=True)
+
+
+def list_journal_keys() -> list[str]:
+    d = STATE_ROOT / "state"
+    return sorted(p.stem for p in d.glob("*.journal")) if d.is_dir() else []
 
 
 def list_states() -> list[InterfaceState]:
@@ -200,9 +277,10 @@ def unpin_tree(d: Path) -> None:
 def forget_netns(netns: str) -> list[str]:
     """Drop pins, state and health files of every interface key in netns (the namespace is
     gone, so its programs are detached already). Returns the keys forgotten. Files only."""
-    with apply_lock():
-        keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
-        keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
+    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
+    keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.journal")}
+    keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
+    with apply_lock(keys):
         for key in keys:
             for d in (pin_dir(key), *staging_dirs(key)):
                 try:
@@ -210,7 +288,9 @@ def forget_netns(netns: str) -> list[str]:
                 except OSError:
                     pass
             remove_state(key)
+            remove_journal(key)
             health_file(key).unlink(missing_ok=True)
+            remove_lock(key)
         prune_pin_roots()
     return sorted(keys)
 
@@ -221,35 +301,64 @@ def list_pin_keys() -> list[str]:
     return sorted(p.name for p in PIN_ROOT.iterdir() if p.is_dir())
 
 
+def lock_file(key: str) -> Path:
+    return STATE_ROOT / "locks" / f"{key}.lock"
+
+
 @contextmanager
-def apply_lock(timeout: float = LOCK_TIMEOUT_S, wait_message=None) -> Iterator[None]:
-    """One apply/detach at a time on this machine. Waits up to timeout, then fails clearly."""
-    path = STATE_ROOT / "apply.lock"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def apply_lock(keys, timeout: float = LOCK_TIMEOUT_S, wait_message=None) -> Iterator[None]:
+    """One apply/detach at a time per interface: applies to different interfaces or
+    namespaces run side by side. Locks are taken in sorted order (no deadlock between two
+    policies sharing interfaces); waits up to timeout in all, then fails clearly."""
+    fds = []
+    deadline = time.monotonic() + timeout
     try:
-        deadline = time.monotonic() + timeout
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = _lock_holder(fd)
-                if not told and wait_message:
-                    wait_message(f"waiting for another netbpf apply (pid {holder}) to finish")
-                    told = True
-                if time.monotonic() >= deadline:
-                    raise NetbpfError(f"another netbpf apply (pid {holder}) holds {path} "
-                                      f"after {timeout:.0f} s; try again when it is done")
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for key in sorted(set(keys)):
+            path = lock_file(key)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fds.append(fd)
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if _same_file(fd, path):
+                        break
+                    # the holder forgot the interface and removed the lock file: lock anew
+                    os.close(fds.pop())
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                    fds.append(fd)
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    holder = _lock_holder(fd)
+                    if not told and wait_message:
+                        wait_message(f"waiting for another netbpf apply (pid {holder}) on "
+                                     f"{key} to finish")
+                        told = True
+                    if time.monotonic() >= deadline:
+                        raise NetbpfError(f"another netbpf apply (pid {holder}) holds {path} "
+                                          f"after {timeout:.0f} s; try again when it is done")
+                    time.sleep(0.05)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_lock(key: str) -> None:
+    """Called with the key's lock held, once netbpf forgets the interface."""
+    lock_file(key).unlink(missing_ok=True)
 
 
 def _lock_holder(fd: int) -> str:

@@ -9,14 +9,15 @@ import struct
 import time
 
 from netbpf import abi
-from netbpf.apply import drift, health_down
+from netbpf.drift import drift
 from netbpf.lbtables import NB_LB_MAX_VIPS, PROTO_NAMES, LbState, LbTables
 from netbpf.errors import NetbpfError
 from netbpf.fwtables import FwTables
 from netbpf.ir import addr_text
 from netbpf.kernel import bpfsys
 from netbpf.kernel.netns import netns_label
-from netbpf.state import InterfaceState, PartState, iface_key, load_state, pin_dir
+from netbpf.state import (InterfaceState, PartState, health_down, iface_key, load_state,
+                          pin_dir)
 
 SCHEMA_VERSION = 1
 

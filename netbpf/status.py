@@ -5,13 +5,19 @@ nothing (re-applying the policy does). Plain dicts for the CLI.
 """
 from __future__ import annotations
 
-from netbpf.apply import drift
+from netbpf.drift import drift
 from netbpf.state import list_pin_keys, list_states, split_key
 
 
-def read_status() -> list[dict]:
+def read_status(netns: str | None = None, ifname: str | None = None) -> list[dict]:
+    """Every managed interface, or those in netns (None: all namespaces), or one interface."""
     rows = []
-    states = list_states()
+
+    def wanted(key: str) -> bool:
+        ns, name = split_key(key)
+        return (netns is None or ns == netns) and (ifname is None or name == ifname)
+
+    states = [st for st in list_states() if wanted(st.key)]
     for st in states:
         ing = st.parts.get("ingress")
         rows.append({"interface": st.ifname, "netns": st.netns,
@@ -23,7 +29,7 @@ def read_status() -> list[dict]:
                      "applied_at": st.applied_at, "health": drift(st) or "ok"})
     known = {st.key for st in states}
     for key in list_pin_keys():
-        if key not in known:
+        if key not in known and wanted(key):
             netns, ifname = split_key(key)
             rows.append({"interface": ifname, "netns": netns, "health": "pins without state"})
     return rows

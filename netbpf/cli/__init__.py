@@ -42,13 +42,9 @@ def cli(ctx: click.Context, netns: str | None) -> None:
 
 def _register() -> None:
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # not built yet
-            raise
-        for command in getattr(mod, "COMMANDS", ()):
+        # a renamed or missing module is an error here, not a silently missing subcommand
+        mod = importlib.import_module(name)
+        for command in mod.COMMANDS:
             cli.add_command(command)
 
 

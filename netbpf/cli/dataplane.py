@@ -5,7 +5,9 @@ netbpf/cli/__init__.py.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 import time
 
 import click
@@ -100,6 +102,19 @@ def _print_plan(plan) -> None:
             click.echo(f"  - load balancer {name}")
 
 
+@contextmanager
+def _progress():
+    """Long steps (compiling, big sets) on a terminal as a transient spinner line; nothing
+    when stdout is a pipe or a file."""
+    from netbpf import progress
+
+    if not sys.stdout.isatty():
+        yield
+        return
+    with Console().status("") as spinner, progress.shown_with(spinner.update):
+        yield
+
+
 @click.command()
 @click.argument("policy")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
@@ -115,6 +130,11 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
       netbpf apply policies/demo.yaml --dry-run
       netbpf -n lab-gw apply policies/demo.yaml
     """
+    if not dry_run and os.geteuid() == 0:
+        from netbpf.unchanged import input_unchanged
+        if input_unchanged(policy, _netns(ctx)):
+            click.echo("nothing to do: the running policy is this one (input unchanged)")
+            return
     from netbpf.apply import apply_policy, plan_apply
 
     loaded = _load_policy(policy)          # bad input is reported first, as by validate
@@ -123,7 +143,8 @@ def apply(ctx: click.Context, policy: str, dry_run: bool) -> None:
         _print_plan(plan_apply(loaded, policy, _netns(ctx)))
         click.echo("dry run: nothing changed")
         return
-    plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
+    with _progress():
+        plan = apply_policy(loaded, policy, _netns(ctx), log=click.echo, show_plan=_print_plan)
     if not plan.changes:
         click.echo("nothing to do: the running policy is this one")
 
@@ -264,14 +285,28 @@ def stats(ctx: click.Context, interface: str, as_json: bool, watch: float | None
 
 
 @click.command()
+@click.argument("interface", required=False)
 @click.option("-j", "--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Every interface netbpf manages: mode, program, policy, and drift from what was applied."""
+def status(ctx: click.Context, interface: str | None, as_json: bool) -> None:
+    """Every interface netbpf manages (with -n, those in NETNS; or just INTERFACE): mode,
+    programs, policy, and drift from what was applied. Exits 1 when any row shown drifted.
+
+    \b
+    Examples:
+      netbpf status
+      netbpf -n lab-gw status gw0 --json
+    """
     require_privileges(ctx)
     from netbpf.status import read_status
 
-    rows = read_status()
+    netns = _netns(ctx)
+    rows = read_status(netns=netns if (netns or interface) else None, ifname=interface)
+    if interface and not rows:
+        from netbpf.errors import NetbpfError
+        from netbpf.kernel.netns import netns_label
+        raise NetbpfError(f"{interface}: not managed by netbpf in {netns_label(netns)} "
+                          "(see 'netbpf status')")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         if any(r["health"] != "ok" for r in rows):
@@ -324,7 +359,7 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
     def log(msg: str) -> None:
         click.echo(f"{time.strftime('%H:%M:%S')} {msg}")
 
-    from netbpf.apply import health_down
+    from netbpf.state import health_down
 
     # start from what the last run found, so a recovery is reported as one
     down: dict[str, set[str]] = {t.key: health_down(t.key) for t in ts}

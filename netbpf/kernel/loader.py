@@ -29,7 +29,13 @@ PROG_TYPE_NAMES = {"xdp": BPF_PROG_TYPE_XDP, "sched_cls": BPF_PROG_TYPE_SCHED_CL
                    "tc": BPF_PROG_TYPE_SCHED_CLS}
 
 MAX_OBJ_NAME = 15           # BPF_OBJ_NAME_LEN - 1: longer names are cut in bpftool listings
-VERIFIER_LOG = "/tmp/netbpf-verifier-{name}.log"
+def verifier_log(source: Path, func: str) -> Path:
+    """Where a rejected program's verifier log goes: one file per program, in a directory
+    only root can read (a predictable /tmp name could be a planted symlink)."""
+    from netbpf.state import STATE_ROOT
+    d = STATE_ROOT / "verifier"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d / f"{source.name.split('.')[0]}-{func}.log"
 REPO_DIR = BPF_DIR.parent
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -223,9 +229,11 @@ def _load_function(source: Path, bpf, name: str, prog_type: int, device: str | N
     code = _STRERRORS.get(strerr, errno.EINVAL)
     log = err.text.strip()
     if code == errno.EACCES or (log and "processed " in log):
-        stem = source.name.split(".")[0]
-        path = VERIFIER_LOG.format(name=stem)
-        Path(path).write_text(f"# {_display(source)}: {name}\n{log}\n")
+        path = verifier_log(source, name)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# {_display(source)}: {name}\n{log}\n")
         raise KernelError(f"load {_display(source)}: the verifier rejected the program "
                           f"{name} ({_verifier_reason(log)}); full log in {path}", code)
     bpfsys.raise_errno(f"load {_display(source)}: program {name}", code,

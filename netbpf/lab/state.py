@@ -17,9 +17,6 @@ from netbpf.lab.netns import LabError, delete_netns, list_netns, pid_alive
 
 STATE_DIR = Path(os.environ.get("NETBPF_LAB_STATE_DIR", "/run/netbpf/lab"))
 RANDOM_PREFIX_RE = re.compile(r"^nb[0-9a-f]{6}-")
-# With a private NETBPF_LAB_STATE_DIR (developers sharing one machine), other runs record their
-# labs elsewhere: a namespace with no record here may be someone else's live lab, not a leftover.
-UNRECORDED_ARE_LEFTOVERS = "NETBPF_LAB_STATE_DIR" not in os.environ
 
 
 @dataclass
@@ -121,13 +118,24 @@ def orphans() -> list[str]:
     out = set()
     for name in present:
         m = RANDOM_PREFIX_RE.match(name)
-        if m and ((m.group(0) not in recs and UNRECORDED_ARE_LEFTOVERS)
-                  or (m.group(0) in recs and recs[m.group(0)].orphaned)):
+        if m and (m.group(0) not in recs or recs[m.group(0)].orphaned):
             out.add(name)
     for r in recs.values():
         if r.orphaned:
             out.update(n for n in r.namespaces if n in present)
     return sorted(out)
+
+
+# A lab namespace with no record is an orphan only once it is this old: another netbpf (a
+# checkout with its own NETBPF_LAB_STATE_DIR) may be building it right now.
+UNRECORDED_GRACE_S = 600.0
+
+
+def _older_than(netns: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(os.path.join("/run/netns", netns)).st_mtime > seconds
+    except OSError:
+        return False
 
 
 def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
@@ -151,8 +159,8 @@ def cleanup(prefix: str | None = None, include_live: bool = False) -> list[str]:
         prefixes = {p for p, r in recs.items() if r.orphaned or (include_live and RANDOM_PREFIX_RE.match(p))}
         for name in present:
             m = RANDOM_PREFIX_RE.match(name)
-            if m and ((m.group(0) not in recs and UNRECORDED_ARE_LEFTOVERS)
-                      or m.group(0) in prefixes):
+            if m and (m.group(0) in prefixes or
+                      (m.group(0) not in recs and _older_than(name, UNRECORDED_GRACE_S))):
                 prefixes.add(m.group(0))
         for p in sorted(prefixes):
             r, e = remove_lab(p)

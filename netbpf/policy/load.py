@@ -7,7 +7,6 @@ the one-line summary. Not the language itself (models.py) nor the checks (checks
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from netbpf import inputs
 from netbpf.errors import PolicyError
+from netbpf.inputs import add_set_file
 from netbpf.ir import PolicyIR
 from netbpf.policy import models
 from netbpf.policy.addr import parse_set_text
@@ -38,6 +39,7 @@ class LoadedPolicy:
     ir: PolicyIR
     warnings: list[str] = field(default_factory=list)
     source_hash: str = ""        # sha256 over the policy file and every set file it names
+    set_files: list[str] = field(default_factory=list)   # as named, in hashing order
 
     def summary(self) -> str:
         ir = self.ir
@@ -88,6 +90,20 @@ class _Report:
         return list(dict.fromkeys(text for _, text in sorted(self.lines, key=lambda x: x[0])))
 
 
+class _Digest:
+    """netbpf.inputs' fingerprint, remembering which set files went into it."""
+
+    def __init__(self, policy_bytes: bytes):
+        self._h = inputs.start(policy_bytes)
+        self.files: list[str] = []
+
+    def update(self, data: bytes) -> None:
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def load_policy(path: str | Path) -> LoadedPolicy:
     """Read, validate and convert a policy file; PolicyError holds every problem found."""
     display = str(path)
@@ -118,7 +134,7 @@ def load_policy(path: str | Path) -> LoadedPolicy:
         _report_validation(report, e, data)
     view = view_of_model(model) if model is not None else view_of_data(data)
 
-    digest = hashlib.sha256(raw)
+    digest = _Digest(raw)
     # set files are relative to the policy itself, also when it was reached through a symlink
     base_dir = path.resolve().parent
     _read_set_files(view, base_dir, display, report, digest)
@@ -141,7 +157,8 @@ def load_policy(path: str | Path) -> LoadedPolicy:
         notes.at(loc, msg)
     _shadow_warnings(ir, notes)
     return LoadedPolicy(path=path, display=display, model=model, ir=ir,
-                        warnings=notes.sorted(), source_hash=digest.hexdigest())
+                        warnings=notes.sorted(), source_hash=digest.hexdigest(),
+                        set_files=digest.files)
 
 
 def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
@@ -192,8 +209,8 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
         else:
             report.at(loc + ("file",), msg)
         return None
-    digest.update(b"\0set\0" + spec.file.encode() + b"\0" + str(len(data)).encode() + b"\0")
-    digest.update(data)
+    add_set_file(digest, spec.file, data)
+    digest.files.append(spec.file)
     v4, v6, bad = parse_set_text(text)
     where = format_path(loc)
     for lineno, msg in bad[:MAX_BAD_SET_LINES]:
@@ -209,7 +226,7 @@ def read_set_file(spec: SetFile, base_dir: Path, name: str) -> None:
     spec._path = str(base_dir / spec.file)
     report = _Report(spec._path, None)
     spec._entries = _read_set_file(spec, base_dir / spec.file, ("sets", name), report,
-                                   hashlib.sha256())
+                                   _Digest(b""))
     if report.lines:
         raise PolicyError(report.sorted())
 

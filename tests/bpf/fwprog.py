@@ -6,7 +6,7 @@ into unpinned maps of a program that is never attached: verdicts come from BPF_P
 from __future__ import annotations
 
 from netbpf import abi
-from netbpf.apply import FW_PROG, FW_SOURCE
+from netbpf.progspec import FW_PROG, FW_SOURCE
 from netbpf.compile import compile_direction
 from netbpf.fwtables import FwTables
 from netbpf.ir import DirectionIR, SetIR

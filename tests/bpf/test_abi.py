@@ -79,7 +79,7 @@ def test_constants_match(c_layout, const):
 
 
 def test_loaded_maps_have_the_mirrored_sizes():
-    from netbpf.apply import FW_PROG, FW_SOURCE
+    from netbpf.progspec import FW_PROG, FW_SOURCE
     from netbpf.kernel.loader import load_program
 
     loaded = load_program(FW_SOURCE, {"NB_WORDS": 4, "NB_CLASS_CAP": 64, "NB_CONNTRACK": 1,

@@ -22,7 +22,7 @@ from cases.firewall import eth
 from unit.fw_builders import direction
 
 from netbpf import abi
-from netbpf.apply import FW_PROG, FW_SOURCE
+from netbpf.progspec import FW_PROG, FW_SOURCE
 from netbpf.compile import compile_direction
 from netbpf.fwtables import FwTables
 from netbpf.ir import BackendIR, LoadBalancerIR

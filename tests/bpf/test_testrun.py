@@ -178,7 +178,7 @@ int nbt_bad(struct xdp_md *ctx)
     return p[0] == 1 ? XDP_DROP : XDP_PASS;     /* no bounds check: rejected */
 }
 """)
-    log = Path(f"/tmp/netbpf-verifier-{src.name.split('.')[0]}.log")
+    log = loader.verifier_log(src, "nbt_bad")
     try:
         with pytest.raises(NetbpfError) as e:
             loader.load_program(src, {}, {"nbt_bad": "xdp"})

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from netbpf.kernel.netns import enter_netns
-from netbpf.state import STATE_ROOT
+from netbpf.state import lock_file
 
 from netbpf_cli import NETBPF, netbpf
 
@@ -179,9 +179,9 @@ class Apply:
 
 
 @contextmanager
-def apply_lock_held():
-    """Hold netbpf's apply lock (waits if another apply on this machine has it)."""
-    path = STATE_ROOT / "apply.lock"
+def apply_lock_held(lab):
+    """Hold netbpf's apply lock of the lab's gw0 (waits if another apply has it)."""
+    path = lock_file(f"{lab.ns('gw')}:gw0")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -194,7 +194,7 @@ def apply_lock_held():
 def apply_in_order(lab, first: Path, second: Path) -> tuple[Apply, Apply]:
     """Both plan while the lock is held; then `first` applies, then `second` with its plan made
     before `first` changed anything."""
-    with apply_lock_held():
+    with apply_lock_held(lab):
         a = Apply(lab, first)
         a.wait_for("waiting for another netbpf apply")
         b = Apply(lab, second)
@@ -245,6 +245,23 @@ def test_second_apply_waits_for_the_lock_then_its_policy_runs_whole(gw, tmp_path
     a, b = apply_in_order(lab, p1, p2)
     assert a.proc.returncode == 0 and b.proc.returncode == 0, a.output + b.output
     assert assert_whole(lab, probes, {1: p1, 2: p2}) == 2
+
+
+def test_applies_to_two_interfaces_do_not_wait_for_each_other(gw, make_lab, tmp_path):
+    """gw0 of this lab is locked (as by a long apply); an apply to another lab's gw0 goes
+    through meanwhile, and one to this gw0 waits."""
+    lab, probes = gw
+    other = make_lab("two-hosts")
+    p1 = write(tmp_path, "p1.yaml", policy(1))
+    with apply_lock_held(lab):
+        elsewhere = Apply(other, p1)
+        assert elsewhere.finish() == 0, elsewhere.output
+        assert "waiting" not in elsewhere.output, elsewhere.output
+        here = Apply(lab, p1)
+        here.wait_for("waiting for another netbpf apply")
+    assert here.finish() == 0, here.output
+    assert probes.enforced() == 1
+    netbpf(other, "detach", "gw0")
 
 
 def test_apply_planned_before_a_shape_change_still_applies_whole(gw, tmp_path):
