@@ -148,25 +148,28 @@ def run(rows: dict[str, Row], *, rounds: int, repeat: int, rule_counts: list[int
 
 
 def _lb(row, *, rounds: int, repeat: int, log) -> None:
-    """The load balancer's path: the firewall program built with the LB, one VIP, three
-    backends. DSR, so a repeated packet stays a VIP packet (NAT would rewrite it into a
-    non-VIP packet on the first of the repeats); the FIB lookup fails under test_run (no
-    route on its device), so the verdict is XDP_DROP after the whole balancing path.
+    """The load balancer's path beside the 1-rule firewall path it extends: the firewall
+    program of the 1-rule policy built with the balancer (`NB_LB`), one VIP over three
+    backends; the frame misses the rule, so the firewall allows it and the balancer takes it.
+    DSR, so a repeated packet stays a VIP packet (NAT would rewrite it into a non-VIP packet
+    on the first of the repeats); the FIB lookup fails under test_run (no route on its
+    device), so the verdict is XDP_DROP after the whole balancing path.
     A new flow cannot be repeated (the first run records it), so it is timed one run at a
-    time over distinct source ports, beside the empty program timed the same way."""
+    time over distinct source ports, beside the 1-rule firewall timed the same way."""
     from netbpf.ir import BackendIR, LoadBalancerIR
-    from netbpf.lbtables import LbState, LbTables, plan_lb
+    from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb
 
     log("  load balancer path: compile, load, write a VIP")
-    from netbpf.lbtables import LB_ENTRY, link_lb_entry
-
-    loaded = load_program(FW_SOURCE, {"NB_WORDS": 1, "NB_CLASS_CAP": 64, "NB_FIELDS": 0,
-                                      "NB_LB": 1}, {FW_PROG: "xdp", LB_ENTRY: "xdp"})
+    c = compile_direction(workload.direction(1))
+    loaded = load_program(FW_SOURCE, {"NB_WORDS": 1, "NB_CLASS_CAP": 64,
+                                      "NB_FIELDS": c.field_mask, "NB_LB": 1},
+                          {FW_PROG: "xdp", LB_ENTRY: "xdp"})
     link_lb_entry(loaded)
+    fw1 = Firewall(workload.direction(1))
     empty = load_program(PROGS / "empty.bpf.c", {}, {"nb_bench_empty": "xdp"})
     try:
         t = FwTables.from_loaded(loaded, 1, 64)
-        t.write_generation(0, compile_direction(workload.direction(0)), [], [], {})
+        t.write_generation(0, c, list(range(len(c.rules))), [], {})
         t.flip(0)
         vip = int(ipaddress.ip_address(netlab.RX_IP))
         lb = LoadBalancerIR("bench", "rx0", 4, vip, workload.DPORT, 17, "dsr",
@@ -175,7 +178,7 @@ def _lb(row, *, rounds: int, repeat: int, log) -> None:
         new, changed = plan_lb([lb], LbState(), 1 << 19)
         LbTables.from_loaded(loaded).write([lb], new, changed, None, set())
         fd = loaded.prog_fd(FW_PROG)
-        est = row("cost.lb.established", "LB path, established flow")
+        est = row("cost.lb.established", "LB path, established flow", "cost.netbpf.1.miss")
         frame = _frame(workload.MISS_SRC)
         test_run(fd, frame)                       # records the flow
         for _ in range(rounds):
@@ -183,21 +186,28 @@ def _lb(row, *, rounds: int, repeat: int, log) -> None:
             if r.retval != XDP_DROP:
                 raise RuntimeError(f"LB established: verdict {r.retval}, expected XDP_DROP")
             est.samples.append(float(r.duration_ns))
-        single_floor = row("cost.empty.single", "empty XDP program, one run at a time", None)
-        fresh = row("cost.lb.new", "LB path, new flow (one run at a time)", "cost.empty.single")
+        single_empty = row("cost.empty.single", "empty XDP program, one run at a time",
+                           "cost.fw1.single")
+        single_fw = row("cost.fw1.single", "netbpf 1 rule, miss, one run at a time", None)
+        fresh = row("cost.lb.new", "LB path, new flow (one run at a time)", "cost.fw1.single")
         efd = empty.prog_fd("nb_bench_empty")
         for rnd in range(rounds):
-            ns_new, ns_floor = [], []
+            ns_new, ns_fw, ns_empty = [], [], []
             for i in range(400):
                 sport = 10000 + rnd * 400 + i
                 f = packets.udp4(workload.MISS_SRC, netlab.RX_IP, dport=workload.DPORT,
                                  sport=sport, smac=netlab.TX_MAC, dmac=netlab.RX_MAC)
-                ns_new.append(test_run(fd, f).duration_ns)
-                ns_floor.append(test_run(efd, f).duration_ns)
-            fresh.samples.append(float(sorted(ns_new)[len(ns_new) // 2]))
-            single_floor.samples.append(float(sorted(ns_floor)[len(ns_floor) // 2]))
+                r = test_run(fd, f)
+                if r.retval != XDP_DROP:
+                    raise RuntimeError(f"LB new flow: verdict {r.retval}, expected XDP_DROP")
+                ns_new.append(r.duration_ns)
+                ns_fw.append(test_run(fw1.fd, f).duration_ns)
+                ns_empty.append(test_run(efd, f).duration_ns)
+            for r, ns in ((fresh, ns_new), (single_fw, ns_fw), (single_empty, ns_empty)):
+                r.samples.append(float(sorted(ns)[len(ns) // 2]))
     finally:
         loaded.close()
+        fw1.close()
         empty.close()
 
 

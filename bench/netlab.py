@@ -18,8 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PREFIX = "nbbench-"
-TX_NS, RX_NS, XF_NS = "nbbench-tx", "nbbench-rx", "nbbench-xf"
+# overridable, so developers sharing a machine can each run a bench without touching another's
+PREFIX = os.environ.get("NETBPF_BENCH_NS_PREFIX", "nbbench-")
+TX_NS, RX_NS, XF_NS = f"{PREFIX}tx", f"{PREFIX}rx", f"{PREFIX}xf"
 TX_IF, RX_IF = "tx0", "rx0"
 TX_MAC, RX_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 TX_IP, RX_IP = "10.199.0.1", "10.199.0.2"

@@ -135,6 +135,13 @@ def judge(rows: dict[str, Row]) -> list[str]:
                     a = r.median / one.median
                     r.target = f"<={bound}x 1 rule: {a:.1f}x {_mark(a <= bound)}"
 
+    for key, most in (("cost.lb.established", 1.5), ("cost.lb.new", 4)):
+        r = get(key)
+        base = get(r.floor_key) if r else None
+        if r and base:
+            a = r.median / base.median
+            r.target = f"<={most}x 1-rule firewall: {a:.2f}x {_mark(a <= most)}"
+
     peers = [("iptables-legacy", "iptables legacy"), ("iptables-nft", "iptables nft"),
              ("nft.rules", "nftables rules"), ("nft.set", "nftables set")]
     for n in (1, 100, 1_000, 10_000):

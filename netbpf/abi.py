@@ -209,6 +209,58 @@ class NbRlState(ctypes.Structure):
     _fields_ = [("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
 
 
+# ---- load balancer (bpf/include/lb.h; written by netbpf/lbtables.py) ----
+NB_LB_MAX_VIPS = NB_MAX_VIPS
+NB_LB_MAX_BACKENDS = NB_MAX_BACKENDS
+NB_LB_FLOWS = 262144
+NB_LB_NO_BACKEND = 0xffffffff
+NB_LB_NAT, NB_LB_DSR = 1, 2
+NB_BE_ACTIVE = 1
+
+
+class NbVipKey(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_uint8), ("proto", ctypes.c_uint8),
+                ("port", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
+
+
+class NbVip(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint32), ("mode", ctypes.c_uint32),
+                ("ring_off", ctypes.c_uint32), ("ring_size", ctypes.c_uint32),
+                ("idle_ns", ctypes.c_uint64), ("touch_ns", ctypes.c_uint64)]
+
+
+class NbBackend(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("port", ctypes.c_uint16),
+                ("flags", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+class NbFlowKey(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_uint8), ("proto", ctypes.c_uint8),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("saddr", ctypes.c_uint8 * 16), ("daddr", ctypes.c_uint8 * 16)]
+
+
+class NbFlow(ctypes.Structure):
+    _fields_ = [("backend", ctypes.c_uint32), ("vip_index", ctypes.c_uint32),
+                ("last_ns", ctypes.c_uint64)]
+
+
+class NbNatKey(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_uint8), ("proto", ctypes.c_uint8),
+                ("bport", ctypes.c_uint16), ("cport", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("baddr", ctypes.c_uint8 * 16), ("caddr", ctypes.c_uint8 * 16)]
+
+
+class NbNatVal(ctypes.Structure):
+    _fields_ = [("vport", ctypes.c_uint16), ("pad", ctypes.c_uint16 * 3),
+                ("vaddr", ctypes.c_uint8 * 16)]
+
+
+class NbLbCounter(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("conns", ctypes.c_uint64)]
+
+
 def nb_sum(words: int) -> int:
     return (words + 63) // 64
 

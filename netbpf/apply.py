@@ -28,7 +28,8 @@ from netbpf.faults import kill_point
 from netbpf.fwtables import CounterCarry, FwTables
 from netbpf.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
 from netbpf.reject import REJECT_ENTRY, link_reject_entry
-from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for
+from netbpf.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for,
+                             stale_shared_maps)
 from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
@@ -668,6 +669,10 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     # the shared maps where the running ones pinned them (or create them in staging).
     shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
         else staging / "ingress"
+    if p.lbs and shared != staging / "ingress" and stale_shared_maps(shared):
+        log(f"{p.key}: the pinned flow tables are an older netbpf's layout: new ones are made "
+            "(open flows are balanced again)")
+        shared = staging / "ingress"
     loaded, parts, attached, carries, hows = {}, {}, [], [], {}
     before_xdp = attach.xdp_state(p.ifname, netns=p.netns)
     before_tc = {d: tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())

@@ -101,6 +101,16 @@ class LoadBalancerIR:
     mode: str                                     # nat | dsr
     backends: tuple[BackendIR, ...] = ()
     table_size: int = 65537
+    idle_timeout: float | None = None             # seconds; None: LB_IDLE_DEFAULTS[proto]
+
+    @property
+    def idle_s(self) -> float:
+        return self.idle_timeout if self.idle_timeout is not None else LB_IDLE_DEFAULTS[self.proto]
+
+
+# A balanced flow idle this long is forgotten and its next packet picks through Maglev again:
+# UDP like Katran (30 s), TCP like IPVS's established timeout (15 min). docs/lb.md.
+LB_IDLE_DEFAULTS = {6: 900.0, 17: 30.0}
 
 
 @dataclass(frozen=True)

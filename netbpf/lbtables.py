@@ -7,6 +7,7 @@ allocation without a kernel. Not the data path (bpf/include/lb.h), not Maglev (m
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import struct
@@ -14,15 +15,17 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from netbpf import abi
 from netbpf.errors import NetbpfError
 from netbpf.ir import LoadBalancerIR, addr_text
 from netbpf.kernel import bpfsys
 from netbpf.maglev import NO_BACKEND, maglev_table
 
-NB_LB_MAX_VIPS = 256
-NB_LB_MAX_BACKENDS = 4096
-NB_LB_NAT, NB_LB_DSR = 1, 2
-NB_BE_ACTIVE = 1
+NB_LB_MAX_VIPS = abi.NB_LB_MAX_VIPS
+NB_LB_MAX_BACKENDS = abi.NB_LB_MAX_BACKENDS
+NB_LB_NAT, NB_LB_DSR = abi.NB_LB_NAT, abi.NB_LB_DSR
+NB_BE_ACTIVE = abi.NB_BE_ACTIVE
+TOUCH_NS = 1_000_000_000      # a flow's last-seen time is rewritten at most once a second
 MIN_RING_CAP = 1 << 19
 LB_MAPS = ("nb_lb_vips", "nb_lb_ring", "nb_lb_backends", "nb_lb_flows", "nb_lb_nat", "nb_lb_cnt")
 PROTO_NAMES = {6: "tcp", 17: "udp"}
@@ -79,7 +82,8 @@ def ring_cap_for(lbs: list[LoadBalancerIR]) -> int:
 def _digest(lb: LoadBalancerIR, down: set[str]) -> str:
     items = [(backend_identity(lb.name, b.family, b.addr, b.port), b.weight,
               backend_identity(lb.name, b.family, b.addr, b.port) in down) for b in lb.backends]
-    raw = json.dumps([lb.mode, lb.family, lb.vip, lb.port, lb.proto, lb.table_size, items])
+    raw = json.dumps([lb.mode, lb.family, lb.vip, lb.port, lb.proto, lb.table_size, items,
+                      lb.idle_s])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -150,9 +154,53 @@ def _first_fit(regions: list[tuple[int, int]], n: int, cap: int) -> int:
     raise NetbpfError("ring")
 
 
+def _addr16(family: int, addr: int) -> bytes:
+    return addr.to_bytes(4 if family == 4 else 16, "big").ljust(16, b"\0")
+
+
 def _vip_key(v: VipState) -> bytes:
-    width = 4 if v.family == 4 else 16
-    return struct.pack("<BBH", v.family, v.proto, v.port) + v.addr.to_bytes(width, "big").ljust(16, b"\0")
+    k = abi.NbVipKey(family=v.family, proto=v.proto, port=v.port)
+    k.addr[:] = _addr16(v.family, v.addr)
+    return bytes(k)
+
+
+def vip_value(v: VipState, lb: LoadBalancerIR, first: int) -> bytes:
+    """The VIP entry: its live table half and its flows' idle timeout. The last-seen time is
+    refreshed every TOUCH_NS (a quarter of shorter timeouts), so a flow is forgotten between
+    idle_timeout - TOUCH_NS and idle_timeout after its last packet."""
+    idle = int(lb.idle_s * 1e9)
+    return bytes(abi.NbVip(index=v.index, mode=NB_LB_NAT if v.mode == "nat" else NB_LB_DSR,
+                           ring_off=first, ring_size=v.size, idle_ns=idle,
+                           touch_ns=min(TOUCH_NS, idle // 4)))
+
+
+def backend_value(family: int, addr: int, port: int, flags: int) -> bytes:
+    b = abi.NbBackend(family=family, port=port, flags=flags)
+    b.addr[:] = _addr16(family, addr)
+    return bytes(b)
+
+
+# The maps shared through pins across program changes, and the shapes this netbpf needs.
+SHARED_SHAPES = {"nb_lb_flows": (abi.NbFlowKey, abi.NbFlow),
+                 "nb_lb_nat": (abi.NbNatKey, abi.NbNatVal),
+                 "nb_lb_cnt": (ctypes.c_uint32, abi.NbLbCounter)}
+
+
+def stale_shared_maps(directory: Path) -> list[str]:
+    """Shared LB maps pinned in directory with another key or value size than this netbpf's
+    (pinned by an older version): a program cannot use them, the verifier would refuse it."""
+    stale = []
+    for name, (key, value) in SHARED_SHAPES.items():
+        if not (directory / name).exists():
+            continue
+        fd = bpfsys.obj_get(directory / name)
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            fd.close()
+        if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            stale.append(name)
+    return stale
 
 
 LB_ENTRY = "nb_lb_entry"      # the balancer's own XDP program, reached by tail call
@@ -193,11 +241,9 @@ class LbTables:
         for lb in lbs:
             for b in lb.backends:
                 ident = backend_identity(lb.name, b.family, b.addr, b.port)
-                width = 4 if b.family == 4 else 16
                 # a backend found down is inactive: its flows are dead, balance them again
                 flags = 0 if ident in down else NB_BE_ACTIVE
-                val = struct.pack("<BBHI", b.family, 0, b.port, flags) + \
-                    b.addr.to_bytes(width, "big").ljust(16, b"\0")
+                val = backend_value(b.family, b.addr, b.port, flags)
                 bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(new.backends[ident]), val)
         for name in changed:
             v, lb = new.vips[name], by_name[name]
@@ -211,9 +257,7 @@ class LbTables:
             first = v.base + v.half * v.size
             keys = array("I", range(first, first + v.size)).tobytes()
             bpfsys.map_update_batch(self.fds["nb_lb_ring"], keys, ring.tobytes(), v.size)
-            mode = NB_LB_NAT if v.mode == "nat" else NB_LB_DSR
-            bpfsys.map_update(self.fds["nb_lb_vips"], _vip_key(v),
-                              struct.pack("<IIII", v.index, mode, first, v.size))
+            bpfsys.map_update(self.fds["nb_lb_vips"], _vip_key(v), vip_value(v, lb, first))
         old = old or LbState()
         live_keys = {_vip_key(v) for v in new.vips.values()}
         for v in old.vips.values():
@@ -222,18 +266,28 @@ class LbTables:
         # Removed backends: inactive, so their flows are balanced again (see docs/lb.md).
         gone = set(old.backends.values()) - set(new.backends.values())
         for bid in gone:
-            bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(bid), bytes(24))
+            bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(bid),
+                              bytes(ctypes.sizeof(abi.NbBackend)))
 
     def counters(self) -> dict[int, tuple[int, int, int]]:
         out = {}
-        for k, per_cpu in bpfsys.map_lookup_batch(self.fds["nb_lb_cnt"], 4, 24, percpu=True):
+        size = ctypes.sizeof(abi.NbLbCounter)
+        for k, per_cpu in bpfsys.map_lookup_batch(self.fds["nb_lb_cnt"], 4, size, percpu=True):
             tot = [0, 0, 0]
             for v in per_cpu:
-                for i, x in enumerate(struct.unpack_from("<QQQ", v)):
+                c = abi.NbLbCounter.from_buffer_copy(v[:size])
+                for i, x in enumerate((c.packets, c.bytes, c.conns)):
                     tot[i] += x
             if any(tot):
                 out[_U32.unpack(k)[0]] = tuple(tot)
         return out
 
     def flow_count(self) -> int:
-        return sum(1 for _ in bpfsys.map_lookup_batch(self.fds["nb_lb_flows"], 40, 8))
+        return sum(1 for _ in self.flows())
+
+    def flows(self):
+        """(key, value) of every remembered flow, as abi.NbFlowKey / abi.NbFlow."""
+        for k, v in bpfsys.map_lookup_batch(self.fds["nb_lb_flows"],
+                                            ctypes.sizeof(abi.NbFlowKey),
+                                            ctypes.sizeof(abi.NbFlow)):
+            yield abi.NbFlowKey.from_buffer_copy(k), abi.NbFlow.from_buffer_copy(v)

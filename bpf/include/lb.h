@@ -182,7 +182,19 @@ static __always_inline struct nb_vip *nb_lb_vip_of(struct nb_pkt *p)
     return nb_lb_vips.lookup(&vk);
 }
 
-/* Balance a packet already known to be for vip (a copy: the caller's lookup). */
+#define NB_LB_TCP_SYN 0x02
+#define NB_LB_TCP_ACK 0x10
+
+/* A TCP SYN without ACK opens a connection: it always picks through Maglev, as Katran does,
+ * so a client reusing a 5-tuple never follows an old entry to a drained or removed backend. */
+static __always_inline int nb_lb_opens(struct nb_pkt *p)
+{
+    return p->proto == IPPROTO_TCP &&
+           (p->tcp_flags & (NB_LB_TCP_SYN | NB_LB_TCP_ACK)) == NB_LB_TCP_SYN;
+}
+
+/* Balance a packet already known to be for vip (the handoff the firewall wrote).
+ * Established flow: one flow lookup, the backend's array slot, rewrite, forward. */
 static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
                                          struct nb_vip *vip, __u32 len)
 {
@@ -191,15 +203,22 @@ static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
     __builtin_memcpy(fk.saddr, p->src, 16);
     __builtin_memcpy(fk.daddr, p->dst, 16);
 
+    /* CLOCK_MONOTONIC at tick resolution: ample for second-scale timeouts, and measured
+     * 20 ns a packet cheaper than bpf_ktime_get_ns() on our VMs (bench/README.md) */
+    __u64 now = bpf_ktime_get_coarse_ns();
     __u32 bid = NB_LB_NO_BACKEND;
     struct nb_backend *be = 0;
     int fresh = 0;
-    struct nb_flow *fl = nb_lb_flows.lookup(&fk);
-    if (fl && fl->vip_index == vip->index) {
+    struct nb_flow *fl = nb_lb_opens(p) ? 0 : nb_lb_flows.lookup(&fk);
+    /* an idle flow (UDP, or TCP past its timeout) is balanced again; unsigned, so a
+     * last_ns from the future counts as expired too */
+    if (fl && fl->vip_index == vip->index && now - fl->last_ns <= vip->idle_ns) {
         bid = fl->backend;
         be = nb_lb_backends.lookup(&bid);
         if (be && !(be->flags & NB_BE_ACTIVE))
             be = 0;     /* removed from the policy: the flow is balanced again */
+        else if (now - fl->last_ns > vip->touch_ns)
+            fl->last_ns = now;  /* coarse: one write per touch_ns, not a dirty line per packet */
     }
     if (!be) {
         if (vip->ring_size == 0)
@@ -215,7 +234,8 @@ static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
         be = nb_lb_backends.lookup(&bid);
         if (!be)
             return XDP_DROP;
-        struct nb_flow nf = {.backend = bid, .vip_index = vip->index};
+        /* overwrites any old entry of this 5-tuple (a reused port, an expired flow) */
+        struct nb_flow nf = {.backend = bid, .vip_index = vip->index, .last_ns = now};
         nb_lb_flows.update(&fk, &nf);
         fresh = 1;
     }

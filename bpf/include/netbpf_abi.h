@@ -248,6 +248,8 @@ struct nb_vip {                             /* replaced whole: a packet sees one
     __u32 mode;                             /* NB_LB_NAT or NB_LB_DSR */
     __u32 ring_off;                         /* this VIP's live Maglev table in nb_lb_ring */
     __u32 ring_size;                        /* prime */
+    __u64 idle_ns;                          /* a flow idle longer is balanced again (Maglev) */
+    __u64 touch_ns;                         /* nb_flow.last_ns is rewritten only when older */
 };
 
 struct nb_backend {                         /* nb_lb_backends[id] */
@@ -271,6 +273,7 @@ struct nb_flow_key {                        /* client -> VIP, as the client sent
 struct nb_flow {
     __u32 backend;
     __u32 vip_index;
+    __u64 last_ns;                          /* bpf_ktime_get_coarse_ns(), <= touch_ns stale */
 };
 
 struct nb_nat_key {                         /* a backend's reply, as it leaves toward the client */

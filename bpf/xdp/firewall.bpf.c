@@ -31,9 +31,8 @@ int nb_lb_entry(struct xdp_md *ctx)
     struct nb_lb_handoff *h = nb_lb_scratch.lookup(&zero);
     if (!h)
         return XDP_PASS;
-    struct nb_pkt p = h->p;
-    struct nb_vip vip = h->vip;
-    int lb = nb_lb_balance(ctx, &p, &vip, h->len);
+    /* read in place: the scratch is this CPU's and nothing else runs here until we return */
+    int lb = nb_lb_balance(ctx, &h->p, &h->vip, h->len);
     return lb >= 0 ? lb : XDP_PASS;
 }
 #endif

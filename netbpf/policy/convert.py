@@ -88,6 +88,7 @@ def _lb_ir(name: str, lb: LoadBalancer) -> LoadBalancerIR:
     return LoadBalancerIR(
         name=name, interface=lb.interface, family=family, vip=vip, port=lb.port,
         proto=vocab.PROTOCOLS[lb.proto], mode=lb.mode, table_size=lb.table_size,
+        idle_timeout=lb.idle_timeout,
         backends=tuple(BackendIR(family=b.address[0], addr=b.address[1],
                                  port=b.port if b.port is not None else lb.port,
                                  weight=b.weight) for b in lb.backends))

@@ -416,6 +416,30 @@ def _duration(value: Any) -> float:
     return seconds
 
 
+def _long_duration(value: Any) -> float:
+    """A duration of 1s to 7 days; also in hours (12h) or days (2d)."""
+    _no_null(value)
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*", value)
+        if m:
+            seconds = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0,
+                                           "d": 86400.0}[m.group(2)]
+    if seconds is None:
+        raise fail(f"must be a duration like 30s, 15m or 2h (got {describe(value)})")
+    if not 1 <= seconds <= 7 * 86400:
+        raise fail(f"must be between 1s and 7d (got {describe(value)})")
+    return seconds
+
+
+LongDuration = Annotated[float, PlainValidator(_long_duration), WithJsonSchema({"anyOf": [
+    {"type": "number", "description": "seconds"},
+    {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)\s*$"}],
+    "examples": ["30s", "15m", "2h"]})]
+
+
 Duration = Annotated[float, PlainValidator(_duration), WithJsonSchema({"anyOf": [
     {"type": "number", "description": "seconds"},
     {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m)\s*$"}],
@@ -807,6 +831,10 @@ class LoadBalancer(StrictModel):
     table_size: TableSize = Field(
         65537, description="Maglev table size: a prime, ideally at least 100 x backends.")
     health: Health = Field(None, description="Optional health check (run by the controller).")
+    idle_timeout: LongDuration = Field(
+        None, description="A flow without packets this long is forgotten: its next packet "
+                          "picks a backend through Maglev again (default 15m for tcp, 30s "
+                          "for udp; 1s to 7d). A TCP SYN always picks anew.")
 
     @model_validator(mode="after")
     def _check_backends(self) -> LoadBalancer:

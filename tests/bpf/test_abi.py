@@ -20,13 +20,18 @@ STRUCTS = {  # C struct -> ctypes mirror (None: shape-dependent, checked through
     "nb_counter": abi.NbCounter, "nb_rl_key": abi.NbRlKey, "nb_rl_state": abi.NbRlState,
     "nb_ct_key": abi.NbCtKey, "nb_ct_val": abi.NbCtVal, "nb_ct_cfg": abi.NbCtCfg,
     "nb_seth4_key": abi.NbSeth4Key, "nb_seth6_key": abi.NbSeth6Key,
+    "nb_vip_key": abi.NbVipKey, "nb_vip": abi.NbVip, "nb_backend": abi.NbBackend,
+    "nb_flow_key": abi.NbFlowKey, "nb_flow": abi.NbFlow, "nb_nat_key": abi.NbNatKey,
+    "nb_nat_val": abi.NbNatVal, "nb_lb_counter": abi.NbLbCounter,
 }
 CONSTANTS = ["NB_MAX_COUNT_RULES", "NB_MAX_SETREFS", "NB_PREFIX_CAP", "NB_SET_CAP",
              "NB_RL_ENTRIES", "NB_ACT_ALLOW", "NB_ACT_DROP", "NB_ACT_RATE", "NB_ACT_REJECT", "NB_REJECT_PPS", "NB_REJECT_BURST", "NB_REJECT_QUOTE", "NB_STAT_REJECT", "NB_F_SRC",
              "NB_F_DST", "NB_F_PROTO", "NB_F_SPORT", "NB_F_DPORT", "NB_F_ICMP", "NB_F_FLAGS",
              "NB_F_SET0", "NB_NFIELDS", "NB_STAT_MAX", "NB_STAT_CT_REPLY", "NB_STAT_LB_DROP",
              "NB_CT_ENTRIES", "NB_CT_NTIMEOUTS", "NB_SETREF_HASH4", "NB_SETREF_HASH6",
-             "NB_DIR_MAX_CHUNKS", "NB_DIR_ROOT", "NB_DIR_PTR"]
+             "NB_DIR_MAX_CHUNKS", "NB_DIR_ROOT", "NB_DIR_PTR", "NB_LB_MAX_VIPS",
+             "NB_LB_MAX_BACKENDS", "NB_LB_FLOWS", "NB_LB_NO_BACKEND", "NB_LB_NAT", "NB_LB_DSR",
+             "NB_BE_ACTIVE"]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +99,11 @@ def test_loaded_maps_have_the_mirrored_sizes():
                                                                      ctypes.sizeof(abi.NbRlState)),
         "nb_ct": (ctypes.sizeof(abi.NbCtKey), ctypes.sizeof(abi.NbCtVal)),
         "nb_ct_cfg": (4, ctypes.sizeof(abi.NbCtCfg)),
-        "nb_lb_vips": (20, 16), "nb_lb_backends": (4, 24), "nb_lb_flows": (40, 8),
-        "nb_lb_nat": (40, 24), "nb_lb_cnt": (4, 24),
+        "nb_lb_vips": (ctypes.sizeof(abi.NbVipKey), ctypes.sizeof(abi.NbVip)),
+        "nb_lb_backends": (4, ctypes.sizeof(abi.NbBackend)),
+        "nb_lb_flows": (ctypes.sizeof(abi.NbFlowKey), ctypes.sizeof(abi.NbFlow)),
+        "nb_lb_nat": (ctypes.sizeof(abi.NbNatKey), ctypes.sizeof(abi.NbNatVal)),
+        "nb_lb_cnt": (4, ctypes.sizeof(abi.NbLbCounter)),
     }
     for name, sizes in expect.items():
         assert (m[name].key_size, m[name].value_size) == sizes, name

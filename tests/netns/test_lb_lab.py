@@ -1,12 +1,14 @@
 r"""The L4 load balancer with real TCP servers in three backend namespaces.
 
                      10.20.0.0/24                              10.21.0.0/24
-    [client] client0 -------------- lb0 [lb] br-be ----- eth0 [b1] .11  TCP :8080 "b1"
-             .2                     .1  VIP 10.20.0.100    \--- eth0 [b2] .12  TCP :8080 "b2"
-                                        (on lo), :80/tcp    \-- eth0 [b3] .13  TCP :8080 "b3"
+    [client] client0 -------------- lb0 [lb] br-be ----- eth0 [b1] .11  TCP+UDP :8080 "b1"
+             .2                     .1  VIP 10.20.0.100    \--- eth0 [b2] .12  TCP+UDP :8080 "b2"
+                                        (on lo), :80       \-- eth0 [b3] .13  TCP+UDP :8080 "b3"
                                     XDP: Maglev + NAT; TC egress: replies -> VIP:80
 
-Each server answers every line it reads with its name, so a client sees where it landed.
+Each server answers every line (TCP) or datagram (UDP) with its name, so a client sees where
+it landed. Tests that reuse a 5-tuple do it on purpose, from fixed source ports below the
+ephemeral range, each test its own range; the others use ephemeral ports.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -40,19 +43,26 @@ SERVER = textwrap.dedent("""
         with c, c.makefile("rb") as f:
             for line in f:
                 c.sendall(name.encode() + b"\\n")
+    def serve_udp():
+        u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.bind(("::", 8080))
+        while True:
+            _, peer = u.recvfrom(2048)
+            u.sendto(name.encode(), peer)
     threading.Thread(target=serve, args=(socket.AF_INET6, "::"), daemon=True).start()
+    threading.Thread(target=serve_udp, daemon=True).start()
     import time; time.sleep(0.2); print("ready", flush=True); time.sleep(3600)
 """)
 
 
 def policy(weights=(1, 1, 2), backends=("b1", "b2", "b3"), family=4, mode="nat",
-           health=False) -> str:
+           health=False, proto="tcp", idle=None) -> str:
     vip = VIP4 if family == 4 else VIP6
     lines = [f"      - {{address: \"{BACKENDS[b][family == 6]}\", port: 8080, weight: {w}}}"
              for b, w in zip(backends, weights)]
     extra = "    health: {tcp: {interval: 2s, timeout: 1500ms}}\n" if health else ""
+    extra += f"    idle_timeout: {idle}\n" if idle else ""
     return (f"version: 1\nload_balancers:\n  web:\n    interface: lb0\n    vip: \"{vip}\"\n"
-            f"    port: 80\n    proto: tcp\n    mode: {mode}\n    backends:\n"
+            f"    port: 80\n    proto: {proto}\n    mode: {mode}\n    backends:\n"
             + "\n".join(lines) + "\n" + extra)
 
 
@@ -124,6 +134,28 @@ def connect(vip: str, n: int, sports=None, keep=False):
     return out, fails
 
 
+def exchange_udp(vip: str, sports) -> tuple[list[str], list[str]]:
+    """One datagram from each source port to vip:80; the backend that answered each (the
+    answer must come back from vip:80, translated by the TC egress program)."""
+    out, fails = [], []
+    for sp in sports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.settimeout(3)
+        try:
+            s.bind(("", sp))
+            s.sendto(b"hi", (vip, 80))
+            data, peer = s.recvfrom(64)
+            if peer != (vip, 80):
+                fails.append(f"answer from {peer}")
+            out.append(data.decode().strip())
+        except OSError as e:
+            fails.append(repr(e))
+        finally:
+            s.close()
+    return out, fails
+
+
 def lb_stats(lab) -> dict:
     return json.loads(netbpf(lab, "stats", "lb0", "--json").stdout)["load_balancers"][0]
 
@@ -181,13 +213,16 @@ def test_same_five_tuple_keeps_its_backend(lb):
 
 def test_draining_backend_keeps_open_connections_and_gets_no_new_ones(reset):
     lab = reset
-
+    # earlier connections from these ports, closed: their flow entries stay behind, and the
+    # new connections below reuse the very same 5-tuples (on purpose, not by chance)
+    history = list(range(24000, 24120))
     # a persistent client inside the namespace: keeps 30 connections open across the re-apply
     code = textwrap.dedent(f"""
         import socket, sys
         conns = []
-        for _ in range(30):
-            s = socket.create_connection(("{VIP4}", 80), timeout=3); s.sendall(b"hi\\n")
+        for port in range(24200, 24230):
+            s = socket.socket(); s.bind(("", port)); s.settimeout(3)
+            s.connect(("{VIP4}", 80)); s.sendall(b"hi\\n")
             conns.append((s, s.recv(64).decode().strip()))
         print(" ".join(n for _, n in conns), flush=True)
         sys.stdin.readline()
@@ -196,6 +231,8 @@ def test_draining_backend_keeps_open_connections_and_gets_no_new_ones(reset):
             s.sendall(b"again\\n"); out.append(s.recv(64).decode().strip())
         print(" ".join(out), flush=True)
     """)
+    first, fails = lab.call("client", connect, VIP4, len(history), history)
+    assert fails == [] and "b3" in first                    # the reuse case is exercised
     p = lab.popen("client", [sys.executable, "-c", code], stdin=subprocess.PIPE,
                   stdout=subprocess.PIPE, text=True)
     before = p.stdout.readline().split()
@@ -206,8 +243,50 @@ def test_draining_backend_keeps_open_connections_and_gets_no_new_ones(reset):
     after = p.stdout.readline().split()
     p.wait(10)
     assert after == before                                  # open connections kept their backend
+    again, fails = lab.call("client", connect, VIP4, len(history), history)
+    assert fails == [] and "b3" not in again                # reused 5-tuples: no SYN to b3
     new, fails = lab.call("client", connect, VIP4, 60)
     assert fails == [] and "b3" not in new
+
+
+@pytest.mark.parametrize("how", ["drained", "removed"])
+def test_reused_five_tuples_never_open_a_connection_to_a_gone_backend(reset, how):
+    """120 connections from fixed ports, b2 drained (weight 0) or removed, all closed, then
+    120 new connections from the same ports: not one SYN reaches b2 (issue 19)."""
+    lab = reset
+    sports = list(range(25000, 25120)) if how == "drained" else list(range(25200, 25320))
+    first, fails = lab.call("client", connect, VIP4, len(sports), sports)
+    assert fails == [] and first.count("b2") >= 10
+    gone = policy(weights=(1, 0, 2)) if how == "drained" else \
+        policy(weights=(1, 2), backends=("b1", "b3"))
+    apply(lab, lab.tmp, gone)
+    with lab.capture("b2", "eth0", filter="tcp[tcpflags] & tcp-syn != 0", timeout=20,
+                     direction="in") as syns_to_b2:
+        again, fails = lab.call("client", connect, VIP4, len(sports), sports)
+        syns_to_b2.wait(timeout=0.5)
+    assert fails == [] and "b2" not in again
+    assert syns_to_b2.packets == []
+
+
+@pytest.mark.parametrize("how", ["drained", "removed"])
+def test_udp_flows_of_a_gone_backend(reset, how):
+    """UDP has no SYN. Drained: a flow stays on its backend while it is active, and once idle
+    for idle_timeout its next datagram is balanced again. Removed: balanced again at once."""
+    lab = reset
+    sports = list(range(26000, 26120)) if how == "drained" else list(range(26200, 26320))
+    apply(lab, lab.tmp, policy(proto="udp"))
+    first, fails = lab.call("client", exchange_udp, VIP4, sports)
+    assert fails == [] and first.count("b2") >= 10
+    if how == "drained":
+        apply(lab, lab.tmp, policy(weights=(1, 0, 2), proto="udp"))
+        kept, fails = lab.call("client", exchange_udp, VIP4, sports)
+        assert fails == [] and kept == first                # 30 s default: nobody idled out
+        apply(lab, lab.tmp, policy(weights=(1, 0, 2), proto="udp", idle="1s"))
+        time.sleep(2)                                       # every flow idle past 1 s
+    else:
+        apply(lab, lab.tmp, policy(weights=(1, 2), backends=("b1", "b3"), proto="udp"))
+    again, fails = lab.call("client", exchange_udp, VIP4, sports)
+    assert fails == [] and "b2" not in again
 
 
 def test_removing_a_backend_moves_only_its_flows(reset):

@@ -199,6 +199,15 @@ CASES = [
      "proto: tcp, mode: dsr, backends: [{address: 10.1.0.11, port: 8080}]}\n", {},
      ["p.yaml:3:114: load_balancers.web.backends[0].port: dsr only rewrites the MAC address, "
       "so the backend port must be the VIP port 80 (got 8080); use mode nat to change ports"]),
+    ("lb_idle_timeout_out_of_range",
+     "version: 1\nload_balancers:\n  web: {interface: eth0, vip: 10.0.0.100, port: 53, "
+     "proto: udp, idle_timeout: 500ms, backends: [{address: 10.1.0.11}]}\n", {},
+     ["p.yaml:3:79: load_balancers.web.idle_timeout: must be between 1s and 7d (got '500ms')"]),
+    ("lb_idle_timeout_not_a_duration",
+     "version: 1\nload_balancers:\n  web: {interface: eth0, vip: 10.0.0.100, port: 80, "
+     "proto: tcp, idle_timeout: soon, backends: [{address: 10.1.0.11}]}\n", {},
+     ["p.yaml:3:79: load_balancers.web.idle_timeout: must be a duration like 30s, 15m or 2h "
+      "(got 'soon')"]),
     ("lb_several_field_errors",
      "version: 1\nload_balancers:\n  web: {interface: eth0, vip: 10.0.0.100/32, port: 0, "
      "proto: icmp, backends: []}\n", {},

@@ -224,6 +224,15 @@ def test_all_zero_weights_is_valid_with_a_warning(tmp_path):
     assert any("every backend has weight 0" in w for w in loaded.warnings)
 
 
+@pytest.mark.parametrize("proto,given,idle_s", [
+    ("tcp", "", 900.0), ("udp", "", 30.0), ("udp", ", idle_timeout: 2h", 7200.0),
+    ("tcp", ", idle_timeout: 1d", 86400.0), ("udp", ", idle_timeout: 5", 5.0)])
+def test_load_balancer_idle_timeout_defaults_by_protocol(tmp_path, proto, given, idle_s):
+    text = ("version: 1\nload_balancers:\n  web: {interface: eth0, vip: 10.0.0.1, port: 80, "
+            f"proto: {proto}{given}, backends: [{{address: 10.0.0.2}}]}}\n")
+    assert load_policy(write(tmp_path, text)).ir.load_balancers["web"].idle_s == idle_s
+
+
 def test_mixed_families_in_one_field_are_allowed(tmp_path):
     text = ("version: 1\ninterfaces:\n  eth0:\n    ingress:\n      rules:\n"
             "        - {name: r, src: [10.0.0.0/8, '2001:db8::/32'], action: drop}\n")
