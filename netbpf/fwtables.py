@@ -27,7 +27,6 @@ FW_MAPS = ("nb_fw_gen", "nb_fw_cfg", "nb_fw_rules", "nb_fw_crules", "nb_fw_vecs"
 # (counters carried over, stats) until the next apply replaces it.
 NEWER_MAPS = ("nb_fw_dir", "nb_seth4", "nb_seth6")
 
-ACTION_CODES = {"allow": abi.NB_ACT_ALLOW, "drop": abi.NB_ACT_DROP}
 _U32 = struct.Struct("<I")
 _ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
 _BATCH = 65536                  # entries per batch update: bounds one syscall's buffer
@@ -434,8 +433,6 @@ def table_bytes(words: int, class_cap: int, chunks: int) -> int:
             + 4 * 65536 * 4 + 2 * 256 * 4 + 2 * 65536 * 4 + 2 * 256 * 4
             + abi.slot_cap(words) * percpu + abi.NB_STAT_MAX * percpu)
 
-
-COUNTER_MAPS = ("nb_fw_cnt", "nb_fw_stats")
 
 
 class CounterCarry:

@@ -282,9 +282,6 @@ class LbTables:
                 out[_U32.unpack(k)[0]] = tuple(tot)
         return out
 
-    def flow_count(self) -> int:
-        return sum(1 for _ in self.flows())
-
     def flows(self):
         """(key, value) of every remembered flow, as abi.NbFlowKey / abi.NbFlow."""
         for k, v in bpfsys.map_lookup_batch(self.fds["nb_lb_flows"],

@@ -80,10 +80,6 @@ class Loaded:
     def map_fd(self, name: str) -> int:
         return int(self._map(name).fd)
 
-    @property
-    def map_fds(self) -> dict[str, int]:
-        return {n: int(m.fd) for n, m in self.maps.items()}
-
     def table(self, name: str):
         """bcc's Table for a map (ctypes .Key/.Leaf types and dict-like access)."""
         self._map(name)

@@ -14,6 +14,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
 from pydantic_core import PydanticCustomError
 
 from netbpf.ir import AddrMatch, Prefix
+from netbpf.maglev import is_prime
 from netbpf.policy import vocab
 from netbpf.policy.addr import AddrError, format_address, format_prefix, parse_address, parse_network
 
@@ -799,18 +800,6 @@ def _next_prime(n: int) -> int:
         n += 1
     return n
 
-
-def is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    f = 3
-    while f * f <= n:
-        if n % f == 0:
-            return False
-        f += 2
-    return True
 
 
 MAX_TABLE_SIZE = 16_777_213  # largest prime below 2**24: bounds the Maglev map's memory
