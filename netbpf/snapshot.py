@@ -50,8 +50,14 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
     rels = _set_files(loaded.model)
     copies = {POLICY_NAME: loaded_from} | {r: (loaded_from.parent / r).resolve() for r in rels}
     sources = {POLICY_NAME: named} | {r: (named.parent / r).resolve() for r in rels}
+    stdin = loaded.display == "<stdin>"      # nothing to copy from: the bytes read
+    if stdin:
+        copies = {r: p for r, p in copies.items() if r != POLICY_NAME}
+    files = {rel: _sha(p) for rel, p in copies.items()}
+    if stdin:
+        files[POLICY_NAME] = hashlib.sha256(loaded.raw).hexdigest()
     data = {"policy_path": str(named), "netns": netns, "policy_hash": loaded.source_hash,
-            "files": {rel: _sha(p) for rel, p in copies.items()},
+            "files": files,
             "sources": {rel: str(p) for rel, p in sources.items()}}
     for key in keys:
         was = manifest(key)
@@ -65,6 +71,9 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
             target = tmp / "files" / rel.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)
+        if stdin:
+            (tmp / "files").mkdir(parents=True, exist_ok=True)
+            (tmp / "files" / POLICY_NAME).write_bytes(loaded.raw)
         (tmp / "manifest.json").write_text(json.dumps(data, indent=1))
         prev, cur = base / "previous", base / "current"
         shutil.rmtree(prev, ignore_errors=True)
