@@ -146,10 +146,11 @@ def restore(log: Log = print) -> int:
         try:
             loaded = load_policy(root / rec["mirror"].lstrip("/"), root=root)
             apply_policy(loaded, rec["policy_path"], netns, log=log)
-            with apply_lock(wait_message=log):
-                for name in rec.get("detached", []):
-                    if name in _interfaces(loaded):
-                        detach_key(iface_key(name, netns), log)
+            for name in rec.get("detached", []):
+                if name in _interfaces(loaded):
+                    key = iface_key(name, netns)
+                    with apply_lock([key], wait_message=log):
+                        detach_key(key, log)
             log(f"{where}: restored")
         except PolicyError as e:
             log(f"{where}: saved copy is invalid: {e.errors[0]}")

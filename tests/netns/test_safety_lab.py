@@ -161,5 +161,6 @@ def test_confirm_keeps_the_new_policy(gw, monkeypatch):
 def test_first_apply_with_confirm_rolls_back_to_nothing(gw):
     lab, d = gw
     netbpf(lab, "apply", str(d / "ok.yaml"), "--confirm", "1")
-    assert wait_for(lambda: attach.xdp_state("gw0", netns=lab.ns("gw")) is None, 4)
-    assert load_state(f"{lab.ns('gw')}:gw0") is None
+    # the rollback detaches the programs first, then forgets pins and state: wait for both
+    assert wait_for(lambda: attach.xdp_state("gw0", netns=lab.ns("gw")) is None
+                    and load_state(f"{lab.ns('gw')}:gw0") is None, 6)
