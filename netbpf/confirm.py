@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+from netbpf.procs import pid_alive
 from netbpf import snapshot, state
 from netbpf.errors import NetbpfError
 
@@ -165,20 +166,6 @@ def _deadline(data: dict, applier_gone_at: float | None) -> float | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (our parent never reaped) counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _prepare(data: dict) -> dict:
     """Load the saved policies before the deadline (imports and parsing take about a second
     on a busy machine): at the deadline only the apply itself is left."""
@@ -216,7 +203,7 @@ def run_timer(cid: str) -> int:
         if data is None or data["id"] != cid:
             return 0                    # confirmed, or replaced by a newer --confirm
         if gone_at is None and not data.get("applied_at") and \
-                not _pid_alive(data["applier_pid"]):
+                not pid_alive(data["applier_pid"]):
             gone_at = _last_change(data) or time.time()
         if prepared is None:
             prepared = _prepare(data)

@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from netbpf import procs
 from netbpf.errors import NetbpfError
 
 NETNS_DIR = "/run/netns"
@@ -127,7 +128,7 @@ def delete_netns(name: str, kill_pids: bool = True) -> str | None:
                     pass
             deadline = time.monotonic() + 1.0
             while pids and time.monotonic() < deadline:
-                pids = [p for p in pids if _alive(p)]
+                pids = [p for p in pids if pid_alive(p)]
                 if pids:
                     time.sleep(0.02)
             if not pids:
@@ -148,22 +149,8 @@ def delete_netns(name: str, kill_pids: bool = True) -> str | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def pid_alive(pid: int | None) -> bool:
-    return bool(pid) and _alive(pid)  # type: ignore[arg-type]
+    return procs.pid_alive(pid)
 
 
 # -- entering a network namespace ---------------------------------------------------------------
