@@ -10,8 +10,10 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -293,9 +295,15 @@ def unpin_tree(d: Path) -> None:
 def forget_netns(netns: str) -> list[str]:
     """Drop pins, state and health files of every interface key in netns (the namespace is
     gone, so its programs are detached already). Returns the keys forgotten. Files only."""
-    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.json")}
-    keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{netns}:*.journal")}
-    keys |= {p.name for p in PIN_ROOT.glob(f"{netns}:*")} if PIN_ROOT.is_dir() else set()
+    ns = glob_escape(netns)
+    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{ns}:*.json")}
+    keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{ns}:*.journal")}
+    keys |= {p.name for p in PIN_ROOT.glob(f"{ns}:*")} if PIN_ROOT.is_dir() else set()
+    # files other parts keep per interface: the health checker's, event readers', the
+    # saved copies of applied policies, and locks nobody holds any more
+    for sub, suffix in (("health", ".json"), ("locks", ".lock"), ("events", ".lock")):
+        keys |= {p.name[:-len(suffix)] for p in (STATE_ROOT / sub).glob(f"{ns}:*{suffix}")}
+    keys |= {p.name for p in (STATE_ROOT / "policies").glob(f"{ns}:*")}
     with apply_lock(keys):
         for key in keys:
             for d in (pin_dir(key), *staging_dirs(key)):
@@ -306,6 +314,8 @@ def forget_netns(netns: str) -> list[str]:
             remove_state(key)
             remove_journal(key)
             health_file(key).unlink(missing_ok=True)
+            (STATE_ROOT / "events" / f"{key}.lock").unlink(missing_ok=True)
+            shutil.rmtree(STATE_ROOT / "policies" / key, ignore_errors=True)
             remove_lock(key)
         prune_pin_roots()
     return sorted(keys)
