@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from netbpf.state import PIN_ROOT, STATE_ROOT, pin_dir, staging_dirs, state_file
+from netbpf.state import PIN_ROOT, STATE_ROOT, lock_file, pin_dir, staging_dirs, state_file
 
 from netbpf_cli import NETBPF, netbpf
 from test_races import Probes, policy, status_row
@@ -98,7 +98,8 @@ def _not_writable_by_others(path: Path) -> str | None:
 def _netbpf_files(lab) -> list[Path]:
     key = f"{lab.ns('gw')}:gw0"
     paths = [PIN_ROOT, pin_dir(key), *sorted(pin_dir(key).rglob("*")),
-             STATE_ROOT, STATE_ROOT / "apply.lock", state_file(key).parent, state_file(key)]
+             STATE_ROOT, lock_file(key).parent, lock_file(key), state_file(key).parent,
+             state_file(key)]
     paths += [d.parent for d in staging_dirs(key) if d.parent.exists()]
     return paths
 
@@ -111,8 +112,8 @@ def _unprivileged_writes(lab) -> list[str]:
     if as_nobody("bpftool", "map", "update", "pinned", str(gen), "key", "0", "0", "0", "0",
                  "value", "1", "0", "0", "0").returncode == 0:
         done.append(f"updated {gen}")
-    if as_nobody("sh", "-c", f"echo 1 >> '{STATE_ROOT / 'apply.lock'}'").returncode == 0:
-        done.append("wrote the apply lock")
+    if as_nobody("sh", "-c", f"echo 1 >> '{lock_file(key)}'").returncode == 0:
+        done.append("wrote the interface's apply lock")
     if as_nobody("mv", str(gen), str(gen) + "_moved").returncode == 0:
         os.rename(str(gen) + "_moved", gen)
         done.append(f"renamed {gen}")
