@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from netbpf.compile import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, Pkt, reference_match
 from netbpf.errors import InputError, NetbpfError
-from netbpf.inspect import ProgramCopy, interface_state
+from netbpf.inspect import ProgramCopy, interface_state, same_verdict
 from netbpf.ir import DirectionIR
 from netbpf.policy import vocab
 from netbpf.probe import frame, parse_frame
@@ -33,9 +33,8 @@ class Explanation:
 
     @property
     def agree(self) -> bool:
-        verdicts = (self.model_verdict == self.program_verdict or
-                    self.model_verdict == "rate_limit")
-        return verdicts and self.model_rule == self.program_rule
+        return (same_verdict(self.model_verdict, self.program_verdict)
+                and self.model_rule == self.program_rule)
 
 
 def _endpoint(text: str) -> tuple[int, int, int | None]:

@@ -150,18 +150,22 @@ class ProgramCopy:
     def __post_init__(self):
         from netbpf.apply import PROGRAMS
         from netbpf.kernel.loader import load_program
+        from netbpf.reject import REJECT_ENTRY, link_reject_entry
 
         part = self.st.parts[self.direction]
         source, self.func, prog_type = PROGRAMS[(self.direction, part.hook)]
         defines = {"NB_WORDS": part.words, "NB_CLASS_CAP": part.class_cap,
-                   "NB_FIELDS": part.fields}
+                   "NB_DIR_CHUNKS": part.dir_chunks, "NB_FIELDS": part.fields}
         if self.st.conntrack:
             defines["NB_CONNTRACK"] = 1      # its own, empty connection table
         self.prog_type = prog_type
         # cached per process: explain/selftest of many interfaces compile each shape once;
         # every copy rewrites the generation, sets and counters it uses
-        self.loaded = load_program(source, defines, {self.func: prog_type}, cache=True)
+        self.loaded = load_program(source, defines, {self.func: prog_type,
+                                                     REJECT_ENTRY[prog_type]: prog_type},
+                                   cache=True)
         try:
+            link_reject_entry(self.loaded, prog_type)
             self.tables = FwTables.from_loaded(self.loaded, part.words, part.class_cap)
             live = open_tables(self.st, self.direction)
             try:
@@ -179,14 +183,19 @@ class ProgramCopy:
         return self.loaded.prog_fd(self.func)
 
     def verdict(self, frame: bytes) -> str:
-        """'pass' or 'drop' for one frame."""
-        from netbpf.kernel.testrun import TC_ACT_SHOT, XDP_DROP, XDP_PASS, test_run
+        """'pass', 'drop' or 'reject' (an answer sent back) for one frame."""
+        from netbpf.kernel.testrun import (TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+                                           XDP_TX, test_run)
 
         ret = test_run(self.fd, frame).retval
         if self.prog_type == "xdp":
+            if ret == XDP_TX:
+                return "reject"
             if ret not in (XDP_DROP, XDP_PASS):
                 return f"xdp verdict {ret}"
             return "drop" if ret == XDP_DROP else "pass"
+        if ret == TC_ACT_REDIRECT:
+            return "reject"
         return "drop" if ret == TC_ACT_SHOT else "pass"
 
     def counters(self) -> dict[int, int]:
@@ -201,3 +210,11 @@ class ProgramCopy:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def same_verdict(model: str, program: str) -> bool:
+    """A rate limit may pass or drop; a reject drops the packet and answers unless the
+    packet gets no answer (a RST, an ICMP error, multicast) or the answer budget is spent."""
+    return model == program or model == "rate_limit" or \
+        (model == "reject" and program == "drop")
+

@@ -213,3 +213,38 @@ def test_selftest_and_explain_on_a_generated_10k_rule_policy(gw):
     pkt, data = parse_packet(["udp", "10.0.4.9:5000", "10.10.0.1:1004"])
     x = explain(key(lab), pkt, data)
     assert x.agree and x.program_rule == "r4" and x.program_verdict == "drop"
+
+
+REJECTING = """\
+version: 1
+interfaces:
+  gw0:
+    xdp: {mode: native}
+    ingress:
+      default: allow
+      rules:
+        - {name: rej-ssh, proto: tcp, dport: 22, action: reject}
+        - {name: rej-dns, proto: udp, dport: 53, action: reject}
+        - {name: not-web, proto: tcp, src: 10.10.0.0/24, dport: {not: [80, 443]}, action: drop}
+    egress:
+      default: allow
+      rules:
+        - {name: rej-smtp, proto: tcp, dport: 25, action: reject}
+"""
+
+
+def test_explain_and_selftest_know_reject_and_negation(gw):
+    """The program copy answers a rejected SYN (XDP_TX) like the attached program does; a
+    rejected packet that gets no answer is dropped, which the policy allows too."""
+    lab, d = gw
+    apply_text(lab, d, REJECTING, "rej.yaml")
+    results = selftest(key(lab))
+    assert [r.name for r in results if r.failures] == [], [r.failures for r in results]
+    for words, verdict, rule in (
+            (["tcp", "10.10.0.2:40000", "10.10.0.1:22", "flags=syn"], "reject", "rej-ssh"),
+            (["udp", "10.10.0.2:40000", "10.10.0.1:53"], "reject", "rej-dns"),
+            (["tcp", "10.10.0.2:40000", "10.10.0.1:8080", "flags=syn"], "drop", "not-web"),
+            (["tcp", "10.10.0.2:40000", "10.10.0.1:443", "flags=syn"], "pass", "default")):
+        pkt, data = parse_packet(words)
+        x = explain(key(lab), pkt, data)
+        assert x.agree and (x.program_verdict, x.program_rule) == (verdict, rule), x
