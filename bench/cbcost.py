@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import statistics
 
-from netbpf.compile import simulate
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR
+from netbpf.fw.compile import simulate
+from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR
 from netbpf.kernel.testrun import XDP_DROP, XDP_PASS, test_run
 
 import classbench

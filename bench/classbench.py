@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from netbpf.compile import Pkt
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR
+from netbpf.fw.compile import Pkt
+from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR
 
 V6_BASE = 0x20010DB8 << 96          # IPv6 sets: each IPv4 prefix mapped under 2001:db8::/32
 
@@ -174,7 +174,7 @@ def frame(p: Pkt) -> bytes:
     from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
     from scapy.layers.l2 import Ether
 
-    from netbpf.ir import addr_text
+    from netbpf.policy.ir import addr_text
 
     ip = (IP if p.family == 4 else IPv6)(src=addr_text(p.family, p.src),
                                          dst=addr_text(p.family, p.dst))

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from netbpf import abi
-from netbpf.progspec import FW_PROG, FW_SOURCE
-from netbpf.compile import choose_shape, compile_direction
-from netbpf.fwtables import FwTables
+from netbpf.store.progspec import FW_PROG, FW_SOURCE
+from netbpf.fw.compile import choose_shape, compile_direction
+from netbpf.fw.fwtables import FwTables
 from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import XDP_DROP, XDP_PASS, test_run
@@ -156,8 +156,8 @@ def _lb(row, *, rounds: int, repeat: int, log) -> None:
     device), so the verdict is XDP_DROP after the whole balancing path.
     A new flow cannot be repeated (the first run records it), so it is timed one run at a
     time over distinct source ports, beside the 1-rule firewall timed the same way."""
-    from netbpf.ir import BackendIR, LoadBalancerIR
-    from netbpf.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb
+    from netbpf.policy.ir import BackendIR, LoadBalancerIR
+    from netbpf.lb.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb
 
     log("  load balancer path: compile, load, write a VIP")
     c = compile_direction(workload.direction(1))

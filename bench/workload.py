@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
+from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
 
 BASE = int(ipaddress.IPv4Address("172.16.0.0"))
 MISS_SRC = "192.0.2.1"

@@ -209,7 +209,7 @@ class NbRlState(ctypes.Structure):
     _fields_ = [("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
 
 
-# ---- load balancer (bpf/include/lb.h; written by netbpf/lbtables.py) ----
+# ---- load balancer (bpf/include/lb.h; written by netbpf/lb/lbtables.py) ----
 NB_LB_MAX_VIPS = NB_MAX_VIPS
 NB_LB_MAX_BACKENDS = NB_MAX_BACKENDS
 NB_LB_FLOWS = 262144

@@ -1,5 +1,5 @@
-"""CLI for the data plane: apply, detach, stats, status. Thin: formats what netbpf.apply and
-netbpf.stats return (tables for people, --json for programs); errors map to exit codes in
+"""CLI for the data plane: apply, detach, stats, status. Thin: formats what netbpf.engine.apply and
+netbpf.observe.stats return (tables for people, --json for programs); errors map to exit codes in
 netbpf/cli/__init__.py.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rich.table import Table
 from netbpf.cli.output import emit
 
 from netbpf.errors import PolicyError
-from netbpf.ir import addr_text
+from netbpf.policy.ir import addr_text
 
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
@@ -66,7 +66,7 @@ def _load_policy(path: str):
 
 
 def _print_plan(plan, verbose: bool = False) -> None:
-    from netbpf.plandiff import diff_plan, direction_lines
+    from netbpf.safety.plandiff import diff_plan, direction_lines
 
     if not plan.interfaces:
         click.echo("plan: the policy names no interfaces; nothing to do")
@@ -106,7 +106,7 @@ def _progress():
     when stdout is a pipe or a file."""
     from rich.console import Console
 
-    from netbpf import progress
+    from netbpf.engine import progress
 
     if not sys.stdout.isatty():
         yield
@@ -151,11 +151,11 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
         _apply_json(ctx, policy, dry_run, confirm_s, force, selftest)
         return
     if not (dry_run or confirm_s or selftest) and os.geteuid() == 0:
-        from netbpf.unchanged import input_unchanged
+        from netbpf.engine.unchanged import input_unchanged
         if input_unchanged(policy, _netns(ctx)):
             click.echo("nothing to do: the running policy is this one (input unchanged)")
             return
-    from netbpf.apply import apply_policy, plan_apply
+    from netbpf.engine.apply import apply_policy, plan_apply
     from netbpf.cli import safety
 
     loaded = _load_policy(policy)          # bad input is reported first, as by validate
@@ -183,11 +183,11 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
 def _apply_json(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | None,
                 force: bool, selftest: bool) -> None:
     """apply --json: one JSON object on stdout whatever happens; the exit code is kept."""
-    from netbpf.apply import apply_policy, plan_apply
+    from netbpf.engine.apply import apply_policy, plan_apply
     from netbpf.cli import safety
-    from netbpf.plandiff import plan_json
+    from netbpf.safety.plandiff import plan_json
     from netbpf.errors import NetbpfError
-    from netbpf.planreport import error_record, outcome_record, plan_record
+    from netbpf.safety.planreport import error_record, outcome_record, plan_record
     from netbpf.policy import load_policy
 
     def fail(errors: list[dict], code: int, plan_rec: dict | None = None) -> None:
@@ -233,7 +233,7 @@ def _apply_json(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float
 
 
 def _save_for_restore(loaded, policy: str, netns: str | None) -> None:
-    from netbpf import persist
+    from netbpf.engine import persist
 
     try:
         persist.save_applied(loaded, policy, netns)
@@ -250,11 +250,11 @@ def _save_for_restore(loaded, policy: str, netns: str | None) -> None:
 def detach(ctx: click.Context, interface: str, as_json: bool) -> None:
     """Remove what netbpf attached and pinned on INTERFACE (nothing else)."""
     require_privileges(ctx)
-    from netbpf.apply import detach as do_detach
+    from netbpf.engine.apply import detach as do_detach
     from netbpf.errors import NetbpfError
-    from netbpf.planreport import error_record
+    from netbpf.safety.planreport import error_record
 
-    from netbpf import persist
+    from netbpf.engine import persist
 
     if not as_json:
         do_detach(interface, _netns(ctx), log=click.echo)
@@ -364,7 +364,7 @@ def _targets(interface: str | None, netns: str | None) -> list[tuple[str, str | 
     alone with -n)."""
     if interface:
         return [(interface, netns)]
-    from netbpf.state import list_states
+    from netbpf.store.state import list_states
 
     return [(st.ifname, st.netns) for st in list_states() if netns is None or st.netns == netns]
 
@@ -389,7 +389,7 @@ def stats(ctx: click.Context, interface: str | None, as_json: bool,
       netbpf stats eth0 --watch 2 | tee counters.log
     """
     require_privileges(ctx)
-    from netbpf.stats import read_stats
+    from netbpf.observe.stats import read_stats
 
     targets = _targets(interface, _netns(ctx))
 
@@ -461,7 +461,7 @@ def status(ctx: click.Context, interface: str | None, as_json: bool) -> None:
       netbpf -n lab-gw status gw0 --json
     """
     require_privileges(ctx)
-    from netbpf.status import read_status
+    from netbpf.observe.status import read_status
 
     netns = _netns(ctx)
     rows = read_status(netns=netns if (netns or interface) else None, ifname=interface)
@@ -519,9 +519,9 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
       netbpf lb-health policies/lb.yaml --once
     """
     require_privileges(ctx)
-    from netbpf.apply import apply_policy
+    from netbpf.engine.apply import apply_policy
     from netbpf.errors import InputError
-    from netbpf.health import check_once, targets, write_down
+    from netbpf.lb.health import check_once, targets, write_down
     from netbpf.kernel.netns import enter_netns
 
     netns = _netns(ctx)
@@ -534,7 +534,7 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
     def log(msg: str) -> None:
         click.echo(f"{time.strftime('%H:%M:%S')} {msg}")
 
-    from netbpf.state import health_down
+    from netbpf.store.state import health_down
 
     # start from what the last run found, so a recovery is reported as one
     down: dict[str, set[str]] = {t.key: health_down(t.key) for t in ts}
@@ -582,7 +582,7 @@ def events(ctx: click.Context, interface: str, as_json: bool, direction: str,
       netbpf -n lab-gw events gw0 --json --count 10
     """
     require_privileges(ctx)
-    from netbpf.events import follow
+    from netbpf.observe.events import follow
 
     dirs = ("ingress", "egress") if direction == "both" else (direction,)
     deadline = time.monotonic() + timeout if timeout is not None else None

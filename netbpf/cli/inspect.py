@@ -1,6 +1,6 @@
 """CLI for looking inside: `show` (the policy the kernel enforces), `explain` (one packet,
-model vs. program) and `selftest` (every rule probed). Thin: netbpf/inspect.py,
-netbpf/explain.py and netbpf/selftest.py do the work; exit 1 on a disagreement.
+model vs. program) and `selftest` (every rule probed). Thin: netbpf/observe/inspect.py,
+netbpf/safety/explain.py and netbpf/safety/selftest.py do the work; exit 1 on a disagreement.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from netbpf.cli.dataplane import _netns, require_privileges
 
 
 def _key(ctx, interface: str) -> str:
-    from netbpf.state import iface_key
+    from netbpf.store.state import iface_key
 
     return iface_key(interface, _netns(ctx))
 
@@ -35,10 +35,10 @@ def show(ctx: click.Context, interface: str, as_json: bool) -> None:
       netbpf -n lab-gw show gw0 --json
     """
     require_privileges(ctx)
-    from netbpf.inspect import differences, read_enforced
-    from netbpf.plandiff import old_policy
-    from netbpf.render import policy_dict
-    from netbpf.state import load_state
+    from netbpf.observe.inspect import differences, read_enforced
+    from netbpf.safety.plandiff import old_policy
+    from netbpf.policy.render import policy_dict
+    from netbpf.store.state import load_state
 
     key = _key(ctx, interface)
     enforced = read_enforced(key)
@@ -86,8 +86,8 @@ def explain(ctx: click.Context, interface: str, packet: tuple[str, ...], egress:
       netbpf explain eth0 capture.pcap
     """
     require_privileges(ctx)
-    from netbpf.explain import explain as run_explain
-    from netbpf.explain import parse_packet
+    from netbpf.safety.explain import explain as run_explain
+    from netbpf.safety.explain import parse_packet
 
     pkt, data = parse_packet(list(packet))
     x = run_explain(_key(ctx, interface), pkt, data, "egress" if egress else "ingress")
@@ -110,8 +110,8 @@ def run_selftest(ifname: str, netns: str | None, verbose: bool) -> int:
     """Print per-rule results; return the number of failing rules."""
     import time
 
-    from netbpf.selftest import selftest as run
-    from netbpf.state import iface_key
+    from netbpf.safety.selftest import selftest as run
+    from netbpf.store.state import iface_key
 
     start = time.monotonic()
     results = run(iface_key(ifname, netns))

@@ -1,7 +1,7 @@
 """CLI for observing the data plane from outside: `netbpf exporter` (Prometheus /metrics).
 
-Thin: parses --listen, serves netbpf.exporter's registry until Ctrl-C or SIGTERM (exit 0).
-Not the metrics themselves (netbpf/exporter.py), not stats/status (netbpf/cli/dataplane.py).
+Thin: parses --listen, serves netbpf.observe.exporter's registry until Ctrl-C or SIGTERM (exit 0).
+Not the metrics themselves (netbpf/observe/exporter.py), not stats/status (netbpf/cli/dataplane.py).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def exporter(ctx: click.Context, listen: str, verbose: bool) -> None:
 
     require_privileges(ctx)
     try:
-        from netbpf import exporter as exp
+        from netbpf.observe import exporter as exp
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("prometheus_client"):
             raise NetbpfError("the exporter needs the Python package prometheus_client: "
@@ -65,7 +65,7 @@ def exporter(ctx: click.Context, listen: str, verbose: bool) -> None:
                                daemon=True)
     serving.start()
     shown = f"[{host}]" if ":" in host else host
-    logging.getLogger("netbpf.exporter").info(
+    logging.getLogger("netbpf.observe.exporter").info(
         "serving http://%s:%d/metrics (Ctrl-C to stop)", shown, server.server_port)
     try:
         while not stop.wait(1.0):
@@ -74,7 +74,7 @@ def exporter(ctx: click.Context, listen: str, verbose: bool) -> None:
     finally:
         server.shutdown()
         server.server_close()
-    logging.getLogger("netbpf.exporter").info("stopped")
+    logging.getLogger("netbpf.observe.exporter").info("stopped")
 
 
 COMMANDS = [exporter]

@@ -1,7 +1,7 @@
 """'netbpf restore': apply again every policy saved by earlier applies (after a reboot, or
 when pins and /run were lost). What the systemd unit netbpf-restore.service runs at boot.
 
-Thin: the saved copies and the replay live in netbpf/persist.py.
+Thin: the saved copies and the replay live in netbpf/engine/persist.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def restore(ctx: click.Context) -> None:
       netbpf restore
       systemctl enable netbpf-restore.service
     """
-    from netbpf import persist
+    from netbpf.engine import persist
     from netbpf.cli.dataplane import require_privileges
 
     require_privileges(ctx)

@@ -1,5 +1,5 @@
 """CLI for operator safety: the lockout guard and commit-confirmed apply (used by `apply`),
-and `netbpf confirm`. Thin: the logic is in netbpf/lockout.py and netbpf/confirm.py.
+and `netbpf confirm`. Thin: the logic is in netbpf/safety/lockout.py and netbpf/safety/confirm.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from netbpf.errors import InputError
 def guard_lockout(loaded, netns: str | None, force: bool) -> None:
     """Refuse (exit 2, nothing changed) a policy that drops the ssh session we run from or a
     `protect:` flow; with --force, only warn."""
-    from netbpf.lockout import current_ssh_session, find_lockouts, local_addresses, \
+    from netbpf.safety.lockout import current_ssh_session, find_lockouts, local_addresses, \
         protected_flows
 
     flows = protected_flows(loaded.model)
@@ -53,7 +53,7 @@ def print_plan_json(plan, as_json: bool, applied: bool) -> None:
     if as_json:
         import json
 
-        from netbpf.plandiff import plan_json
+        from netbpf.safety.plandiff import plan_json
 
         click.echo(json.dumps(plan_json(plan) | {"applied": applied}, indent=2, default=str))
 
@@ -64,7 +64,8 @@ def apply_confirmed(loaded, policy: str, netns: str | None, seconds: float | Non
     any change, so a SIGKILL right after the apply still rolls back)."""
     if seconds is None:
         return apply_policy(loaded, policy, netns, log=log, show_plan=show)
-    from netbpf import confirm, state
+    from netbpf.safety import confirm
+    from netbpf.store import state
 
     with state.host_lock("confirm", wait_message=log):
         cid = confirm.arm(confirm.affected_keys(loaded, policy, netns), seconds, netns)
@@ -100,7 +101,7 @@ def confirm_cmd(ctx: click.Context) -> None:
       netbpf apply gw.yaml --confirm 60 && netbpf confirm
     """
     from netbpf.cli.dataplane import require_privileges
-    from netbpf.confirm import confirm
+    from netbpf.safety.confirm import confirm
 
     require_privileges(ctx)
     data = confirm()

@@ -32,7 +32,7 @@ MAX_OBJ_NAME = 15           # BPF_OBJ_NAME_LEN - 1: longer names are cut in bpft
 def verifier_log(source: Path, func: str) -> Path:
     """Where a rejected program's verifier log goes: one file per program, in a directory
     only root can read (a predictable /tmp name could be a planted symlink)."""
-    from netbpf.state import STATE_ROOT
+    from netbpf.store.state import STATE_ROOT
     d = STATE_ROOT / "verifier"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d / f"{source.name.split('.')[0]}-{func}.log"

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from netbpf.lab import state
-from netbpf.lab.netns import (
+from netbpf.lab import records as state
+from netbpf.lab.iproute import (
     INHERITED_FDS_TO_CLOSE,
     Child,
     LabCommandError,

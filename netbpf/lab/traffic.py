@@ -12,7 +12,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from netbpf.lab.netns import Child, LabError, _write_msg, raise_remote
+from netbpf.lab.iproute import Child, LabError, _write_msg, raise_remote
 
 if TYPE_CHECKING:
     from netbpf.lab.lab import Lab

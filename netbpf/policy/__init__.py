@@ -1,4 +1,4 @@
-"""The policy language: YAML file -> Pydantic models -> checks -> normalised IR (netbpf/ir.py).
+"""The policy language: YAML file -> Pydantic models -> checks -> normalised IR (netbpf/policy/ir.py).
 
 Public API: load_policy() (with positions in every error), policy_to_ir(), Policy (the root
 model) and policy_schema(). Pure Python, no root; nothing here touches the kernel.

@@ -227,7 +227,7 @@ def _direction_limits(dv: DirectionView) -> list[Finding]:
             for p in match.prefixes:
                 bucket = prefixes[p.family]
                 bucket.add((key, p.addr, p.plen))
-                # the address tables' chunks (netbpf/dirtable.py): one per (field, family,
+                # the address tables' chunks (netbpf/fw/dirtable.py): one per (field, family,
                 # 16 + 8k leading bits) that a longer prefix passes through
                 width = 32 if p.family == 4 else 128
                 chunks.update((key, p.family, d, p.addr >> (width - d))

@@ -1,4 +1,4 @@
-"""Validated models -> the normalised IR (netbpf/ir.py) the compiler consumes.
+"""Validated models -> the normalised IR (netbpf/policy/ir.py) the compiler consumes.
 
 Pure translation: every check has already run (models.py, checks.py). Set files not read yet
 (a model built in Python rather than by load_policy) are read here, relative to base_dir.
@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from netbpf.errors import InputError
-from netbpf.ir import (AddrMatch, BackendIR, DirectionIR, InterfaceIR, LoadBalancerIR, PolicyIR,
+from netbpf.policy.ir import (AddrMatch, BackendIR, DirectionIR, InterfaceIR, LoadBalancerIR, PolicyIR,
                        Prefix, RuleIR, SetIR)
 from netbpf.policy import vocab
 from netbpf.policy.models import (ConntrackOptions, Direction, LoadBalancer, Policy, RateLimitAction, Rule,

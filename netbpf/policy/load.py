@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from netbpf import inputs
+from netbpf.policy import inputs
 from netbpf.errors import PolicyError
-from netbpf.inputs import add_set_file
-from netbpf.ir import PolicyIR
+from netbpf.policy.inputs import add_set_file
+from netbpf.policy.ir import PolicyIR
 from netbpf.policy import models
 from netbpf.policy.addr import parse_set_text
 from netbpf.policy.checks import PolicyView, check_policy, view_of_data, view_of_model
@@ -107,7 +107,7 @@ def _problem(file: str, line: int, col: int, path: str, message: str) -> dict:
 
 
 class _Digest:
-    """netbpf.inputs' fingerprint, remembering which set files went into it."""
+    """netbpf.policy.inputs' fingerprint, remembering which set files went into it."""
 
     def __init__(self, policy_bytes: bytes):
         self._h = inputs.start(policy_bytes)

@@ -13,8 +13,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       PlainValidator, PrivateAttr, Tag, WithJsonSchema, model_validator)
 from pydantic_core import PydanticCustomError
 
-from netbpf.ir import AddrMatch, Prefix
-from netbpf.maglev import is_prime
+from netbpf.policy.ir import AddrMatch, Prefix
+from netbpf.lb.maglev import is_prime
 from netbpf.policy import vocab
 from netbpf.policy.addr import AddrError, format_address, format_prefix, parse_address, parse_network
 

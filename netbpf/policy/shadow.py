@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 
-from netbpf.ir import AddrMatch, Prefix, RuleIR, SetIR, addr_text
+from netbpf.policy.ir import AddrMatch, Prefix, RuleIR, SetIR, addr_text
 from netbpf.policy.addr import WIDTH
 from netbpf.policy.vocab import PORT_PROTOCOLS
 

@@ -6,13 +6,13 @@ into unpinned maps of a program that is never attached: verdicts come from BPF_P
 from __future__ import annotations
 
 from netbpf import abi
-from netbpf.progspec import FW_PROG, FW_SOURCE
-from netbpf.compile import compile_direction
-from netbpf.fwtables import FwTables
-from netbpf.ir import DirectionIR, SetIR
+from netbpf.store.progspec import FW_PROG, FW_SOURCE
+from netbpf.fw.compile import compile_direction
+from netbpf.fw.fwtables import FwTables
+from netbpf.policy.ir import DirectionIR, SetIR
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.reject import REJECT_ENTRY, link_reject_entry
+from netbpf.fw.reject import REJECT_ENTRY, link_reject_entry
 
 XDP_VERDICTS = {1: "drop", 2: "pass", 0: "aborted", 3: "tx", 4: "redirect"}
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from netbpf import abi
-from netbpf.lbtables import LB_MAPS
+from netbpf.lb.lbtables import LB_MAPS
 
 STRUCTS = {  # C struct -> ctypes mirror (None: shape-dependent, checked through vec_struct)
     "nb_gen": abi.NbGen, "nb_setref": abi.NbSetref, "nb_fw_cfg": abi.NbFwCfg,
@@ -82,7 +82,7 @@ def test_constants_match(c_layout, const):
 
 
 def test_loaded_maps_have_the_mirrored_sizes():
-    from netbpf.progspec import FW_PROG, FW_SOURCE
+    from netbpf.store.progspec import FW_PROG, FW_SOURCE
     from netbpf.kernel.loader import load_program
 
     loaded = load_program(FW_SOURCE, {"NB_WORDS": 4, "NB_CLASS_CAP": 64, "NB_CONNTRACK": 1,

@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from netbpf.compile import choose_shape, compile_direction, reference_match
-from netbpf.fwtables import table_bytes
+from netbpf.fw.compile import choose_shape, compile_direction, reference_match
+from netbpf.fw.fwtables import table_bytes
 
 from fwprog import FwProg
 

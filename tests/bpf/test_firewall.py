@@ -14,8 +14,8 @@ from cases.firewall import CASES, eth, v4
 from unit.fw_builders import direction, rule
 
 from netbpf import abi
-from netbpf.compile import compile_direction
-from netbpf.ir import SetIR
+from netbpf.fw.compile import compile_direction
+from netbpf.policy.ir import SetIR
 
 from fwprog import FwProg
 

@@ -23,8 +23,8 @@ from cases.firewall import CASES, eth, v4, v6
 from unit.fw_builders import direction, ip_set, rule
 
 from netbpf import abi
-from netbpf.progspec import TC_EGRESS_PROG, TC_SOURCE
-from netbpf.fwtables import FwTables
+from netbpf.store.progspec import TC_EGRESS_PROG, TC_SOURCE
+from netbpf.fw.fwtables import FwTables
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import (TC_ACT_UNSPEC, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
                                    tc_verdict_name, xdp_verdict_name)

@@ -22,14 +22,14 @@ from cases.firewall import eth
 from unit.fw_builders import direction
 
 from netbpf import abi
-from netbpf.progspec import FW_PROG, FW_SOURCE
-from netbpf.compile import compile_direction
-from netbpf.fwtables import FwTables
-from netbpf.ir import BackendIR, LoadBalancerIR
+from netbpf.store.progspec import FW_PROG, FW_SOURCE
+from netbpf.fw.compile import compile_direction
+from netbpf.fw.fwtables import FwTables
+from netbpf.policy.ir import BackendIR, LoadBalancerIR
 from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
+from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
                              stale_shared_maps)
 
 VIP4, VIP6 = "10.20.0.100", "fd00:20::100"

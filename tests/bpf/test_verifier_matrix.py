@@ -11,7 +11,7 @@ import itertools
 import pytest
 
 from netbpf import abi
-from netbpf.progspec import PROGRAMS
+from netbpf.store.progspec import PROGRAMS
 from netbpf.kernel.loader import load_program
 
 ALL_FIELDS = (1 << abi.NB_NFIELDS) - 1

@@ -16,7 +16,7 @@ from scapy.packet import Raw
 
 from unit.fw_builders import direction, ip_set, rule
 
-from netbpf.ir import DirectionIR, SetIR
+from netbpf.policy.ir import DirectionIR, SetIR
 
 C4, S4 = "10.0.0.2", "10.0.0.1"
 C6, S6 = "fd00::2", "fd00::1"

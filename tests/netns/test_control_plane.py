@@ -52,7 +52,7 @@ def test_unchanged_input_is_recognised_before_parsing(gw, tmp_path):
 
     # drift is never "unchanged": the full path repairs it
     # (a link-attached program: only its link can be detached, 'ip ... xdp off' cannot)
-    from netbpf.state import pin_dir
+    from netbpf.store.state import pin_dir
     subprocess.run(["bpftool", "link", "detach", "pinned",
                     str(pin_dir(f"{lab.ns('gw')}:gw0") / "ingress" / "link")], check=True)
     out = netbpf(lab, "apply", str(p)).stdout

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from netbpf.state import pin_dir, state_file
+from netbpf.store.state import pin_dir, state_file
 
 from netbpf_cli import NETBPF, netbpf
 from test_races import Probes, policy, status_row, write

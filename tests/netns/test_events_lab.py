@@ -12,7 +12,7 @@ import time
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
-from netbpf.state import STATE_ROOT
+from netbpf.store.state import STATE_ROOT
 
 from netbpf_cli import NETBPF
 

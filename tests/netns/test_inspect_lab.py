@@ -22,17 +22,17 @@ import pytest
 
 from cases.firewall import CASES
 from netbpf import abi
-from netbpf.apply import apply_policy, detach
-from netbpf.compile import rule_digest
-from netbpf.explain import explain, parse_packet
-from netbpf.inspect import open_tables, read_enforced
-from netbpf.ir import InterfaceIR, PolicyIR
+from netbpf.engine.apply import apply_policy, detach
+from netbpf.fw.compile import rule_digest
+from netbpf.safety.explain import explain, parse_packet
+from netbpf.observe.inspect import open_tables, read_enforced
+from netbpf.policy.ir import InterfaceIR, PolicyIR
 from netbpf.kernel import bpfsys
 from netbpf.policy import load_policy
-from netbpf.probe import parse_frame
-from netbpf.render import policy_dict
-from netbpf.selftest import selftest
-from netbpf.state import load_state
+from netbpf.safety.probe import parse_frame
+from netbpf.policy.render import policy_dict
+from netbpf.safety.selftest import selftest
+from netbpf.store.state import load_state
 
 from netbpf_cli import NETBPF
 

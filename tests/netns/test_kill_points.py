@@ -1,4 +1,4 @@
-"""An apply SIGKILLed at each named step (NETBPF_KILL_AT, netbpf/faults.py), and policies that
+"""An apply SIGKILLed at each named step (NETBPF_KILL_AT, netbpf/engine/faults.py), and policies that
 grow and shrink: `status` names what happened, the next apply repairs it, `detach` leaves nothing.
 
     [client] client0 ---------------------------- gw0 [gw]   (one private lab per module)
@@ -22,11 +22,11 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from netbpf import abi
-from netbpf.faults import ENV, PROGRAM_STEPS, UPDATE_STEPS
+from netbpf.engine.faults import ENV, PROGRAM_STEPS, UPDATE_STEPS
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.testrun import XDP_DROP
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.state import PIN_ROOT, journal_file, staging_dirs, state_file
+from netbpf.store.state import PIN_ROOT, journal_file, staging_dirs, state_file
 
 from netbpf_cli import NETBPF, netbpf
 from test_killed_apply import drops_by_test_run

@@ -29,7 +29,7 @@ from scapy.layers.l2 import Ether
 from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.testrun import TC_ACT_SHOT, XDP_DROP
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.state import PIN_ROOT, staging_dirs
+from netbpf.store.state import PIN_ROOT, staging_dirs
 
 from netbpf_cli import NETBPF, netbpf
 # Shared with the race tests: policies told apart by two ports, probes, status and stats.

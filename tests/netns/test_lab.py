@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from netbpf.lab import Lab, LabError, RemoteTraceback, TopologyError, cleanup, list_netns, parse_topology
-from netbpf.lab.state import forget, watched_prefixes
+from netbpf.lab.records import forget, watched_prefixes
 from netbpf.lab.topology import TOPOLOGY_DIR
 
 NETBPF = os.path.join(os.path.dirname(sys.executable), "netbpf")
@@ -410,7 +410,7 @@ def test_a_live_runs_lab_is_no_leftover_even_without_its_record(two_hosts, monke
                                                                  tmp_path):
     """Another user of the machine, with another lab state directory, sees our lab's
     namespaces but not its record: the pid in the prefix says its owner is alive."""
-    from netbpf.lab import state
+    from netbpf.lab import records as state
 
     monkeypatch.setattr(state, "STATE_DIR", tmp_path / "other-lab-state")
     # orphans() only (read-only): cleanup() here would remove other runs' old-style labs

@@ -216,7 +216,7 @@ def our_status(lab) -> dict:
 
 
 def test_status_reports_a_hand_detached_program_and_apply_restores_it(applied):
-    from netbpf.exporter import NetbpfCollector
+    from netbpf.observe.exporter import NetbpfCollector
 
     lab, policy = applied
     ns = lab.ns("gw")
@@ -230,7 +230,7 @@ def test_status_reports_a_hand_detached_program_and_apply_restores_it(applied):
 
     # netlink cannot remove a link-attached program ('ip link set ... xdp off' gets EBUSY);
     # bpftool can detach the link itself
-    from netbpf.state import pin_dir
+    from netbpf.store.state import pin_dir
     subprocess.run(["bpftool", "link", "detach", "pinned",
                     str(pin_dir(f"{ns}:gw0") / "ingress" / "link")], check=True)
     table = netbpf(lab, "status", check=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from netbpf.state import PIN_ROOT, STATE_ROOT, lock_file, pin_dir, staging_dirs, state_file
+from netbpf.store.state import PIN_ROOT, STATE_ROOT, lock_file, pin_dir, staging_dirs, state_file
 
 from netbpf_cli import NETBPF, netbpf
 from test_races import Probes, policy, status_row

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from netbpf.kernel.netns import enter_netns
-from netbpf.state import lock_file
+from netbpf.store.state import lock_file
 
 from netbpf_cli import NETBPF, netbpf
 

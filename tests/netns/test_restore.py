@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 
-from netbpf.state import PIN_ROOT, STATE_ROOT
+from netbpf.store.state import PIN_ROOT, STATE_ROOT
 
 from netbpf_cli import NETBPF, netbpf
 from test_races import Probes, policy, status_row

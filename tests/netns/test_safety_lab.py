@@ -23,7 +23,7 @@ from scapy.layers.l2 import Ether
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.testrun import XDP_DROP, XDP_PASS
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.state import STATE_ROOT, load_state
+from netbpf.store.state import STATE_ROOT, load_state
 
 from netbpf_cli import NETBPF, netbpf
 

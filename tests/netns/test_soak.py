@@ -31,7 +31,7 @@ import pytest
 
 from netbpf.kernel import bpfsys
 from netbpf.kernel.netns import enter_netns
-from netbpf.state import pin_dir, staging_dirs
+from netbpf.store.state import pin_dir, staging_dirs
 
 from netbpf_cli import netbpf
 from test_races import status_row

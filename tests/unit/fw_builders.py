@@ -1,4 +1,4 @@
-"""Builders for firewall tests: rules, sets and parsed packets (netbpf.compile.Pkt) from strings.
+"""Builders for firewall tests: rules, sets and parsed packets (netbpf.fw.compile.Pkt) from strings.
 
 Only consistent packets: ports only on TCP/UDP first fragments, ICMP fields only on ICMP in IPv4
 or ICMPv6 in IPv6, flags only on TCP. Not a packet-bytes builder (the bpf tier has Scapy for that).
@@ -8,8 +8,8 @@ from __future__ import annotations
 import ipaddress
 
 from netbpf import abi
-from netbpf.compile import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Pkt
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
+from netbpf.fw.compile import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Pkt
+from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
 
 SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04
 

@@ -36,7 +36,7 @@ def test_netns_after_the_subcommand_is_the_same_as_before_it(monkeypatch):
     monkeypatch.setattr("netbpf.cli.dataplane.require_privileges", lambda ctx: None)
     rows = [{"netns": "ns1", "interface": "a", "health": "ok"},
             {"netns": "ns2", "interface": "b", "health": "ok"}]
-    monkeypatch.setattr("netbpf.status.read_status",
+    monkeypatch.setattr("netbpf.observe.status.read_status",
                         lambda netns=None, ifname=None: seen.setdefault(netns, [
                             r for r in rows if netns is None or r["netns"] == netns]))
     after = run("status", "-n", "ns1", "-j")

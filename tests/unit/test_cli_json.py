@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netbpf.planreport import plan_diff
+from netbpf.safety.planreport import plan_diff
 
 NETBPF = str(Path(sys.executable).with_name("netbpf"))
 REPO = Path(__file__).resolve().parents[2]

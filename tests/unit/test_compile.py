@@ -12,10 +12,10 @@ import pytest
 from fw_builders import (ACK, FIN, SYN, addr, check_table_invariants, direction, icmp, ip,
                          ip_set, make_pkt, rule, tcp, udp)
 from netbpf import abi
-from netbpf.compile import (Decision, Shape, choose_shape, compile_direction, reference_match,
+from netbpf.fw.compile import (Decision, Shape, choose_shape, compile_direction, reference_match,
                             simulate, verdict)
 from netbpf.errors import InputError
-from netbpf.ir import AddrMatch, Prefix, RuleIR
+from netbpf.policy.ir import AddrMatch, Prefix, RuleIR
 
 ALL_ONES = (1 << 64) - 1
 

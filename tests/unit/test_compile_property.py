@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fw_builders import check_table_invariants, make_pkt, prefix
-from netbpf.compile import compile_direction, reference_match, simulate
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
+from netbpf.fw.compile import compile_direction, reference_match, simulate
+from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
 
 V4_NETS = ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.128/25",
            "10.1.2.3/32", "10.2.0.0/16", "192.168.0.0/16"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netbpf.compile import compile_direction, decompile, reference_match, rule_digest
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR
+from netbpf.fw.compile import compile_direction, decompile, reference_match, rule_digest
+from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR
 from test_compile_property import directions, packets, set_tables
 
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from netbpf import exporter
+from netbpf.observe import exporter
 from netbpf.abi import STAT_NAMES
 from netbpf.errors import InputError, NetbpfError
 
@@ -28,7 +28,7 @@ def _rule(name: str, direction: str, action: str, packets: int, rate_limited: in
 
 def fake_stats(ifname: str = "gw0", netns: str | None = "lab-gw", health: str = "ok",
                conntrack: bool = True) -> dict:
-    """The shape netbpf.stats.read_stats returns (docs/stats.md, schema 1)."""
+    """The shape netbpf.observe.stats.read_stats returns (docs/stats.md, schema 1)."""
     ingress_rules = [_rule("drop-udp-9999", "ingress", "drop", 5),
                      _rule("dns-limit", "ingress", "rate_limit", 6, rate_limited=4),
                      _rule("count-web", "ingress", "count", 4)]

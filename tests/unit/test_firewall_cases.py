@@ -15,7 +15,7 @@ from scapy.layers.l2 import Ether
 
 from cases.firewall import CASES
 
-from netbpf.compile import Pkt, compile_direction, reference_match, simulate
+from netbpf.fw.compile import Pkt, compile_direction, reference_match, simulate
 
 MODEL_CASES = [c for c in CASES if c.model]
 

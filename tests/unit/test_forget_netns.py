@@ -3,7 +3,7 @@ goes (state, journal, health, event and apply locks, saved policy copies), and n
 another namespace. Files only: no kernel, no root."""
 from __future__ import annotations
 
-from netbpf import state
+from netbpf.store import state
 
 
 def test_every_per_interface_file_of_the_namespace_goes_and_no_other(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 flow, in which direction; sessions that do not end in this namespace are not checked."""
 from __future__ import annotations
 
-from netbpf.lockout import find_lockouts, protected_flows, ssh_session_from_env
+from netbpf.safety.lockout import find_lockouts, protected_flows, ssh_session_from_env
 from netbpf.policy import load_policy
 
 POLICY = """\

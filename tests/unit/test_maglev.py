@@ -1,4 +1,4 @@
-"""netbpf.maglev: shares follow weights, removing a backend moves little, the table is a pure
+"""netbpf.lb.maglev: shares follow weights, removing a backend moves little, the table is a pure
 function of the backend set, and the windowed fill equals a plain one-proposal-at-a-time model.
 
 No kernel here; what lb.bpf.c does with the table is tested in tests/bpf and tests/netns.
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netbpf import maglev
-from netbpf.maglev import (NO_BACKEND, BackendKey, backend_identity, is_prime, maglev_table,
+from netbpf.lb import maglev
+from netbpf.lb.maglev import (NO_BACKEND, BackendKey, backend_identity, is_prime, maglev_table,
                            table_shares)
 
 SIZE = 65537

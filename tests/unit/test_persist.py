@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from netbpf import persist
+from netbpf.engine import persist
 from netbpf.policy import load_policy
 
 POLICY = """\

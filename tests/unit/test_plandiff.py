@@ -2,11 +2,11 @@
 of long plans, JSON; and a sampling-only change keeps the rule's counter slot. Pure."""
 from __future__ import annotations
 
-from netbpf.apply import RuleChange, _allocate_slots
-from netbpf.compile import counter_key, rule_digest
-from netbpf.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
-from netbpf.plandiff import diff_direction, direction_lines
-from netbpf.state import PartState, RuleState
+from netbpf.engine.apply import RuleChange, _allocate_slots
+from netbpf.fw.compile import counter_key, rule_digest
+from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
+from netbpf.safety.plandiff import diff_direction, direction_lines
+from netbpf.store.state import PartState, RuleState
 
 
 def web(dport, sample=0, name="web"):

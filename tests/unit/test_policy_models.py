@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from netbpf import abi
 from netbpf.cli import main
 from netbpf.errors import PolicyError
-from netbpf.ir import AddrMatch, Prefix
+from netbpf.policy.ir import AddrMatch, Prefix
 from netbpf.policy import Policy, load_policy, policy_schema, policy_to_ir
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"

@@ -10,7 +10,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netbpf.ir import AddrMatch, Prefix, RuleIR
+from netbpf.policy.ir import AddrMatch, Prefix, RuleIR
 from netbpf.policy import load_policy
 from netbpf.policy.shadow import covers, find_shadowed
 

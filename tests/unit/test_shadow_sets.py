@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from netbpf.ir import AddrMatch, Prefix, RuleIR, SetIR
+from netbpf.policy.ir import AddrMatch, Prefix, RuleIR, SetIR
 from netbpf.policy import load_policy
 from netbpf.policy.shadow import covers, find_shadowed
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from netbpf import snapshot, state
+from netbpf.store import snapshot
+
+from netbpf.store import state
 from netbpf.policy import load_policy
 
 POLICY = """\

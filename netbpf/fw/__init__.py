@@ -1,0 +1,1 @@
+"""Firewall classifier: policy IR -> lookup tables (compile), their map writer, address tables, reject programs."""

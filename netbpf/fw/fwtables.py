@@ -1,0 +1,467 @@
+"""The firewall program's maps, by name: write one generation of compiled tables, flip the
+active generation, clear the old one, manage set tries and counter slots, read counters; and
+the inverse of the writer (read_generation, read_set), so what the kernel holds can be decoded.
+
+Works on freshly loaded maps or on pins alike (both are just fds). Knows the map layout of
+bpf/include/classify.h through netbpf/abi.py; knows nothing of policies or of attach.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+from netbpf import abi
+
+from netbpf.fw import dirtable
+from netbpf.fw.compile import CompiledDirection, CountEntry, RuleEntry, SetRef, set_hash_flags
+from netbpf.errors import NetbpfError
+from netbpf.policy.ir import SetIR
+from netbpf.kernel import bpfsys
+
+FW_MAPS = ("nb_fw_gen", "nb_fw_cfg", "nb_fw_rules", "nb_fw_crules", "nb_fw_vecs",
+           "nb_fw_dir", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
+           "nb_fw_flags", "nb_set4", "nb_set6", "nb_seth4", "nb_seth6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
+
+# Maps a program built before the address tables and hash sets lacks: its pins are still read
+# (counters carried over, stats) until the next apply replaces it.
+NEWER_MAPS = ("nb_fw_dir", "nb_seth4", "nb_seth6")
+
+_U32 = struct.Struct("<I")
+_ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
+_BATCH = 65536                  # entries per batch update: bounds one syscall's buffer
+
+
+@dataclass
+class MapRef:
+    name: str
+    fd: object               # bpfsys.Fd (kept open while the MapRef lives)
+    key_size: int
+    value_size: int
+    percpu: bool
+    max_entries: int = 0
+
+
+class FwTables:
+    def __init__(self, maps: dict[str, MapRef], words: int, class_cap: int):
+        missing = [n for n in FW_MAPS if n not in maps and n not in NEWER_MAPS]
+        if missing:
+            raise NetbpfError(f"firewall maps missing: {', '.join(missing)}")
+        self.maps = maps
+        self.words = words
+        self.class_cap = class_cap
+        self.rules_cap = words * 64
+        # NB_DIR_CHUNKS of the program, read back from the map (2 generations of 4 roots + chunks)
+        self.dir_gen = maps["nb_fw_dir"].max_entries // 2 if "nb_fw_dir" in maps else 0
+        self.chunk_cap = max(0, (self.dir_gen - 4 * dirtable.ROOT) // dirtable.CHUNK)
+        vsz = ctypes.sizeof(abi.vec_struct(words))
+        if maps["nb_fw_vecs"].value_size != vsz:
+            raise NetbpfError(f"nb_fw_vecs holds {maps['nb_fw_vecs'].value_size}-byte vectors, "
+                              f"expected {vsz} for {words} words: program and state disagree")
+
+    # ---- construction ----
+    @classmethod
+    def from_loaded(cls, loaded, words: int, class_cap: int) -> "FwTables":
+        maps = {n: MapRef(n, m.fd, m.key_size, m.value_size, m.percpu)
+                for n, m in loaded.maps.items()}
+        if "nb_fw_dir" in maps:
+            maps["nb_fw_dir"].max_entries = bpfsys.map_info(maps["nb_fw_dir"].fd).max_entries
+        return cls(maps, words, class_cap)
+
+    @classmethod
+    def from_pins(cls, directory: Path, words: int, class_cap: int) -> "FwTables":
+        maps = {}
+        for name in FW_MAPS:
+            if name in NEWER_MAPS and not (directory / name).exists():
+                continue
+            fd = bpfsys.obj_get(directory / name)
+            info = bpfsys.map_info(fd)
+            maps[name] = MapRef(name, fd, info.key_size, info.value_size, info.percpu,
+                                info.max_entries)
+        return cls(maps, words, class_cap)
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            close = getattr(m.fd, "close", None)
+            if close and getattr(m.fd, "owned", True):
+                close()
+
+    def fd(self, name: str) -> int:
+        return int(self.maps[name].fd)
+
+    # ---- generation ----
+    def active_gen(self) -> int:
+        raw = bpfsys.map_lookup(self.fd("nb_fw_gen"), _U32.pack(0), 4)
+        return (_U32.unpack(raw)[0] & 1) if raw else 0
+
+    def flip(self, gen: int) -> None:
+        """The one write that switches every later packet to generation gen."""
+        bpfsys.map_update(self.fd("nb_fw_gen"), _U32.pack(0), _U32.pack(gen))
+
+    def write_generation(self, gen: int, c: CompiledDirection, rule_slots: list[int],
+                         count_slots: list[int], set_tags: dict[str, int],
+                         samples: list[int] | None = None, default_sample: int = 0) -> None:
+        """Write every table of generation gen (not the active one). Nothing reads it yet."""
+        if c.nrules > self.rules_cap:
+            raise NetbpfError(f"{c.nrules} rules do not fit a program built for {self.rules_cap}")
+        if c.nclasses > self.class_cap:
+            raise NetbpfError(f"{c.nclasses} classes do not fit a program built for "
+                              f"{self.class_cap}")
+        if len(c.dir.chunks) > self.chunk_cap:
+            raise NetbpfError(f"{len(c.dir.chunks)} address table chunks do not fit a program "
+                              f"built for {self.chunk_cap}")
+        self.clear_generation(gen)
+        self._write_vecs(gen, c)
+        self._write_dir(gen, c)
+        self._write_arrays(gen, c)
+        self._write_rules(gen, c, rule_slots, count_slots, samples or [0] * len(c.rules))
+        self._write_cfg(gen, c, set_tags, default_sample)
+
+    def clear_generation(self, gen: int) -> None:
+        """Nothing to remove: every table of a generation is an array, overwritten whole by
+        the next write of that generation (kept as the engine's hook after a flip)."""
+
+    def _write_vecs(self, gen: int, c: CompiledDirection) -> None:
+        ones = (1 << (64 * self.words)) - 1
+        items = [(0, ((1 << 64) - 1, ones))] + sorted(c.vecs.items())
+        keys = b"".join(_U32.pack(gen * self.class_cap + i) for i, _ in items)
+        vals = b"".join(abi.pack_vec(self.words, cnt, bits) for _, (cnt, bits) in items)
+        bpfsys.map_update_batch(self.fd("nb_fw_vecs"), keys, vals, len(items))
+
+    def _write_dir(self, gen: int, c: CompiledDirection) -> None:
+        """Roots of the looked-up address fields, then the chunks, in batches."""
+        base = gen * self.dir_gen
+        parts = [(base + r * dirtable.ROOT, root) for r, root in sorted(c.dir.roots.items())]
+        first = base + 4 * dirtable.ROOT
+        parts += [(first + i * dirtable.CHUNK, ch) for i, ch in enumerate(c.dir.chunks)]
+        for i in range(0, len(parts), _BATCH // dirtable.CHUNK):
+            group = parts[i:i + _BATCH // dirtable.CHUNK]
+            keys = array("I")
+            vals = array("I")
+            for start, ids in group:
+                keys.extend(range(start, start + len(ids)))
+                vals.extend(ids)
+            bpfsys.map_update_batch(self.fd("nb_fw_dir"), keys.tobytes(), vals.tobytes(),
+                                    len(keys))
+
+    def memory_bytes(self) -> int:
+        """Kernel memory the classifier's arrays pin, as created (max_entries x value size, x
+        CPUs for per-CPU ones): the bounded part. Tries and hashes grow with their entries."""
+        total = 0
+        for name in FW_MAPS:
+            if name not in self.maps:
+                continue
+            info = bpfsys.map_info(self.maps[name].fd)
+            if info.type == _ARRAY:
+                total += info.max_entries * info.value_size
+            elif info.type == _PERCPU_ARRAY:
+                total += info.max_entries * bpfsys.percpu_value_size(info.value_size)
+        return total
+
+    def _write_arrays(self, gen: int, c: CompiledDirection) -> None:
+        for which, ids in c.ports.items():
+            self._write_range("nb_fw_ports", abi.port_idx(gen, which, 0), ids)
+        if c.proto is not None:
+            self._write_range("nb_fw_proto", abi.proto_idx(gen, 0), c.proto)
+        if c.icmp is not None:
+            self._write_range("nb_fw_icmp", abi.icmp_idx(gen, 0), c.icmp)
+        if c.flags is not None:
+            self._write_range("nb_fw_flags", abi.flags_idx(gen, 0), c.flags)
+
+    def _write_range(self, name: str, first: int, ids) -> None:
+        keys = array("I", range(first, first + len(ids))).tobytes()
+        vals = array("I", ids).tobytes()
+        bpfsys.map_update_batch(self.fd(name), keys, vals, len(ids))
+
+    def _write_rules(self, gen: int, c: CompiledDirection, rule_slots: list[int],
+                     count_slots: list[int], samples: list[int]) -> None:
+        if c.rules:
+            keys = b"".join(_U32.pack(gen * self.rules_cap + t) for t in range(len(c.rules)))
+            vals = b"".join(bytes(abi.NbRule(r.action, slot, r.count_mask, r.rl_rate,
+                                             r.rl_burst, r.rl_per, sample))
+                            for r, slot, sample in zip(c.rules, rule_slots, samples))
+            bpfsys.map_update_batch(self.fd("nb_fw_rules"), keys, vals, len(c.rules))
+        if c.count_rules:
+            keys = b"".join(_U32.pack(gen * abi.NB_MAX_COUNT_RULES + i)
+                            for i in range(len(c.count_rules)))
+            vals = b"".join(_U32.pack(s) for s in count_slots)
+            bpfsys.map_update_batch(self.fd("nb_fw_crules"), keys, vals, len(c.count_rules))
+
+    def _write_cfg(self, gen: int, c: CompiledDirection, set_tags: dict[str, int],
+                   default_sample: int) -> None:
+        cfg = abi.NbFwCfg()
+        cfg.default_sample = default_sample
+        cfg.field_mask = c.field_mask
+        cfg.wild_id[:] = list(c.wild_id)
+        cfg.nsetrefs = len(c.setrefs)
+        cfg.nrules = c.nrules
+        cfg.ncount = c.ncount
+        cfg.default_action = c.default_action
+        for k, ref in enumerate(c.setrefs):
+            cfg.setref[k] = abi.NbSetref(set_tags[ref.set_name], ref.field | ref.hashed,
+                                         ref.member_id, ref.nonmember_id)
+        bpfsys.map_update(self.fd("nb_fw_cfg"), _U32.pack(gen), bytes(cfg))
+
+    # ---- sets ----
+    def write_set(self, tag: int, s: SetIR) -> None:
+        """A set's entries under its own tag: a family of full-length addresses goes to the
+        hash map in batches (set_hash_flags, which the compiled setref agrees with), any other
+        to the prefix trie (LPM tries have no batch update: one call each)."""
+        one = _U32.pack(1)
+        hashed = set_hash_flags(s)
+        head = _U32.pack(tag)
+        for name, entries, width, flag in (("nb_seth4", s.v4, 4, abi.NB_SETREF_HASH4),
+                                           ("nb_seth6", s.v6, 16, abi.NB_SETREF_HASH6)):
+            if not hashed & flag:
+                continue
+            fd = self.fd(name)
+            for i in range(0, len(entries), _BATCH):
+                part = entries[i:i + _BATCH]
+                keys = b"".join(head + a.to_bytes(width, "big") for a, _ in part)
+                bpfsys.map_update_batch(fd, keys, one * len(part), len(part))
+        for name, entries, width, flag in (("nb_set4", s.v4, 4, abi.NB_SETREF_HASH4),
+                                           ("nb_set6", s.v6, 16, abi.NB_SETREF_HASH6)):
+            if hashed & flag:
+                continue
+            fd = self.fd(name)
+            for addr, plen in entries:
+                key = _U32.pack(32 + plen) + head + addr.to_bytes(width, "big")
+                bpfsys.map_update(fd, key, one)
+
+    def delete_set(self, tag: int) -> None:
+        for name, ksize in (("nb_set4", 12), ("nb_set6", 24)):
+            fd = self.fd(name)
+            for k in [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[4:8])[0] == tag]:
+                bpfsys.map_delete(fd, k)
+        for name, ksize in (("nb_seth4", 8), ("nb_seth6", 20)):
+            if name not in self.maps:
+                continue
+            fd = self.fd(name)
+            stale = [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[:4])[0] == tag]
+            for i in range(0, len(stale), _BATCH):
+                part = stale[i:i + _BATCH]
+                bpfsys.map_delete_batch(fd, b"".join(part), len(part))
+
+    # ---- counters ----
+    def _percpu_zero(self, name: str) -> bytes:
+        return bytes(bpfsys.percpu_value_size(self.maps[name].value_size))
+
+    def zero_slots(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        zero = self._percpu_zero("nb_fw_cnt")
+        keys = b"".join(_U32.pack(s) for s in slots)
+        bpfsys.map_update_batch(self.fd("nb_fw_cnt"), keys, zero * len(slots), len(slots))
+
+    def zero_slots_stats(self) -> None:
+        zero = self._percpu_zero("nb_fw_stats")
+        keys = b"".join(_U32.pack(s) for s in range(abi.NB_STAT_MAX))
+        bpfsys.map_update_batch(self.fd("nb_fw_stats"), keys, zero * abi.NB_STAT_MAX,
+                                abi.NB_STAT_MAX)
+
+    def read_counters(self, name: str = "nb_fw_cnt") -> dict[int, tuple[int, int, int]]:
+        """Every slot's (packets, bytes, drops) summed over CPUs."""
+        m = self.maps[name]
+        out = {}
+        for k, per_cpu in bpfsys.map_lookup_batch(m.fd, 4, m.value_size, percpu=True):
+            p = b = d = 0
+            for v in per_cpu:
+                cp, cb, cd = struct.unpack_from("<QQQ", v)
+                p, b, d = p + cp, b + cb, d + cd
+            if p or b or d:
+                out[_U32.unpack(k)[0]] = (p, b, d)
+        return out
+
+    def read_percpu(self, name: str, keys) -> dict[int, list[tuple[int, int, int]]]:
+        """(packets, bytes, drops) per CPU for each key of a per-CPU counter map."""
+        m = self.maps[name]
+        out = {}
+        for k in keys:
+            per_cpu = bpfsys.map_lookup_percpu(m.fd, _U32.pack(k), m.value_size)
+            if per_cpu:
+                out[k] = [struct.unpack_from("<QQQ", v) for v in per_cpu]
+        return out
+
+    def write_percpu(self, name: str, values: dict[int, list[tuple[int, int, int]]]) -> None:
+        m = self.maps[name]
+        stride = (m.value_size + 7) // 8 * 8
+        for k, per_cpu in values.items():
+            blob = b"".join(struct.pack("<QQQ", *v).ljust(stride, b"\0") for v in per_cpu)
+            bpfsys.map_update(m.fd, _U32.pack(k), blob)
+
+    # ---- reading back (the inverse of write_generation / write_set) ----
+    def _read_range(self, name: str, first: int, n: int) -> array:
+        return array("I", b"".join(bpfsys.array_lookup_range(self.fd(name), first, n, 4)))
+
+    def read_generation(self, gen: int) -> "GenerationImage":
+        """Generation gen as the kernel holds it: the CompiledDirection write_generation was
+        given (set references name their tag as 'tag<N>'), with slots and sampling."""
+        raw = bpfsys.map_lookup(self.fd("nb_fw_cfg"), _U32.pack(gen), ctypes.sizeof(abi.NbFwCfg))
+        cfg = abi.NbFwCfg.from_buffer_copy(raw)
+        rules, slots, samples = [], [], []
+        if cfg.nrules:
+            first = gen * self.rules_cap
+            size = ctypes.sizeof(abi.NbRule)
+            for t in range(cfg.nrules):
+                r = abi.NbRule.from_buffer_copy(
+                    bpfsys.map_lookup(self.fd("nb_fw_rules"), _U32.pack(first + t), size))
+                rules.append(RuleEntry(f"#{t}", r.action, r.count_mask, r.rl_rate, r.rl_burst,
+                                       r.rl_per, ""))
+                slots.append(r.slot)
+                samples.append(r.sample)
+        count_slots = list(self._read_range("nb_fw_crules", gen * abi.NB_MAX_COUNT_RULES,
+                                            cfg.ncount)) if cfg.ncount else []
+        vsz = ctypes.sizeof(abi.vec_struct(self.words))
+        nsum = abi.nb_sum(self.words)
+        raw = bpfsys.array_lookup_range(self.fd("nb_fw_vecs"), gen * self.class_cap,
+                                        self.class_cap, vsz)
+
+        def vec(i: int) -> tuple[int, int]:
+            v = raw[i]
+            return int.from_bytes(v[:8], "little"), int.from_bytes(v[8 + 8 * nsum:vsz], "little")
+
+        mask = cfg.field_mask
+        dirt, lpm = self._read_dir(gen, mask, list(cfg.wild_id))
+        ports = {w: self._read_range("nb_fw_ports", abi.port_idx(gen, w, 0), 65536)
+                 for w, f in ((0, abi.NB_F_SPORT), (1, abi.NB_F_DPORT)) if mask >> f & 1}
+        arr = {f: self._read_range(name, first, n) if mask >> f & 1 else None
+               for f, name, first, n in ((abi.NB_F_PROTO, "nb_fw_proto", abi.proto_idx(gen, 0), 256),
+                                         (abi.NB_F_ICMP, "nb_fw_icmp", abi.icmp_idx(gen, 0), 65536),
+                                         (abi.NB_F_FLAGS, "nb_fw_flags", abi.flags_idx(gen, 0), 256))}
+        hash_bits = abi.NB_SETREF_HASH4 | abi.NB_SETREF_HASH6
+        setrefs = [SetRef(f"tag{r.tag}", r.field & ~hash_bits, r.member_id, r.nonmember_id,
+                          r.field & hash_bits)
+                   for r in (cfg.setref[k] for k in range(cfg.nsetrefs))]
+        # the classes this generation refers to (stale ids of older generations are left out)
+        used = {i for f, i in enumerate(cfg.wild_id) if mask >> f & 1}
+        used |= {e[3] for fam in (4, 6) for e in lpm[fam]}
+        used |= {i for a in (*ports.values(), *arr.values()) if a is not None for i in set(a)}
+        used |= {i for r in setrefs for i in (r.member_id, r.nonmember_id)}
+        vecs = {i: vec(i) for i in sorted(used) if 0 < i < self.class_cap}
+        c = CompiledDirection(
+            nrules=cfg.nrules, ncount=cfg.ncount, default_action=cfg.default_action,
+            field_mask=mask, wild_id=list(cfg.wild_id), setrefs=setrefs, rules=rules,
+            count_rules=[CountEntry(f"c{i}", "") for i in range(cfg.ncount)], vecs=vecs,
+            lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]), ports=ports, proto=arr[abi.NB_F_PROTO],
+            icmp=arr[abi.NB_F_ICMP], flags=arr[abi.NB_F_FLAGS], nclasses=max(vecs, default=0) + 1,
+            dir=dirt)
+        return GenerationImage(c, slots, count_slots, samples, cfg.default_sample)
+
+    def _read_dir(self, gen: int, mask: int, wild: list[int]):
+        """Generation gen's address tables as written (DirTables) and as disjoint
+        (field, address bytes, plen, class id) prefixes of every non-wildcard class."""
+        base = gen * self.dir_gen
+        dirt = dirtable.DirTables()
+        lpm: dict[int, list] = {4: [], 6: []}
+        chunk_of: dict[int, int] = {}           # kernel chunk index -> index in dirt.chunks
+
+        def read(first: int, n: int) -> array:
+            return array("I", b"".join(bpfsys.array_lookup_range(self.fd("nb_fw_dir"), first,
+                                                                 n, 4)))
+
+        def walk(tbl: array, prefix: int, depth: int, f: int, fam: int, width: int) -> None:
+            step = dirtable.ROOT_BITS if depth == 0 else 8
+            for i, v in enumerate(tbl):
+                addr = (prefix << step) | i
+                if v & dirtable.PTR:
+                    k = v & ~dirtable.PTR
+                    if k not in chunk_of:
+                        chunk_of[k] = len(dirt.chunks)
+                        dirt.chunks.append(read(base + 4 * dirtable.ROOT + k * dirtable.CHUNK,
+                                                dirtable.CHUNK))
+                    tbl[i] = dirtable.PTR | chunk_of[k]
+                    walk(dirt.chunks[chunk_of[k]], addr, depth + step, f, fam, width)
+                elif v != wild[f]:
+                    plen = depth + step
+                    lpm[fam].append((f, (addr << (width - plen)).to_bytes(width // 8, "big"),
+                                     plen, v))
+
+        for f in (abi.NB_F_SRC, abi.NB_F_DST):
+            if not mask >> f & 1:
+                continue
+            for fam, width in ((4, 32), (6, 128)):
+                ridx = dirtable.root_index(f, fam)
+                root = read(base + ridx * dirtable.ROOT, dirtable.ROOT)
+                walk(root, 0, 0, f, fam, width)
+                dirt.roots[ridx] = root
+        return dirt, lpm
+
+    def read_set(self, tag: int) -> SetIR:
+        """The entries written by write_set(tag, ...): the prefix trie's and the hash map's."""
+        out = {}
+        head = _U32.pack(tag)
+        for fam, name, ksize, hname, width in ((4, "nb_set4", 12, "nb_seth4", 4),
+                                               (6, "nb_set6", 24, "nb_seth6", 16)):
+            entries = [(int.from_bytes(k[8:], "big"), _U32.unpack(k[:4])[0] - 32)
+                       for k in bpfsys.map_keys(self.fd(name), ksize) if k[4:8] == head]
+            if hname in self.maps:
+                entries += [(int.from_bytes(k[4:], "big"), width * 8)
+                            for k in bpfsys.map_keys(self.fd(hname), 4 + width)
+                            if k[:4] == head]
+            out[fam] = tuple(sorted(entries))
+        return SetIR(f"tag{tag}", v4=out[4], v6=out[6])
+
+    def copy_to(self, other: "FwTables", gen: int, set_tags: list[int]) -> None:
+        """Generation gen and the sets it uses into other (a fresh program's maps, same shape),
+        made active there: a private copy of the classifier to run test packets through."""
+        img = self.read_generation(gen)
+        other.write_generation(gen, img.compiled, img.rule_slots, img.count_slots,
+                               {f"tag{t}": t for t in set_tags}, img.samples, img.default_sample)
+        for tag in set_tags:
+            other.delete_set(tag)
+            other.write_set(tag, self.read_set(tag))
+        other.flip(gen)
+
+
+@dataclass
+class GenerationImage:
+    compiled: CompiledDirection
+    rule_slots: list[int]
+    count_slots: list[int]
+    samples: list[int]
+    default_sample: int
+
+
+def table_bytes(words: int, class_cap: int, chunks: int) -> int:
+    """What memory_bytes() reads from a loaded program, from its shape alone (status uses it
+    without opening maps): the classifier's arrays as bpf/include/classify.h declares them."""
+    percpu = bpfsys.percpu_value_size(ctypes.sizeof(abi.NbCounter))
+    return (4 + 2 * ctypes.sizeof(abi.NbFwCfg) + 2 * words * 64 * ctypes.sizeof(abi.NbRule)
+            + 2 * abi.NB_MAX_COUNT_RULES * 4
+            + 2 * class_cap * ctypes.sizeof(abi.vec_struct(words))
+            + dirtable.map_bytes(chunks)
+            + 4 * 65536 * 4 + 2 * 256 * 4 + 2 * 65536 * 4 + 2 * 256 * 4
+            + abi.slot_cap(words) * percpu + abi.NB_STAT_MAX * percpu)
+
+
+
+class CounterCarry:
+    """Carry counters from a running program to its replacement: copy just before the swap,
+    then add what the old program counted between the copy and the swap, so a program change
+    loses (almost) nothing."""
+
+    def __init__(self, old: FwTables, new: FwTables, slots: list[tuple[int, int]]):
+        """slots: (old slot, new slot) of every rule that stays; totals keep their keys."""
+        self.old, self.new = old, new
+        self.pairs = {"nb_fw_cnt": dict(slots),
+                      "nb_fw_stats": {k: k for k in range(abi.NB_STAT_MAX)}}
+        self.snap: dict[str, dict] = {}
+
+    def copy(self) -> None:
+        for name, pairs in self.pairs.items():
+            self.snap[name] = self.old.read_percpu(name, pairs)
+            self.new.write_percpu(name, {pairs[k]: v for k, v in self.snap[name].items()})
+
+    def catch_up(self) -> None:
+        for name, pairs in self.pairs.items():
+            later = self.old.read_percpu(name, pairs)
+            now = self.new.read_percpu(name, pairs.values())
+            out = {}
+            for k, per_cpu in later.items():
+                before = self.snap[name].get(k, [(0, 0, 0)] * len(per_cpu))
+                cur = now.get(pairs[k], [(0, 0, 0)] * len(per_cpu))
+                out[pairs[k]] = [tuple(c + l - b for c, l, b in zip(cv, lv, bv))
+                                 for cv, lv, bv in zip(cur, per_cpu, before)]
+            self.new.write_percpu(name, out)

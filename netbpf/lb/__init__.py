@@ -1,0 +1,1 @@
+"""Load balancer: Maglev tables, the balancer's map writer, backend health checks."""

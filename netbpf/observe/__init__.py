@@ -1,0 +1,1 @@
+"""The read path: stats, status, drift, events, the exporter, and what runs now (show)."""

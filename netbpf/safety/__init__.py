@@ -1,0 +1,1 @@
+"""Operator safety: plan diff, lockout guard, commit-confirmed apply, explain and selftest."""

@@ -1,0 +1,123 @@
+"""Copies of applied policy files (the policy and its set files) in netbpf's state directory.
+
+Per interface key: current/ is what the last apply used, previous/ what ran before it. They let
+a commit-confirmed apply roll back (netbpf/safety/confirm.py), `status` say when the named file
+changed or disappeared, and `show` compare the kernel with the last applied file. Plain files
+only; not the apply engine's state (netbpf/store/state.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from netbpf.store import state
+
+POLICY_NAME = "policy.yaml"
+
+
+def snapshot_root() -> Path:
+    return state.STATE_ROOT / "policies"
+
+
+def snapshot_dir(key: str, which: str = "current") -> Path:
+    return snapshot_root() / key / which
+
+
+def _sha(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _set_files(model) -> list[str]:
+    from netbpf.policy.models import SetFile
+
+    return sorted({s.file for s in model.sets.values() if isinstance(s, SetFile)})
+
+
+def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None:
+    """After a successful apply (under the apply lock): keys' current -> previous, and a
+    copy of the applied files becomes current. The files are copied from where they were
+    loaded (a rollback loads a copy) and recorded under policy_path, the file the state names.
+    Set files keep their path relative to the policy (absolute ones are copied, but the copy
+    of the policy still names the original)."""
+    named = Path(policy_path).resolve()
+    loaded_from = Path(loaded.path).resolve()
+    rels = _set_files(loaded.model)
+    copies = {POLICY_NAME: loaded_from} | {r: (loaded_from.parent / r).resolve() for r in rels}
+    sources = {POLICY_NAME: named} | {r: (named.parent / r).resolve() for r in rels}
+    stdin = loaded.display == "<stdin>"      # nothing to copy from: the bytes read
+    if stdin:
+        copies = {r: p for r, p in copies.items() if r != POLICY_NAME}
+    files = {rel: _sha(p) for rel, p in copies.items()}
+    if stdin:
+        files[POLICY_NAME] = hashlib.sha256(loaded.raw).hexdigest()
+    data = {"policy_path": str(named), "netns": netns, "policy_hash": loaded.source_hash,
+            "files": files,
+            "sources": {rel: str(p) for rel, p in sources.items()}}
+    for key in keys:
+        was = manifest(key)
+        if was is not None and was == data:
+            continue                      # the same files again: keep previous as it was
+        base = snapshot_root() / key
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = base / f"new{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, src in copies.items():
+            target = tmp / "files" / rel.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+        if stdin:
+            (tmp / "files").mkdir(parents=True, exist_ok=True)
+            (tmp / "files" / POLICY_NAME).write_bytes(loaded.raw)
+        (tmp / "manifest.json").write_text(json.dumps(data, indent=1))
+        prev, cur = base / "previous", base / "current"
+        shutil.rmtree(prev, ignore_errors=True)
+        if cur.exists():
+            os.rename(cur, prev)
+        os.rename(tmp, cur)
+
+
+def forget(key: str) -> None:
+    """The interface was detached: nothing of it is applied any more."""
+    cur = snapshot_root() / key / "current"
+    if cur.exists():
+        prev = snapshot_root() / key / "previous"
+        shutil.rmtree(prev, ignore_errors=True)
+        os.rename(cur, prev)
+
+
+def manifest(key: str, which: str = "current") -> dict | None:
+    try:
+        return json.loads((snapshot_dir(key, which) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def policy_copy(key: str, which: str = "current") -> Path | None:
+    """The stored copy of the policy file (its set files sit beside it as they did)."""
+    m = manifest(key, which)
+    if m is None:
+        return None
+    p = snapshot_dir(key, which) / "files" / POLICY_NAME
+    if any(os.path.isabs(rel) for rel in m["files"]):
+        return Path(m["sources"][POLICY_NAME])   # absolute set paths: the copy cannot rebase
+    return p if p.exists() else None
+
+
+def file_status(key: str, policy_path: str) -> str:
+    """'unchanged', 'changed' (the policy or one of its set files), 'gone', or 'unknown'
+    (applied by a netbpf that kept no copy)."""
+    m = manifest(key)
+    if m is None or m.get("policy_path") != str(Path(policy_path)):
+        return "unknown"
+    if not Path(policy_path).exists():
+        return "gone"
+    for rel, digest in m["files"].items():
+        if _sha(Path(m["sources"][rel])) != digest:
+            return "changed"
+    return "unchanged"
