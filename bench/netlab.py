@@ -104,6 +104,10 @@ def down() -> None:
         sh("ip", "netns", "del", ns, check=False)
 
 
+def ifindex(ns: str, ifname: str) -> int:
+    return json.loads(sh("ip", "-n", ns, "-j", "link", "show", "dev", ifname).stdout)[0]["ifindex"]
+
+
 def link_stats(ns: str, ifname: str) -> dict:
     """The interface's stats64 (rx/tx packets, drops) as the kernel counts them."""
     out = sh("ip", "-n", ns, "-j", "-s", "link", "show", "dev", ifname).stdout

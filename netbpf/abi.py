@@ -28,9 +28,6 @@ NB_MAX_VLANS = 2
 NB_MAX_EXTHDRS = 6
 NB_MAX_RULES = WORD_BUCKETS[-1] * 64  # terminal rules per direction (16384)
 
-# Load balancer limits (used by the policy checks; the LB program declares them again in C).
-NB_MAX_BACKENDS = 4096
-NB_MAX_VIPS = 256
 
 NB_ACT_ALLOW = 1
 NB_ACT_DROP = 2
@@ -210,12 +207,15 @@ class NbRlState(ctypes.Structure):
 
 
 # ---- load balancer (bpf/include/lb.h; written by netbpf/lb/lbtables.py) ----
-NB_LB_MAX_VIPS = NB_MAX_VIPS
-NB_LB_MAX_BACKENDS = NB_MAX_BACKENDS
+NB_LB_MAX_VIPS = 256
+NB_LB_MAX_BACKENDS = 4096
 NB_LB_FLOWS = 262144
 NB_LB_NO_BACKEND = 0xffffffff
 NB_LB_NAT, NB_LB_DSR = 1, 2
 NB_BE_ACTIVE = 1
+NB_LB_PORT_WORDS = 1024
+NB_LB_NH_TTL_NS = 1_000_000_000
+NB_LB_NH_STACK, NB_LB_NH_TX, NB_LB_NH_REDIRECT = 1, 2, 3
 
 
 class NbVipKey(ctypes.Structure):
@@ -226,6 +226,12 @@ class NbVipKey(ctypes.Structure):
 class NbVip(ctypes.Structure):
     _fields_ = [("index", ctypes.c_uint32), ("mode", ctypes.c_uint32),
                 ("ring_off", ctypes.c_uint32), ("ring_size", ctypes.c_uint32),
+                ("idle_ns", ctypes.c_uint64), ("touch_ns", ctypes.c_uint64),
+                ("sig", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class NbVipLive(ctypes.Structure):
+    _fields_ = [("sig", ctypes.c_uint32), ("pad", ctypes.c_uint32),
                 ("idle_ns", ctypes.c_uint64), ("touch_ns", ctypes.c_uint64)]
 
 
@@ -242,7 +248,16 @@ class NbFlowKey(ctypes.Structure):
 
 class NbFlow(ctypes.Structure):
     _fields_ = [("backend", ctypes.c_uint32), ("vip_index", ctypes.c_uint32),
-                ("last_ns", ctypes.c_uint64)]
+                ("last_ns", ctypes.c_uint64), ("vip_sig", ctypes.c_uint32),
+                ("mode", ctypes.c_uint32)]
+
+
+class NbLbNh(ctypes.Structure):
+    _fields_ = [("stamp_ns", ctypes.c_uint64), ("kind", ctypes.c_uint32),
+                ("in_ifindex", ctypes.c_uint32), ("out_ifindex", ctypes.c_uint32),
+                ("mtu", ctypes.c_uint16), ("smac", ctypes.c_uint8 * 6),
+                ("dmac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint8 * 6),
+                ("dst", ctypes.c_uint8 * 16)]
 
 
 class NbNatKey(ctypes.Structure):

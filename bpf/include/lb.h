@@ -1,7 +1,10 @@
 /* lb.h - L4 load balancer: VIP lookup -> flow table or Maglev slot -> rewrite -> forward, and
  * the reverse translation of NAT replies on TC egress. Not the firewall (classify.h): the XDP
  * program balances only what the firewall allowed. Flow, NAT and counter maps are shared
- * through pins (-DNB_SHARED_PIN="dir") so the egress program and later reloads see them. */
+ * through pins (-DNB_SHARED_PIN="dir") so the egress program and later reloads see them.
+ * Two paths: an established flow (nb_lb_established, inline in the firewall program) is one
+ * flow lookup, array reads, the rewrite and a cached next hop; a new flow (nb_lb_balance,
+ * behind a tail call) looks the VIP up and picks through Maglev. */
 #ifndef NETBPF_LB_H
 #define NETBPF_LB_H
 
@@ -18,6 +21,10 @@
 BPF_HASH(nb_lb_vips, struct nb_vip_key, struct nb_vip, NB_LB_MAX_VIPS * 2);
 BPF_ARRAY(nb_lb_ring, __u32, NB_LB_RING_CAP);
 BPF_ARRAY(nb_lb_backends, struct nb_backend, NB_LB_MAX_BACKENDS);
+BPF_ARRAY(nb_lb_vlive, struct nb_vip_live, NB_LB_MAX_VIPS);
+BPF_ARRAY(nb_lb_ports, __u64, NB_LB_PORT_WORDS);
+/* per CPU: each CPU refreshes its own copy, so no reader sees one half-written */
+BPF_PERCPU_ARRAY(nb_lb_nh, struct nb_lb_nh, NB_LB_MAX_BACKENDS);
 #ifdef NB_SHARED_PIN
 BPF_TABLE_PINNED("lru_hash", struct nb_flow_key, struct nb_flow, nb_lb_flows, NB_LB_FLOWS,
                  NB_SHARED_PIN "/nb_lb_flows");
@@ -124,53 +131,108 @@ static __always_inline int nb_lb_dnat(struct xdp_md *ctx, struct nb_pkt *p, stru
     return 0;
 }
 
-/* Send toward dst (the backend, or for DSR the backend's MAC): XDP_TX when the route leaves
- * by the interface it came in on; DSR redirects to another interface; NAT otherwise lets the
+/* The FIB's answer for dst, as a cached next hop: XDP_TX when the route leaves by the
+ * interface the packet came in on; DSR redirects to another interface; NAT otherwise lets the
  * kernel forward the rewritten packet (a redirect needs an XDP-capable receiver on veths and
- * bridges, which netbpf cannot promise). */
-static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, __u8 *dst,
-                                         __u16 dport, __u32 len, int dsr)
+ * bridges, which netbpf cannot promise). Returns the NB_LB_NH_* kind written to nh, 0 for
+ * "the kernel forwards this one" without an answer to keep, or -1 for "drop". */
+static __always_inline int nb_lb_route(struct xdp_md *ctx, struct nb_pkt *p, __u8 *dst,
+                                       __u16 dport, __u32 len, int dsr, struct nb_lb_nh *nh)
 {
     struct bpf_fib_lookup fib = {};
     fib.ifindex = ctx->ingress_ifindex;
     fib.l4_protocol = p->proto;
     fib.sport = bpf_htons(p->sport);
     fib.dport = bpf_htons(dport);
+    fib.tot_len = len - p->l3_off;
     if (p->family == 4) {
         fib.family = AF_INET;
-        fib.tot_len = len - p->l3_off;
         __builtin_memcpy(&fib.ipv4_src, p->src, 4);
         __builtin_memcpy(&fib.ipv4_dst, dst, 4);
     } else {
         fib.family = AF_INET6;
-        fib.tot_len = len - p->l3_off;
         __builtin_memcpy(fib.ipv6_src, p->src, 16);
         __builtin_memcpy(fib.ipv6_dst, dst, 16);
     }
-    /* OUTPUT: look up as the sender we now are; an ingress-side lookup would also demand
-     * that this interface forwards, which a one-armed DSR balancer need not */
+    /* OUTPUT: look up as the sender we now are, not as a router checking the client's
+     * address; the kernel still answers only if this interface forwards (checked: with
+     * forwarding off every lookup fails, so DSR drops and NAT leaves it to the stack) */
     long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-    if (rc != BPF_FIB_LKUP_RET_SUCCESS || (!dsr && fib.ifindex != ctx->ingress_ifindex)) {
-        if (dsr) {
+    __u32 kind;
+    if (rc == BPF_FIB_LKUP_RET_SUCCESS && fib.ifindex == ctx->ingress_ifindex)
+        kind = NB_LB_NH_TX;
+    else if (rc == BPF_FIB_LKUP_RET_SUCCESS && dsr)
+        kind = NB_LB_NH_REDIRECT;
+    else if (dsr)
+        return -1;                 /* DSR without a route or neighbour entry, or too big */
+    else if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+        return 0;                  /* NAT, too big: the kernel answers; the route stays good */
+    else
+        kind = NB_LB_NH_STACK;     /* the kernel routes it, resolving a missing neighbour */
+    nh->kind = kind;
+    nh->in_ifindex = ctx->ingress_ifindex;
+    nh->out_ifindex = fib.ifindex;
+    /* mtu_result shares tot_len's place: on success the route's MTU */
+    nh->mtu = rc == BPF_FIB_LKUP_RET_SUCCESS ? fib.mtu_result : 0xffff;
+    __builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+    __builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+    return kind;
+}
+
+static __always_inline int nb_lb_same16(__u8 *a, __u8 *b)
+{
+    __u64 a0, a1, b0, b1;
+    __builtin_memcpy(&a0, a, 8);
+    __builtin_memcpy(&a1, a + 8, 8);
+    __builtin_memcpy(&b0, b, 8);
+    __builtin_memcpy(&b1, b + 8, 8);
+    return a0 == b0 && a1 == b1;
+}
+
+/* Send toward dst through the backend's next hop, looked up in the FIB at most once a second
+ * per CPU (Katran does no lookup at all): a route or neighbour change is followed within 1 s.
+ * The cache is per backend, so routing by the client's address or ports is not followed. */
+static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, __u32 bid,
+                                         __u8 *dst, __u16 dport, __u32 len, int dsr, __u64 now)
+{
+    __u32 k = bid;
+    struct nb_lb_nh *nh = nb_lb_nh.lookup(&k);
+    if (!nh)
+        return XDP_DROP;
+    if (now - nh->stamp_ns > NB_LB_NH_TTL_NS || nh->in_ifindex != ctx->ingress_ifindex ||
+        len - p->l3_off > nh->mtu || !nb_lb_same16(nh->dst, dst)) {
+        nh->stamp_ns = 0;          /* half-made below: not used again until complete */
+        int kind = nb_lb_route(ctx, p, dst, dport, len, dsr, nh);
+        if (kind < 0) {
             nb_stat(NB_STAT_LB_DROP, len);
-            return XDP_DROP;        /* no route or no neighbour entry for the backend */
+            return XDP_DROP;
         }
+        if (kind == 0) {
+            nb_stat(NB_STAT_LB_STACK, len);
+            return XDP_PASS;
+        }
+        __builtin_memcpy(nh->dst, dst, 16);
+        nh->stamp_ns = now;
+    }
+    __u32 kind = nh->kind, out = nh->out_ifindex;
+    if (kind == NB_LB_NH_STACK) {
         nb_stat(NB_STAT_LB_STACK, len);
         return XDP_PASS;
     }
+    __u8 macs[2 * ETH_ALEN];
+    __builtin_memcpy(macs, nh->dmac, ETH_ALEN);
+    __builtin_memcpy(macs + ETH_ALEN, nh->smac, ETH_ALEN);
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
+    if (data + sizeof(macs) > data_end)
         return XDP_DROP;
-    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-    if (fib.ifindex == ctx->ingress_ifindex) {
+    __builtin_memcpy(data, macs, sizeof(macs));     /* h_dest, then h_source */
+    if (kind == NB_LB_NH_TX) {
         nb_stat(NB_STAT_LB_TX, len);
         return XDP_TX;
     }
     nb_stat(NB_STAT_LB_REDIRECT, len);
-    return bpf_redirect(fib.ifindex, 0);
+    return bpf_redirect(out, 0);
 }
 
 static __always_inline struct nb_vip *nb_lb_vip_of(struct nb_pkt *p)
@@ -193,71 +255,110 @@ static __always_inline int nb_lb_opens(struct nb_pkt *p)
            (p->tcp_flags & (NB_LB_TCP_SYN | NB_LB_TCP_ACK)) == NB_LB_TCP_SYN;
 }
 
-/* Balance a packet already known to be for vip (the handoff the firewall wrote).
- * Established flow: one flow lookup, the backend's array slot, rewrite, forward. */
-static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
-                                         struct nb_vip *vip, __u32 len)
+/* Some VIP listens on this destination port: one array read keeps the flow lookup off
+ * every other packet. */
+static __always_inline int nb_lb_port_used(struct nb_pkt *p)
 {
-    struct nb_flow_key fk = {.family = p->family, .proto = p->proto, .sport = p->sport,
-                             .dport = p->dport};
-    __builtin_memcpy(fk.saddr, p->src, 16);
-    __builtin_memcpy(fk.daddr, p->dst, 16);
+    if (!p->has_ports)
+        return 0;
+    __u32 w = p->dport >> 6;
+    __u64 *bits = nb_lb_ports.lookup(&w);
+    return bits && (*bits >> (p->dport & 63)) & 1;
+}
 
-    /* CLOCK_MONOTONIC at tick resolution: ample for second-scale timeouts, and measured
-     * 20 ns a packet cheaper than bpf_ktime_get_ns() on our VMs (bench/README.md) */
-    __u64 now = bpf_ktime_get_coarse_ns();
-    __u32 bid = NB_LB_NO_BACKEND;
-    struct nb_backend *be = 0;
-    int fresh = 0;
-    struct nb_flow *fl = nb_lb_opens(p) ? 0 : nb_lb_flows.lookup(&fk);
-    /* an idle flow (UDP, or TCP past its timeout) is balanced again; unsigned, so a
-     * last_ns from the future counts as expired too */
-    if (fl && fl->vip_index == vip->index && now - fl->last_ns <= vip->idle_ns) {
-        bid = fl->backend;
-        be = nb_lb_backends.lookup(&bid);
-        if (be && !(be->flags & NB_BE_ACTIVE))
-            be = 0;     /* removed from the policy: the flow is balanced again */
-        else if (now - fl->last_ns > vip->touch_ns)
-            fl->last_ns = now;  /* coarse: one write per touch_ns, not a dirty line per packet */
-    }
-    if (!be) {
-        if (vip->ring_size == 0)
-            return XDP_DROP;
-        __u32 slot = vip->ring_off + nb_flow_hash(&fk) % vip->ring_size;
-        __u32 *b = nb_lb_ring.lookup(&slot);
-        if (!b || *b == NB_LB_NO_BACKEND) {
-            nb_lb_count(vip->index, len, 0);
-            nb_stat(NB_STAT_LB_DROP, len);
-            return XDP_DROP;
-        }
-        bid = *b;
-        be = nb_lb_backends.lookup(&bid);
-        if (!be)
-            return XDP_DROP;
-        /* overwrites any old entry of this 5-tuple (a reused port, an expired flow) */
-        struct nb_flow nf = {.backend = bid, .vip_index = vip->index, .last_ns = now};
-        nb_lb_flows.update(&fk, &nf);
-        fresh = 1;
-    }
-    nb_lb_count(vip->index, len, fresh);
+static __always_inline void nb_lb_flow_key(struct nb_pkt *p, struct nb_flow_key *fk)
+{
+    fk->family = p->family;
+    fk->proto = p->proto;
+    fk->sport = p->sport;
+    fk->dport = p->dport;
+    fk->pad = 0;
+    __builtin_memcpy(fk->saddr, p->src, 16);
+    __builtin_memcpy(fk->daddr, p->dst, 16);
+}
+
+/* Counters, NAT reverse entry for a new flow, rewrite, forward: the end of both paths. */
+static __always_inline int nb_lb_send(struct xdp_md *ctx, struct nb_pkt *p, __u32 vip_index,
+                                      __u32 mode, __u32 bid, struct nb_backend *be, __u32 len,
+                                      int fresh, __u64 now)
+{
+    nb_lb_count(vip_index, len, fresh);
     nb_lb_count(NB_LB_MAX_VIPS + (bid & (NB_LB_MAX_BACKENDS - 1)), len, fresh);
-
-    if (vip->mode == NB_LB_DSR)
-        return nb_lb_forward(ctx, p, be->addr, p->dport, len, 1);
-
+    struct nb_backend b = *be;          /* the map value may not be read after packet writes */
+    if (mode == NB_LB_DSR)
+        return nb_lb_forward(ctx, p, bid, b.addr, p->dport, len, 1, now);
     if (fresh) {
-        struct nb_nat_key nk = {.family = p->family, .proto = p->proto, .bport = be->port,
+        struct nb_nat_key nk = {.family = p->family, .proto = p->proto, .bport = b.port,
                                 .cport = p->sport};
-        __builtin_memcpy(nk.baddr, be->addr, 16);
+        __builtin_memcpy(nk.baddr, b.addr, 16);
         __builtin_memcpy(nk.caddr, p->src, 16);
         struct nb_nat_val nv = {.vport = p->dport};
         __builtin_memcpy(nv.vaddr, p->dst, 16);
         nb_lb_nat.update(&nk, &nv);
     }
-    struct nb_backend b = *be;          /* the map value may not be read after packet writes */
     if (nb_lb_dnat(ctx, p, &b) < 0)
         return XDP_DROP;
-    return nb_lb_forward(ctx, p, b.addr, b.port, len, 0);
+    return nb_lb_forward(ctx, p, bid, b.addr, b.port, len, 0, now);
+}
+
+/* An established flow: its entry, the VIP it was made for still the same (one array read,
+ * no VIP hash lookup), not idle past the VIP's timeout, its backend still in the policy
+ * (draining backends keep their flows). Returns -1 when the packet must be balanced anew:
+ * no entry, a changed or removed VIP, an expired flow, a removed backend. A TCP SYN never
+ * comes here: it always picks through Maglev, as Katran does, so a client reusing a 5-tuple
+ * never follows an old entry to a drained or removed backend. */
+static __always_inline int nb_lb_established(struct xdp_md *ctx, struct nb_pkt *p, __u32 len)
+{
+    struct nb_flow_key fk;
+    nb_lb_flow_key(p, &fk);
+    struct nb_flow *fl = nb_lb_flows.lookup(&fk);
+    if (!fl)
+        return -1;
+    __u32 vi = fl->vip_index;
+    struct nb_vip_live *vl = nb_lb_vlive.lookup(&vi);
+    if (!vl || vl->sig != fl->vip_sig || vl->sig == 0)
+        return -1;
+    /* CLOCK_MONOTONIC at tick resolution: ample for second-scale timeouts, and measured
+     * 20 ns a packet cheaper than bpf_ktime_get_ns() on our VMs (bench/README.md) */
+    __u64 now = bpf_ktime_get_coarse_ns();
+    __u64 age = now - fl->last_ns;      /* unsigned: a last_ns from the future is expired */
+    if (age > vl->idle_ns)
+        return -1;
+    __u32 bid = fl->backend;
+    struct nb_backend *be = nb_lb_backends.lookup(&bid);
+    if (!be || !(be->flags & NB_BE_ACTIVE))
+        return -1;                      /* removed from the policy: balanced again */
+    if (age > vl->touch_ns)
+        fl->last_ns = now;              /* coarse: one write per touch_ns, not one per packet */
+    return nb_lb_send(ctx, p, vi, fl->mode, bid, be, len, 0, now);
+}
+
+/* A new flow to vip (the VIP entry the firewall program found; its flow lookup already
+ * failed or the packet opens a connection): pick through Maglev, remember the choice. */
+static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
+                                         struct nb_vip *vip, __u32 len)
+{
+    if (vip->ring_size == 0)
+        return XDP_DROP;
+    struct nb_flow_key fk;
+    nb_lb_flow_key(p, &fk);
+    __u32 slot = vip->ring_off + nb_flow_hash(&fk) % vip->ring_size;
+    __u32 *b = nb_lb_ring.lookup(&slot);
+    if (!b || *b == NB_LB_NO_BACKEND) {
+        nb_lb_count(vip->index, len, 0);
+        nb_stat(NB_STAT_LB_DROP, len);
+        return XDP_DROP;
+    }
+    __u32 bid = *b;
+    struct nb_backend *be = nb_lb_backends.lookup(&bid);
+    if (!be)
+        return XDP_DROP;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    /* overwrites any old entry of this 5-tuple (a reused port, an expired flow) */
+    struct nb_flow nf = {.backend = bid, .vip_index = vip->index, .last_ns = now,
+                         .vip_sig = vip->sig, .mode = vip->mode};
+    nb_lb_flows.update(&fk, &nf);
+    return nb_lb_send(ctx, p, vip->index, vip->mode, bid, be, len, 1, now);
 }
 
 /* TC egress of the VIP's interface: a backend's reply leaves as VIP:port again. */

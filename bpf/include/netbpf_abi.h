@@ -250,6 +250,16 @@ struct nb_vip {                             /* replaced whole: a packet sees one
     __u32 ring_size;                        /* prime */
     __u64 idle_ns;                          /* a flow idle longer is balanced again (Maglev) */
     __u64 touch_ns;                         /* nb_flow.last_ns is rewritten only when older */
+    __u32 sig;                              /* the VIP's identity (key, mode); never 0 */
+    __u32 pad;
+};
+
+struct nb_vip_live {                        /* nb_lb_vlive[vip index]: what established flows
+                                             * check, so they need no VIP hash lookup */
+    __u32 sig;                              /* nb_vip.sig of the VIP at this index; 0 = none */
+    __u32 pad;
+    __u64 idle_ns;
+    __u64 touch_ns;
 };
 
 struct nb_backend {                         /* nb_lb_backends[id] */
@@ -274,6 +284,26 @@ struct nb_flow {
     __u32 backend;
     __u32 vip_index;
     __u64 last_ns;                          /* bpf_ktime_get_coarse_ns(), <= touch_ns stale */
+    __u32 vip_sig;                          /* nb_vip.sig when made: the VIP changed if not equal */
+    __u32 mode;                             /* NB_LB_NAT or NB_LB_DSR, as the VIP had it */
+};
+
+#define NB_LB_PORT_WORDS 1024               /* nb_lb_ports: one bit per destination port */
+#define NB_LB_NH_TTL_NS 1000000000ULL       /* a cached next hop is looked up again after 1 s */
+#define NB_LB_NH_STACK 1                    /* nb_lb_nh.kind: the kernel forwards it (XDP_PASS) */
+#define NB_LB_NH_TX 2                       /* out the interface it came in on (XDP_TX) */
+#define NB_LB_NH_REDIRECT 3                 /* out another interface (bpf_redirect) */
+
+struct nb_lb_nh {                           /* nb_lb_nh[backend], per CPU: its next hop */
+    __u64 stamp_ns;                         /* when looked up; 0 = never */
+    __u32 kind;                             /* NB_LB_NH_* */
+    __u32 in_ifindex;                       /* the interface the lookup was made for */
+    __u32 out_ifindex;
+    __u16 mtu;                              /* larger packets take the full FIB lookup */
+    __u8 smac[6];
+    __u8 dmac[6];
+    __u8 pad[6];
+    __u8 dst[16];                           /* the backend address it was looked up for */
 };
 
 struct nb_nat_key {                         /* a backend's reply, as it leaves toward the client */

@@ -1,8 +1,9 @@
 /* firewall.bpf.c - XDP ingress: parse -> conntrack -> classify -> act -> count -> balance.
  * Tables come from the controller (netbpf/compile.py via netbpf/apply.py); this program never
  * changes when rules change. Non-IP frames pass; malformed frames drop (docs/dataplane.md).
- * Built with NB_LB, packets the firewall allows to a VIP go to the load balancer (lb.h) by a
- * tail call: the balancer is verified as its own program, not once per path of the classifier. */
+ * Built with NB_LB, packets the firewall allows to a VIP go to the load balancer (lb.h): an
+ * established flow inline (one flow lookup, rewrite, forward), a new flow by a tail call, so
+ * the Maglev pick is verified as its own program, not once per path of the classifier. */
 #include <uapi/linux/bpf.h>
 #include "netbpf_abi.h"
 #include "parse.h"
@@ -15,8 +16,9 @@
 #include "lb.h"
 BPF_PROG_ARRAY(nb_lb_jump, 1);     /* [0] = nb_lb_entry, set by the controller after load */
 
-/* What the firewall already knows, handed to the balancer across the tail call (same CPU,
- * no preemption in between), so it neither parses again nor looks the VIP up again. */
+/* What the firewall already knows about a new flow, handed to the balancer across the tail
+ * call (same CPU, no preemption in between), so it neither parses nor looks the VIP up again.
+ * Established flows never take the tail call: nb_lb_established runs inline. */
 struct nb_lb_handoff {
     struct nb_pkt p;
     struct nb_vip vip;
@@ -131,6 +133,13 @@ int nb_fw_xdp(struct xdp_md *ctx)
         return XDP_DROP;
     }
 #ifdef NB_LB
+    if (!nb_lb_port_used(&p))
+        return XDP_PASS;
+    if (!nb_lb_opens(&p)) {
+        int lb = nb_lb_established(ctx, &p, len);
+        if (lb >= 0)
+            return lb;
+    }
     struct nb_vip *vip = nb_lb_vip_of(&p);
     if (vip) {
         __u32 zero = 0;

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import struct
 from dataclasses import dataclass
 
 from netbpf.kernel import bpfsys
@@ -84,6 +85,12 @@ def _fn():
         fn.restype = ctypes.c_int
         _proto_done = True
     return fn
+
+
+def xdp_ctx(data: bytes, ingress_ifindex: int, rx_queue: int = 0) -> bytes:
+    """A struct xdp_md for test_run: the packet arrives on ingress_ifindex (a device of the
+    caller's network namespace), so helpers like bpf_fib_lookup see that device's routes."""
+    return struct.pack("<6I", 0, len(data), 0, ingress_ifindex, rx_queue, 0)
 
 
 def test_run(prog_fd: FdLike, data: bytes, repeat: int = 1,

@@ -27,7 +27,8 @@ NB_LB_NAT, NB_LB_DSR = abi.NB_LB_NAT, abi.NB_LB_DSR
 NB_BE_ACTIVE = abi.NB_BE_ACTIVE
 TOUCH_NS = 1_000_000_000      # a flow's last-seen time is rewritten at most once a second
 MIN_RING_CAP = 1 << 19
-LB_MAPS = ("nb_lb_vips", "nb_lb_ring", "nb_lb_backends", "nb_lb_flows", "nb_lb_nat", "nb_lb_cnt")
+LB_MAPS = ("nb_lb_vips", "nb_lb_ring", "nb_lb_backends", "nb_lb_flows", "nb_lb_nat", "nb_lb_cnt",
+           "nb_lb_vlive", "nb_lb_ports")
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 
 _U32 = struct.Struct("<I")
@@ -164,14 +165,44 @@ def _vip_key(v: VipState) -> bytes:
     return bytes(k)
 
 
-def vip_value(v: VipState, lb: LoadBalancerIR, first: int) -> bytes:
-    """The VIP entry: its live table half and its flows' idle timeout. The last-seen time is
-    refreshed every TOUCH_NS (a quarter of shorter timeouts), so a flow is forgotten between
-    idle_timeout - TOUCH_NS and idle_timeout after its last packet."""
+def _mode_code(v: VipState) -> int:
+    return NB_LB_NAT if v.mode == "nat" else NB_LB_DSR
+
+
+def vip_sig(v: VipState) -> int:
+    """The VIP's identity as its flows remember it: address, port, protocol and mode. An
+    established flow whose VIP index no longer holds this value is balanced again (the VIP
+    went, or changed mode), without a VIP hash lookup on the fast path. Never 0 (= no VIP)."""
+    raw = _vip_key(v) + _U32.pack(_mode_code(v))
+    return int.from_bytes(hashlib.blake2s(raw, digest_size=4).digest(), "little") or 1
+
+
+def _timeouts(lb: LoadBalancerIR) -> tuple[int, int]:
+    """A flow's idle timeout and how often its last-seen time is refreshed: every TOUCH_NS (a
+    quarter of shorter timeouts), so a flow is forgotten between idle_timeout - TOUCH_NS and
+    idle_timeout after its last packet."""
     idle = int(lb.idle_s * 1e9)
-    return bytes(abi.NbVip(index=v.index, mode=NB_LB_NAT if v.mode == "nat" else NB_LB_DSR,
-                           ring_off=first, ring_size=v.size, idle_ns=idle,
-                           touch_ns=min(TOUCH_NS, idle // 4)))
+    return idle, min(TOUCH_NS, idle // 4)
+
+
+def vip_value(v: VipState, lb: LoadBalancerIR, first: int) -> bytes:
+    """The VIP entry: its live table half and its flows' idle timeout."""
+    idle, touch = _timeouts(lb)
+    return bytes(abi.NbVip(index=v.index, mode=_mode_code(v), ring_off=first, ring_size=v.size,
+                           idle_ns=idle, touch_ns=touch, sig=vip_sig(v)))
+
+
+def vip_live_value(v: VipState, lb: LoadBalancerIR) -> bytes:
+    idle, touch = _timeouts(lb)
+    return bytes(abi.NbVipLive(sig=vip_sig(v), idle_ns=idle, touch_ns=touch))
+
+
+def port_words(vips) -> dict[int, int]:
+    """nb_lb_ports: word index -> bits of the destination ports some VIP listens on."""
+    words: dict[int, int] = {}
+    for v in vips:
+        words[v.port >> 6] = words.get(v.port >> 6, 0) | (1 << (v.port & 63))
+    return words
 
 
 def backend_value(family: int, addr: int, port: int, flags: int) -> bytes:
@@ -236,8 +267,12 @@ class LbTables:
     def write(self, lbs: list[LoadBalancerIR], new: LbState, changed: list[str],
               old: LbState | None, down: set[str]) -> None:
         """Backends first, then each changed VIP's idle ring half, then the VIP entry (the
-        switch), then what the old state had and the new does not."""
+        switch), then what the old state had and the new does not. The port filter lets the
+        ports of old and new VIPs through while the switch happens, then only the new."""
         by_name = {lb.name: lb for lb in lbs}
+        old = old or LbState()
+        during = port_words(list(old.vips.values()) + list(new.vips.values()))
+        self._write_ports(during)
         for lb in lbs:
             for b in lb.backends:
                 ident = backend_identity(lb.name, b.family, b.addr, b.port)
@@ -257,17 +292,32 @@ class LbTables:
             first = v.base + v.half * v.size
             keys = array("I", range(first, first + v.size)).tobytes()
             bpfsys.map_update_batch(self.fds["nb_lb_ring"], keys, ring.tobytes(), v.size)
+            # established flows check this first: a changed mode stops them before the switch
+            bpfsys.map_update(self.fds["nb_lb_vlive"], _U32.pack(v.index), vip_live_value(v, lb))
             bpfsys.map_update(self.fds["nb_lb_vips"], _vip_key(v), vip_value(v, lb, first))
-        old = old or LbState()
+        for name, v in new.vips.items():
+            if name not in changed:     # idempotent; also fills a freshly loaded program's map
+                bpfsys.map_update(self.fds["nb_lb_vlive"], _U32.pack(v.index),
+                                  vip_live_value(v, by_name[name]))
         live_keys = {_vip_key(v) for v in new.vips.values()}
+        live_idx = {v.index for v in new.vips.values()}
         for v in old.vips.values():
+            if v.index not in live_idx:     # its established flows stop here, first
+                bpfsys.map_update(self.fds["nb_lb_vlive"], _U32.pack(v.index),
+                                  bytes(ctypes.sizeof(abi.NbVipLive)))
             if _vip_key(v) not in live_keys:
                 bpfsys.map_delete(self.fds["nb_lb_vips"], _vip_key(v))
+        after = port_words(new.vips.values())
+        self._write_ports({w: after.get(w, 0) for w in during})
         # Removed backends: inactive, so their flows are balanced again (see docs/lb.md).
         gone = set(old.backends.values()) - set(new.backends.values())
         for bid in gone:
             bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(bid),
                               bytes(ctypes.sizeof(abi.NbBackend)))
+
+    def _write_ports(self, words: dict[int, int]) -> None:
+        for w, bits in sorted(words.items()):
+            bpfsys.map_update(self.fds["nb_lb_ports"], _U32.pack(w), struct.pack("<Q", bits))
 
     def counters(self) -> dict[int, tuple[int, int, int]]:
         out = {}

@@ -23,6 +23,7 @@ STRUCTS = {  # C struct -> ctypes mirror (None: shape-dependent, checked through
     "nb_vip_key": abi.NbVipKey, "nb_vip": abi.NbVip, "nb_backend": abi.NbBackend,
     "nb_flow_key": abi.NbFlowKey, "nb_flow": abi.NbFlow, "nb_nat_key": abi.NbNatKey,
     "nb_nat_val": abi.NbNatVal, "nb_lb_counter": abi.NbLbCounter,
+    "nb_vip_live": abi.NbVipLive, "nb_lb_nh": abi.NbLbNh,
 }
 CONSTANTS = ["NB_MAX_COUNT_RULES", "NB_MAX_SETREFS", "NB_PREFIX_CAP", "NB_SET_CAP",
              "NB_RL_ENTRIES", "NB_ACT_ALLOW", "NB_ACT_DROP", "NB_ACT_RATE", "NB_ACT_REJECT", "NB_REJECT_PPS", "NB_REJECT_BURST", "NB_REJECT_QUOTE", "NB_STAT_REJECT", "NB_F_SRC",
@@ -31,7 +32,8 @@ CONSTANTS = ["NB_MAX_COUNT_RULES", "NB_MAX_SETREFS", "NB_PREFIX_CAP", "NB_SET_CA
              "NB_CT_ENTRIES", "NB_CT_NTIMEOUTS", "NB_SETREF_HASH4", "NB_SETREF_HASH6",
              "NB_DIR_MAX_CHUNKS", "NB_DIR_ROOT", "NB_DIR_PTR", "NB_LB_MAX_VIPS",
              "NB_LB_MAX_BACKENDS", "NB_LB_FLOWS", "NB_LB_NO_BACKEND", "NB_LB_NAT", "NB_LB_DSR",
-             "NB_BE_ACTIVE"]
+             "NB_BE_ACTIVE", "NB_LB_PORT_WORDS", "NB_LB_NH_TTL_NS", "NB_LB_NH_STACK",
+             "NB_LB_NH_TX", "NB_LB_NH_REDIRECT"]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,9 @@ def test_loaded_maps_have_the_mirrored_sizes():
         "nb_lb_flows": (ctypes.sizeof(abi.NbFlowKey), ctypes.sizeof(abi.NbFlow)),
         "nb_lb_nat": (ctypes.sizeof(abi.NbNatKey), ctypes.sizeof(abi.NbNatVal)),
         "nb_lb_cnt": (4, ctypes.sizeof(abi.NbLbCounter)),
+        "nb_lb_vlive": (4, ctypes.sizeof(abi.NbVipLive)),
+        "nb_lb_ports": (4, 8),
+        "nb_lb_nh": (4, ctypes.sizeof(abi.NbLbNh)),
     }
     for name, sizes in expect.items():
         assert (m[name].key_size, m[name].value_size) == sizes, name
