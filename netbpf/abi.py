@@ -256,7 +256,8 @@ class NbLbNh(ctypes.Structure):
     _fields_ = [("stamp_ns", ctypes.c_uint64), ("kind", ctypes.c_uint32),
                 ("in_ifindex", ctypes.c_uint32), ("out_ifindex", ctypes.c_uint32),
                 ("mtu", ctypes.c_uint16), ("smac", ctypes.c_uint8 * 6),
-                ("dmac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint8 * 6),
+                ("dmac", ctypes.c_uint8 * 6), ("dsr", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 5),
                 ("dst", ctypes.c_uint8 * 16)]
 
 

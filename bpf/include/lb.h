@@ -2,9 +2,9 @@
  * the reverse translation of NAT replies on TC egress. Not the firewall (classify.h): the XDP
  * program balances only what the firewall allowed. Flow, NAT and counter maps are shared
  * through pins (-DNB_SHARED_PIN="dir") so the egress program and later reloads see them.
- * Two paths: an established flow (nb_lb_established, inline in the firewall program) is one
- * flow lookup, array reads, the rewrite and a cached next hop; a new flow (nb_lb_balance,
- * behind a tail call) looks the VIP up and picks through Maglev. */
+ * Two paths, both in the balancer's own program (nb_lb_entry, a tail call from the firewall):
+ * an established flow (nb_lb_established) is one flow lookup, array reads, the rewrite and a
+ * cached next hop; a new flow (nb_lb_balance) looks the VIP up and picks through Maglev. */
 #ifndef NETBPF_LB_H
 #define NETBPF_LB_H
 
@@ -170,6 +170,7 @@ static __always_inline int nb_lb_route(struct xdp_md *ctx, struct nb_pkt *p, __u
     else
         kind = NB_LB_NH_STACK;     /* the kernel routes it, resolving a missing neighbour */
     nh->kind = kind;
+    nh->dsr = dsr;
     nh->in_ifindex = ctx->ingress_ifindex;
     nh->out_ifindex = fib.ifindex;
     /* mtu_result shares tot_len's place: on success the route's MTU */
@@ -200,7 +201,7 @@ static __always_inline int nb_lb_forward(struct xdp_md *ctx, struct nb_pkt *p, _
     if (!nh)
         return XDP_DROP;
     if (now - nh->stamp_ns > NB_LB_NH_TTL_NS || nh->in_ifindex != ctx->ingress_ifindex ||
-        len - p->l3_off > nh->mtu || !nb_lb_same16(nh->dst, dst)) {
+        nh->dsr != dsr || len - p->l3_off > nh->mtu || !nb_lb_same16(nh->dst, dst)) {
         nh->stamp_ns = 0;          /* half-made below: not used again until complete */
         int kind = nb_lb_route(ctx, p, dst, dport, len, dsr, nh);
         if (kind < 0) {
@@ -333,8 +334,7 @@ static __always_inline int nb_lb_established(struct xdp_md *ctx, struct nb_pkt *
     return nb_lb_send(ctx, p, vi, fl->mode, bid, be, len, 0, now);
 }
 
-/* A new flow to vip (the VIP entry the firewall program found; its flow lookup already
- * failed or the packet opens a connection): pick through Maglev, remember the choice. */
+/* A new flow to vip: pick through Maglev, remember the choice. */
 static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
                                          struct nb_vip *vip, __u32 len)
 {
@@ -359,6 +359,22 @@ static __always_inline int nb_lb_balance(struct xdp_md *ctx, struct nb_pkt *p,
                          .vip_sig = vip->sig, .mode = vip->mode};
     nb_lb_flows.update(&fk, &nf);
     return nb_lb_send(ctx, p, vip->index, vip->mode, bid, be, len, 1, now);
+}
+
+/* A packet the firewall allowed to a VIP port: its established flow, else, for a VIP, a new
+ * flow; anything else passes untouched. */
+static __always_inline int nb_lb_packet(struct xdp_md *ctx, struct nb_pkt *p, __u32 len)
+{
+    if (!nb_lb_opens(p)) {
+        int v = nb_lb_established(ctx, p, len);
+        if (v >= 0)
+            return v;
+    }
+    struct nb_vip *vip = nb_lb_vip_of(p);
+    if (!vip)
+        return XDP_PASS;
+    struct nb_vip v = *vip;     /* one VIP value for the whole packet */
+    return nb_lb_balance(ctx, p, &v, len);
 }
 
 /* TC egress of the VIP's interface: a backend's reply leaves as VIP:port again. */

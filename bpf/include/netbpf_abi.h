@@ -302,7 +302,8 @@ struct nb_lb_nh {                           /* nb_lb_nh[backend], per CPU: its n
     __u16 mtu;                              /* larger packets take the full FIB lookup */
     __u8 smac[6];
     __u8 dmac[6];
-    __u8 pad[6];
+    __u8 dsr;                               /* the answer differs for DSR and NAT */
+    __u8 pad[5];
     __u8 dst[16];                           /* the backend address it was looked up for */
 };
 

@@ -1,9 +1,8 @@
 /* firewall.bpf.c - XDP ingress: parse -> conntrack -> classify -> act -> count -> balance.
  * Tables come from the controller (netbpf/compile.py via netbpf/apply.py); this program never
  * changes when rules change. Non-IP frames pass; malformed frames drop (docs/dataplane.md).
- * Built with NB_LB, packets the firewall allows to a VIP go to the load balancer (lb.h): an
- * established flow inline (one flow lookup, rewrite, forward), a new flow by a tail call, so
- * the Maglev pick is verified as its own program, not once per path of the classifier. */
+ * Built with NB_LB, packets the firewall allows to a VIP port go to the load balancer (lb.h)
+ * by a tail call: the balancer is verified as its own program, not once per classifier path. */
 #include <uapi/linux/bpf.h>
 #include "netbpf_abi.h"
 #include "parse.h"
@@ -16,26 +15,18 @@
 #include "lb.h"
 BPF_PROG_ARRAY(nb_lb_jump, 1);     /* [0] = nb_lb_entry, set by the controller after load */
 
-/* What the firewall already knows about a new flow, handed to the balancer across the tail
- * call (same CPU, no preemption in between), so it neither parses nor looks the VIP up again.
- * Established flows never take the tail call: nb_lb_established runs inline. */
-struct nb_lb_handoff {
-    struct nb_pkt p;
-    struct nb_vip vip;
-    __u32 len;
-    __u32 pad;
-};
-BPF_PERCPU_ARRAY(nb_lb_scratch, struct nb_lb_handoff, 1);
-
+/* The balancer, reached by a tail call once the firewall allowed a packet to a VIP port: its
+ * own program, so the verifier checks it once, not once per path through the classifier
+ * (inline, it took the program past the verifier's 1M instructions at 256 words). It parses
+ * the frame again (a few ns: cheaper than handing the parsed packet over through a map). */
 int nb_lb_entry(struct xdp_md *ctx)
 {
-    __u32 zero = 0;
-    struct nb_lb_handoff *h = nb_lb_scratch.lookup(&zero);
-    if (!h)
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct nb_pkt p = {};
+    if (nb_parse(data, data_end, &p) != NB_PARSE_OK)
         return XDP_PASS;
-    /* read in place: the scratch is this CPU's and nothing else runs here until we return */
-    int lb = nb_lb_balance(ctx, &h->p, &h->vip, h->len);
-    return lb >= 0 ? lb : XDP_PASS;
+    return nb_lb_packet(ctx, &p, data_end - data);
 }
 #endif
 
@@ -133,24 +124,8 @@ int nb_fw_xdp(struct xdp_md *ctx)
         return XDP_DROP;
     }
 #ifdef NB_LB
-    if (!nb_lb_port_used(&p))
-        return XDP_PASS;
-    if (!nb_lb_opens(&p)) {
-        int lb = nb_lb_established(ctx, &p, len);
-        if (lb >= 0)
-            return lb;
-    }
-    struct nb_vip *vip = nb_lb_vip_of(&p);
-    if (vip) {
-        __u32 zero = 0;
-        struct nb_lb_handoff *h = nb_lb_scratch.lookup(&zero);
-        if (h) {
-            h->p = p;
-            h->vip = *vip;
-            h->len = len;
-            nb_lb_jump.call(ctx, 0);    /* does not return; falls through only if unset */
-        }
-    }
+    if (nb_lb_port_used(&p))
+        nb_lb_jump.call(ctx, 0);        /* does not return; falls through only if unset */
 #endif
     return XDP_PASS;
 }

@@ -2,8 +2,9 @@
 
 test_run gives the program the loopback device, where forwarding is off, so NAT hands the
 rewritten packet to the stack (XDP_PASS) and DSR, which needs a route, drops: the rewrite
-itself, the flow affinity and the Maglev spread are what is checked here; forwarding is
-checked in tests/netns/test_lb_lab.py.
+itself, the flow affinity and the Maglev spread are what is checked here. The cached next hop
+is checked with packets arriving on a veth of a private namespace (an xdp_md context), where
+the FIB answers; forwarding end to end is checked in tests/netns/test_lb_lab.py.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import collections
 import ctypes
 import ipaddress
 import os
+import socket
+import struct
+import subprocess
 import time
 
 import pytest
@@ -28,12 +32,13 @@ from netbpf.fw.fwtables import FwTables
 from netbpf.policy.ir import BackendIR, LoadBalancerIR
 from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import load_program
-from netbpf.kernel.testrun import test_run as run_prog
+from netbpf.kernel.netns import enter_netns
+from netbpf.kernel.testrun import test_run as run_prog, xdp_ctx
 from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
                              stale_shared_maps)
 
 VIP4, VIP6 = "10.20.0.100", "fd00:20::100"
-XDP_DROP, XDP_PASS = 1, 2
+XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 
 
 def lb_ir(vip: str, weights=(1, 1, 2), proto=6, mode="nat", idle=None,
@@ -62,11 +67,11 @@ def prog():
         LbTables.from_loaded(loaded).write(list(lbs), new, changed, state["lb"], set(down))
         state["lb"] = new
 
-    def run(frame: bytes):
-        r = run_prog(loaded.prog_fd(FW_PROG), frame)
+    def run(frame: bytes, ctx: bytes | None = None):
+        r = run_prog(loaded.prog_fd(FW_PROG), frame, ctx=ctx)
         return r.retval, Ether(r.data_out)
 
-    return install, run, LbTables.from_loaded(loaded), state
+    return install, run, LbTables.from_loaded(loaded), state, loaded
 
 
 def valid_checksums(pkt) -> bool:
@@ -209,7 +214,7 @@ def test_syn_reusing_a_five_tuple_never_reaches_a_removed_backend(prog):
 
 def test_syn_ack_and_later_packets_use_the_flow_entry(prog):
     """Only a SYN without ACK opens a connection; anything else with an entry follows it."""
-    install, run, tables, state = prog
+    install, run, tables, state, _ = prog
     install(lb_ir(VIP4))
     b = backend_of(run, syn(VIP4, 32000))
     k, v = flow_of(tables, 32000)
@@ -228,7 +233,7 @@ def test_syn_ack_and_later_packets_use_the_flow_entry(prog):
 def test_idle_udp_flow_expires_and_is_balanced_again(prog):
     """UDP has no SYN: a drained backend keeps a flow until it has been idle for the VIP's
     timeout (30 s by default); then the next datagram picks through Maglev."""
-    install, run, tables, _ = prog
+    install, run, tables, *_ = prog
     install(lb_ir(VIP4, proto=17))
     sports = range(33000, 33060)
     first = {sp: backend_of(run, udp(VIP4, sp)) for sp in sports}
@@ -245,7 +250,7 @@ def test_idle_udp_flow_expires_and_is_balanced_again(prog):
 
 
 def test_idle_tcp_flow_expires_after_the_policy_timeout(prog):
-    install, run, tables, _ = prog
+    install, run, tables, *_ = prog
     install(lb_ir(VIP4, idle=5))
     sports = range(34000, 34060)
     first = {sp: backend_of(run, syn(VIP4, sp)) for sp in sports}
@@ -260,7 +265,7 @@ def test_idle_tcp_flow_expires_after_the_policy_timeout(prog):
 
 
 def test_default_tcp_timeout_keeps_a_flow_idle_for_minutes(prog):
-    install, run, tables, _ = prog
+    install, run, tables, *_ = prog
     install(lb_ir(VIP4))
     first = {sp: backend_of(run, syn(VIP4, sp)) for sp in range(35000, 35060)}
     on_b3 = [sp for sp, b in first.items() if b == B3]
@@ -276,7 +281,7 @@ def test_default_tcp_timeout_keeps_a_flow_idle_for_minutes(prog):
 def test_last_seen_is_refreshed_at_most_once_a_second(prog):
     """Coarse updates: a packet rewrites the flow's last-seen time only when it is older than
     a second, so a busy flow does not dirty its cache line on every packet."""
-    install, run, tables, _ = prog
+    install, run, tables, *_ = prog
     install(lb_ir(VIP4, proto=17))
     backend_of(run, udp(VIP4, 36000))
     age_flow(tables, 36000, 0.3)
@@ -289,7 +294,7 @@ def test_last_seen_is_refreshed_at_most_once_a_second(prog):
 
 
 def test_vip_entry_carries_the_idle_timeout(prog):
-    install, _, tables, _ = prog
+    install, _, tables, *_ = prog
     install(lb_ir(VIP4, proto=17, idle=2))
     (k, v), = [(k, abi.NbVip.from_buffer_copy(v)) for k, v in
                bpfsys.map_lookup_batch(tables.fds["nb_lb_vips"], ctypes.sizeof(abi.NbVipKey),
@@ -322,3 +327,159 @@ def test_flow_table_pinned_by_an_older_layout_is_found_stale(pin_dir):
              ctypes.sizeof(abi.NbFlow))
     _pin_map(pin_dir / "nb_lb_cnt", percpu_array, 4, ctypes.sizeof(abi.NbLbCounter))
     assert stale_shared_maps(pin_dir) == []
+
+
+# ---- the established-flow fast path: VIP signature, port filter, cached next hop ----
+
+def test_removed_vip_stops_its_established_flows(prog):
+    """Established flows check the VIP by its index (no VIP hash lookup): a VIP that leaves
+    the policy must stop balancing them at once, its entries still in the flow table."""
+    install, run, tables, *_ = prog
+    install(lb_ir(VIP4, proto=17))
+    backend_of(run, udp(VIP4, 37000))
+    install()
+    assert flow_of(tables, 37000)                   # the entry is still there
+    frame = udp(VIP4, 37000)
+    verdict, out = run(frame)
+    assert verdict == XDP_PASS and bytes(out) == frame
+    install(lb_ir(VIP4, proto=17))
+    assert backend_of(run, udp(VIP4, 37000)).startswith("10.21.0.1")
+
+
+def test_mode_change_balances_established_flows_again(prog):
+    install, run, tables, *_ = prog
+    install(lb_ir(VIP4, proto=17))
+    backend_of(run, udp(VIP4, 37100))
+    assert flow_of(tables, 37100)[1].mode == abi.NB_LB_NAT
+    install(lb_ir(VIP4, proto=17, mode="dsr"))
+    # DSR on test_run's loopback has no route: dropped, but through the new mode's path
+    assert run(udp(VIP4, 37100))[0] == XDP_DROP
+    assert flow_of(tables, 37100)[1].mode == abi.NB_LB_DSR
+
+
+def test_port_filter_holds_exactly_the_vip_ports(prog):
+    install, run, tables, *_ = prog
+
+    def ports():
+        return {w * 64 + b for w, bits in ((int.from_bytes(k, "little"),
+                                             int.from_bytes(v, "little")) for k, v in
+                                            bpfsys.map_lookup_batch(tables.fds["nb_lb_ports"],
+                                                                    4, 8))
+                for b in range(64) if bits >> b & 1}
+    install(lb_ir(VIP4))
+    assert ports() == {80}
+    other = eth(IP(src="10.20.0.2", dst=VIP4) / TCP(sport=40000, dport=81, flags="S"))
+    verdict, out = run(other)
+    assert verdict == XDP_PASS and bytes(out) == other
+    install()
+    assert ports() == set()
+
+
+NS = f"nblbt{os.getpid()}"
+NEIGH = {"10.21.0.11": "02:00:00:00:21:11", "10.21.0.12": "02:00:00:00:21:12",
+         "10.21.0.13": "02:00:00:00:21:13"}
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def lb_netns():
+    """
+        namespace nblbt<pid>:  v0 10.21.0.1/24 (forwarding on) == v1
+                               backends 10.21.0.11-13: permanent neighbours on v0
+    The program runs under test_run as if the packet came in on v0.
+    """
+    _ip("netns", "add", NS)
+    try:
+        _ip("-n", NS, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        _ip("-n", NS, "addr", "add", "10.21.0.1/24", "dev", "v0")
+        for dev in ("v0", "v1", "lo"):
+            _ip("-n", NS, "link", "set", dev, "up")
+        subprocess.run(["ip", "netns", "exec", NS, "sysctl", "-qw",
+                        "net.ipv4.conf.v0.forwarding=1"], check=True, capture_output=True)
+        for addr, mac in NEIGH.items():
+            _ip("-n", NS, "neigh", "replace", addr, "lladdr", mac, "dev", "v0", "nud",
+                "permanent")
+        with enter_netns(NS):
+            ifindex = socket.if_nametoindex("v0")
+        yield ifindex
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+
+
+def _forget_next_hops(loaded) -> None:
+    fd = loaded.maps["nb_lb_nh"].fd
+    zero = bytes(bpfsys.percpu_value_size(ctypes.sizeof(abi.NbLbNh)))
+    for bid in range(8):
+        bpfsys.map_update(fd, struct.pack("<I", bid), zero)
+
+
+def test_nat_established_flow_leaves_by_xdp_tx_with_the_neighbours_mac(prog, lb_netns):
+    install, run, tables, _, loaded = prog
+    install(lb_ir(VIP4))
+    _forget_next_hops(loaded)
+    with enter_netns(NS):
+        first = syn(VIP4, 38000)
+        verdict, out = run(first, xdp_ctx(first, lb_netns))
+        assert verdict == XDP_TX
+        b = out[IP].dst
+        assert out[Ether].dst == NEIGH[b] and out[TCP].dport == 8080 and valid_checksums(out)
+        later = ack(VIP4, 38000)
+        verdict, out = run(later, xdp_ctx(later, lb_netns))
+    assert verdict == XDP_TX and out[IP].dst == b and out[Ether].dst == NEIGH[b]
+
+
+def test_next_hop_is_cached_and_looked_up_again_when_stale(prog, lb_netns):
+    """A neighbour change is seen when the cached next hop is a second old, not per packet."""
+    install, run, tables, _, loaded = prog
+    install(lb_ir(VIP4, proto=17))
+    _forget_next_hops(loaded)
+    frame = udp(VIP4, 38100)
+    with enter_netns(NS):
+        verdict, out = run(frame, xdp_ctx(frame, lb_netns))
+        assert verdict == XDP_TX
+        b = out[IP].dst
+        _ip("-n", NS, "neigh", "replace", b, "lladdr", "02:00:00:00:99:99", "dev", "v0",
+            "nud", "permanent")
+        try:
+            assert run(frame, xdp_ctx(frame, lb_netns))[1][Ether].dst == NEIGH[b]   # cached
+            k = struct.pack("<I", flow_of(tables, 38100)[1].backend)
+            fd = loaded.maps["nb_lb_nh"].fd
+            stale = []
+            for v in bpfsys.map_lookup_percpu(fd, k, ctypes.sizeof(abi.NbLbNh)):
+                nh = abi.NbLbNh.from_buffer_copy(v[:ctypes.sizeof(abi.NbLbNh)])
+                if nh.stamp_ns:
+                    nh.stamp_ns -= 2_000_000_000            # as if looked up 2 s ago
+                stale.append(bytes(nh).ljust(len(v), b"\0"))
+            bpfsys.map_update(fd, k, b"".join(stale))
+            verdict, out = run(frame, xdp_ctx(frame, lb_netns))
+            assert verdict == XDP_TX and out[Ether].dst == "02:00:00:00:99:99"
+        finally:
+            _ip("-n", NS, "neigh", "replace", b, "lladdr", NEIGH[b], "dev", "v0", "nud",
+                "permanent")
+
+
+def test_dsr_without_a_neighbour_drops_and_caches_nothing(prog, lb_netns):
+    install, run, tables, _, loaded = prog
+    lb = lb_ir(VIP4, proto=17, mode="dsr")
+    install(lb)
+    _forget_next_hops(loaded)
+    frame = udp(VIP4, 38200)
+    with enter_netns(NS):
+        verdict, out = run(frame, xdp_ctx(frame, lb_netns))
+        assert verdict == XDP_TX                    # DSR: the MAC changes, the address not
+        assert out[IP].dst == VIP4 and out[Ether].dst in NEIGH.values()
+        b = next(a for a, m in NEIGH.items() if m == out[Ether].dst)
+        _ip("-n", NS, "neigh", "del", b, "dev", "v0")
+        try:
+            _forget_next_hops(loaded)
+            assert run(frame, xdp_ctx(frame, lb_netns))[0] == XDP_DROP
+            k = struct.pack("<I", flow_of(tables, 38200)[1].backend)
+            assert all(abi.NbLbNh.from_buffer_copy(v[:ctypes.sizeof(abi.NbLbNh)]).stamp_ns == 0
+                       for v in bpfsys.map_lookup_percpu(loaded.maps["nb_lb_nh"].fd, k,
+                                                         ctypes.sizeof(abi.NbLbNh)))
+        finally:
+            _ip("-n", NS, "neigh", "replace", b, "lladdr", NEIGH[b], "dev", "v0", "nud",
+                "permanent")
