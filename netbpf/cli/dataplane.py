@@ -521,7 +521,7 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
     require_privileges(ctx)
     from netbpf.engine.apply import apply_policy
     from netbpf.errors import InputError
-    from netbpf.lb.health import check_once, targets, write_down
+    from netbpf.lb.health import targets, watch
     from netbpf.kernel.netns import enter_netns
 
     netns = _netns(ctx)
@@ -534,27 +534,11 @@ def lb_health(ctx: click.Context, policy: str, once: bool) -> None:
     def log(msg: str) -> None:
         click.echo(f"{time.strftime('%H:%M:%S')} {msg}")
 
-    from netbpf.store.state import health_down
+    def apply() -> bool:
+        return bool(apply_policy(loaded, policy, netns, log=lambda m: None).changes)
 
-    # start from what the last run found, so a recovery is reported as one
-    down: dict[str, set[str]] = {t.key: health_down(t.key) for t in ts}
-    interval = min(t.interval for t in ts)
-    log(f"checking {len(ts)} backends every {interval:g} s")
-    first = True
     try:
-        while True:
-            with enter_netns(netns):
-                changed = check_once(ts, down, log)
-            if changed or first:
-                for key, ids in down.items():
-                    write_down(key, ids)
-                plan = apply_policy(loaded, policy, netns, log=lambda m: None)
-                if plan.changes:
-                    log("applied: load balancer tables follow the backends' health")
-            first = False
-            if once:
-                return
-            time.sleep(interval)
+        watch(ts, apply, log, once=once, enter=lambda: enter_netns(netns))
     except KeyboardInterrupt:
         log("stopped")
 

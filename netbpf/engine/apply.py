@@ -32,8 +32,8 @@ from netbpf.engine.faults import kill_point
 from netbpf.fw.fwtables import CounterCarry, FwTables
 from netbpf.policy.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
 from netbpf.fw.reject import REJECT_ENTRY, link_reject_entry
-from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for,
-                             stale_shared_maps)
+from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, RingFull, link_lb_entry, plan_lb,
+                                ring_cap_for, stale_shared_maps)
 from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
@@ -342,9 +342,7 @@ def _plan_lb(p: IfacePlan) -> None:
     cap = old.ring_cap if old.ring_cap else ring_cap_for(p.lbs)
     try:
         p.lb_state, p.lb_changed = plan_lb(p.lbs, old, cap, p.down)
-    except NetbpfError as e:
-        if str(e) != "ring":
-            raise
+    except RingFull:
         cap = ring_cap_for(p.lbs)
         p.lb_state, p.lb_changed = plan_lb(p.lbs, old, cap, p.down)
     p.lb_removed = [n for n in old.vips if n not in p.lb_state.vips]

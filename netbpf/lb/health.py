@@ -1,8 +1,10 @@
 """Controller-side health checks for load balancers: TCP connects to each backend; a backend
 that stops answering leaves the Maglev table (its flows go elsewhere), and comes back when
-it answers again. Each change is logged and applied through the normal apply engine.
+it answers again. Each change is logged and applied through the apply engine, which the
+caller hands in (`netbpf lb-health` passes apply_policy), so this module needs no engine.
 
-Runs in the load balancer's network namespace (the caller enters it). Not the data plane.
+Probes run in the load balancer's network namespace (the caller's `enter`). Not the data
+plane, and not the command line (netbpf/cli/dataplane.py only parses and prints).
 """
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ import json
 import os
 import socket
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 from netbpf.policy.ir import addr_text
-from netbpf.lb.lbtables import backend_identity
-from netbpf.store.state import health_file, iface_key
+from netbpf.lb.lbtables import backend_key
+from netbpf.store.state import health_down, health_file, iface_key
 
 Log = Callable[[str], None]
 
@@ -24,7 +27,7 @@ Log = Callable[[str], None]
 class Target:
     key: str                 # interface key the LB lives on
     lb: str
-    identity: str            # lbtables.backend_identity
+    identity: str            # lbtables.backend_key
     family: int
     addr: str
     port: int                # port checked
@@ -41,7 +44,7 @@ def targets(loaded_policy, netns: str | None) -> list[Target]:
         lb = loaded_policy.ir.load_balancers[name]
         for b in lb.backends:
             out.append(Target(iface_key(lb.interface, netns), name,
-                              backend_identity(name, b.family, b.addr, b.port), b.family,
+                              backend_key(name, b.family, b.addr, b.port), b.family,
                               addr_text(b.family, b.addr),
                               tcp.port or b.port, float(tcp.interval), float(tcp.timeout)))
     return out
@@ -87,3 +90,28 @@ def check_once(ts: list[Target], down: dict[str, set[str]], log: Log) -> bool:
             log(f"lb {t.lb}: backend {t.addr}:{t.port} UP again; back in the Maglev table")
             changed = True
     return changed
+
+
+def watch(ts: list[Target], apply: Callable[[], bool], log: Log, *, once: bool = False,
+          enter: Callable[[], AbstractContextManager] = nullcontext,
+          sleep: Callable[[float], None] = time.sleep) -> None:
+    """The health loop: probe every target each interval (the shortest one asked for); on
+    the first round and on every change write the down file and call apply() (True when the
+    tables changed). Starts from what the last run found, so a recovery is reported as one.
+    once: one round, then return. Runs until interrupted otherwise."""
+    down: dict[str, set[str]] = {t.key: health_down(t.key) for t in ts}
+    interval = min(t.interval for t in ts)
+    log(f"checking {len(ts)} backends every {interval:g} s")
+    first = True
+    while True:
+        with enter():
+            changed = check_once(ts, down, log)
+        if changed or first:
+            for key, ids in down.items():
+                write_down(key, ids)
+            if apply():
+                log("applied: load balancer tables follow the backends' health")
+        first = False
+        if once:
+            return
+        sleep(interval)

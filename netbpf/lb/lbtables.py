@@ -17,9 +17,9 @@ from pathlib import Path
 
 from netbpf import abi
 from netbpf.errors import NetbpfError
-from netbpf.policy.ir import LoadBalancerIR, addr_text
+from netbpf.policy.ir import LoadBalancerIR
 from netbpf.kernel import bpfsys
-from netbpf.lb.maglev import NO_BACKEND, maglev_table
+from netbpf.lb.maglev import NO_BACKEND, backend_identity, maglev_table
 
 NB_LB_MAX_VIPS = abi.NB_LB_MAX_VIPS
 NB_LB_MAX_BACKENDS = abi.NB_LB_MAX_BACKENDS
@@ -34,8 +34,21 @@ PROTO_NAMES = {6: "tcp", 17: "udp"}
 _U32 = struct.Struct("<I")
 
 
-def backend_identity(lb: str, family: int, addr: int, port: int) -> str:
-    return f"{lb}|{addr_text(family, addr)}|{port}"
+class RingFull(NetbpfError):
+    """The Maglev tables do not fit the program's ring (NB_LB_RING_CAP): a bigger program is
+    needed (ring_cap_for). Typed, so the engine can catch exactly this and nothing else."""
+
+    def __init__(self, need: int, cap: int):
+        super().__init__(f"Maglev tables need {need} more ring slots than the {cap} the "
+                         "program holds")
+        self.need, self.cap = need, cap
+
+
+def backend_key(lb: str, family: int, addr: int, port: int) -> str:
+    """A backend's key in the state and health files: its load balancer, then Maglev's
+    identity of it without the family (maglev.backend_identity), e.g. 'web|10.0.0.1|80'. The
+    same backend in two load balancers is two backends (ids, counters, health)."""
+    return f"{lb}|{backend_identity((family, addr, port)).decode().partition('|')[2]}"
 
 
 @dataclass
@@ -81,8 +94,8 @@ def ring_cap_for(lbs: list[LoadBalancerIR]) -> int:
 
 
 def _digest(lb: LoadBalancerIR, down: set[str]) -> str:
-    items = [(backend_identity(lb.name, b.family, b.addr, b.port), b.weight,
-              backend_identity(lb.name, b.family, b.addr, b.port) in down) for b in lb.backends]
+    items = [(backend_key(lb.name, b.family, b.addr, b.port), b.weight,
+              backend_key(lb.name, b.family, b.addr, b.port) in down) for b in lb.backends]
     raw = json.dumps([lb.mode, lb.family, lb.vip, lb.port, lb.proto, lb.table_size, items,
                       lb.idle_s])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
@@ -90,8 +103,8 @@ def _digest(lb: LoadBalancerIR, down: set[str]) -> str:
 
 def plan_lb(lbs: list[LoadBalancerIR], old: LbState | None, ring_cap: int,
             down: set[str] = frozenset()) -> tuple[LbState, list[str]]:
-    """The new LbState and the names of VIPs whose tables must be written. Raises
-    NetbpfError('ring') when the tables do not fit ring_cap (a bigger program is needed)."""
+    """The new LbState and the names of VIPs whose tables must be written. Raises RingFull
+    when the tables do not fit ring_cap (a bigger program is needed)."""
     old = old or LbState()
     new = LbState(ring_cap=ring_cap)
     # Backend ids: kept by identity; new ones avoid every id the running tables may use.
@@ -99,7 +112,7 @@ def plan_lb(lbs: list[LoadBalancerIR], old: LbState | None, ring_cap: int,
     free_ids = (i for i in range(NB_LB_MAX_BACKENDS) if i not in used_ids)
     for lb in lbs:
         for b in lb.backends:
-            ident = backend_identity(lb.name, b.family, b.addr, b.port)
+            ident = backend_key(lb.name, b.family, b.addr, b.port)
             if ident in new.backends:
                 continue
             bid = old.backends.get(ident)
@@ -116,7 +129,7 @@ def plan_lb(lbs: list[LoadBalancerIR], old: LbState | None, ring_cap: int,
     for lb in lbs:
         prev = old.vips.get(lb.name) if ring_cap == old.ring_cap else None
         digest = _digest(lb, down)
-        idents = [backend_identity(lb.name, b.family, b.addr, b.port) for b in lb.backends]
+        idents = [backend_key(lb.name, b.family, b.addr, b.port) for b in lb.backends]
         if prev is not None and prev.size == lb.table_size:
             v = VipState(lb.name, prev.index, prev.base, prev.size, prev.half, lb.mode,
                          lb.family, lb.vip, lb.port, lb.proto, digest, idents)
@@ -152,7 +165,7 @@ def _first_fit(regions: list[tuple[int, int]], n: int, cap: int) -> int:
         at = max(at, hi)
     if cap - at >= n:
         return at
-    raise NetbpfError("ring")
+    raise RingFull(n - max(0, cap - at), cap)
 
 
 def _addr16(family: int, addr: int) -> bytes:
@@ -275,18 +288,18 @@ class LbTables:
         self._write_ports(during)
         for lb in lbs:
             for b in lb.backends:
-                ident = backend_identity(lb.name, b.family, b.addr, b.port)
+                ident = backend_key(lb.name, b.family, b.addr, b.port)
                 # a backend found down is inactive: its flows are dead, balance them again
                 flags = 0 if ident in down else NB_BE_ACTIVE
                 val = backend_value(b.family, b.addr, b.port, flags)
                 bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(new.backends[ident]), val)
         for name in changed:
             v, lb = new.vips[name], by_name[name]
-            weights = [0 if backend_identity(name, b.family, b.addr, b.port) in down else b.weight
+            weights = [0 if backend_key(name, b.family, b.addr, b.port) in down else b.weight
                        for b in lb.backends]
             table = maglev_table([(b.family, b.addr, b.port) for b in lb.backends], weights,
                                  lb.table_size)
-            ids = [new.backends[backend_identity(name, b.family, b.addr, b.port)]
+            ids = [new.backends[backend_key(name, b.family, b.addr, b.port)]
                    for b in lb.backends]
             ring = array("I", (NO_BACKEND if i == NO_BACKEND else ids[i] for i in table))
             first = v.base + v.half * v.size
