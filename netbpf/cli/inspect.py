@@ -98,6 +98,9 @@ def explain(ctx: click.Context, interface: str, packet: tuple[str, ...], egress:
         click.echo(f"  policy:  {x.model_verdict} by {x.model_rule}")
         click.echo(f"  program: {x.program_verdict} by {x.program_rule}"
                    + (f", counted by {', '.join(x.counted)}" if x.counted else ""))
+        if x.model_backend or x.program_backend:
+            click.echo(f"  backend: policy {x.model_backend or 'none'}, "
+                       f"program {x.program_backend or 'none'}")
         for n in x.notes:
             click.echo(f"  note: {n}")
         click.echo("  agree" if x.agree else "  DISAGREE: the program does not do what the "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from netbpf.policy.ir import addr_text
-from netbpf.lb.lbtables import backend_key
+from netbpf.lb.maglev import backend_key
 from netbpf.store.state import health_down, health_file, iface_key
 
 Log = Callable[[str], None]
@@ -27,7 +27,7 @@ Log = Callable[[str], None]
 class Target:
     key: str                 # interface key the LB lives on
     lb: str
-    identity: str            # lbtables.backend_key
+    identity: str            # maglev.backend_key
     family: int
     addr: str
     port: int                # port checked

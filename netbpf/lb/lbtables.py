@@ -19,7 +19,8 @@ from netbpf import abi
 from netbpf.errors import NetbpfError
 from netbpf.policy.ir import LoadBalancerIR
 from netbpf.kernel import bpfsys
-from netbpf.lb.maglev import NO_BACKEND, backend_identity, maglev_table
+from netbpf.lb.maglev import NO_BACKEND, backend_key
+from netbpf.lb.pick import ring_of
 
 NB_LB_MAX_VIPS = abi.NB_LB_MAX_VIPS
 NB_LB_MAX_BACKENDS = abi.NB_LB_MAX_BACKENDS
@@ -42,13 +43,6 @@ class RingFull(NetbpfError):
         super().__init__(f"Maglev tables need {need} more ring slots than the {cap} the "
                          "program holds")
         self.need, self.cap = need, cap
-
-
-def backend_key(lb: str, family: int, addr: int, port: int) -> str:
-    """A backend's key in the state and health files: its load balancer, then Maglev's
-    identity of it without the family (maglev.backend_identity), e.g. 'web|10.0.0.1|80'. The
-    same backend in two load balancers is two backends (ids, counters, health)."""
-    return f"{lb}|{backend_identity((family, addr, port)).decode().partition('|')[2]}"
 
 
 @dataclass
@@ -295,10 +289,7 @@ class LbTables:
                 bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(new.backends[ident]), val)
         for name in changed:
             v, lb = new.vips[name], by_name[name]
-            weights = [0 if backend_key(name, b.family, b.addr, b.port) in down else b.weight
-                       for b in lb.backends]
-            table = maglev_table([(b.family, b.addr, b.port) for b in lb.backends], weights,
-                                 lb.table_size)
+            table = ring_of(lb, down)
             ids = [new.backends[backend_key(name, b.family, b.addr, b.port)]
                    for b in lb.backends]
             ring = array("I", (NO_BACKEND if i == NO_BACKEND else ids[i] for i in table))

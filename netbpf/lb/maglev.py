@@ -75,6 +75,13 @@ def backend_identity(backend: BackendKey | tuple) -> bytes:
     return f"{family}|{ip}|{port}".encode()
 
 
+def backend_key(lb: str, family: int, addr: int, port: int) -> str:
+    """A backend's key in the state and health files: its load balancer, then Maglev's
+    identity of it without the family (maglev.backend_identity), e.g. 'web|10.0.0.1|80'. The
+    same backend in two load balancers is two backends (ids, counters, health)."""
+    return f"{lb}|{backend_identity((family, addr, port)).decode().partition('|')[2]}"
+
+
 def is_prime(n: int) -> bool:
     """Trial division by 6k +/- 1: at most ~700 steps for sizes up to 2**24."""
     if n < 4:

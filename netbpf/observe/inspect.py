@@ -143,8 +143,10 @@ class ProgramCopy:
     """The program of one part, loaded again and filled from the live maps."""
     st: InterfaceState
     direction: str
+    lb: bool = False             # built with the balancer, its maps copied (ingress only)
     loaded: object = None
     tables: FwTables | None = None
+    lb_tables: object = None
     slot_names: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -158,14 +160,22 @@ class ProgramCopy:
                    "NB_DIR_CHUNKS": part.dir_chunks, "NB_FIELDS": part.fields}
         if self.st.conntrack:
             defines["NB_CONNTRACK"] = 1      # its own, empty connection table
+        functions = {self.func: prog_type, REJECT_ENTRY[prog_type]: prog_type}
+        if self.lb:
+            from netbpf.lb.lbtables import LB_ENTRY, LbState
+
+            # its own, empty flow, NAT and counter maps (no NB_SHARED_PIN)
+            defines["NB_LB"] = 1
+            defines["NB_LB_RING_CAP"] = LbState.from_json(self.st.lb).ring_cap
+            functions[LB_ENTRY] = prog_type
         self.prog_type = prog_type
         # cached per process: explain/selftest of many interfaces compile each shape once;
         # every copy rewrites the generation, sets and counters it uses
-        self.loaded = load_program(source, defines, {self.func: prog_type,
-                                                     REJECT_ENTRY[prog_type]: prog_type},
-                                   cache=True)
+        self.loaded = load_program(source, defines, functions, cache=True)
         try:
             link_reject_entry(self.loaded, prog_type)
+            if self.lb:
+                self._copy_lb()
             self.tables = FwTables.from_loaded(self.loaded, part.words, part.class_cap)
             live = open_tables(self.st, self.direction)
             try:
@@ -177,6 +187,18 @@ class ProgramCopy:
             self.loaded = None
             raise
         self.slot_names = {r.slot: r.name for r in part.rules}
+
+    def _copy_lb(self) -> None:
+        from netbpf.lb.lbtables import LbTables, link_lb_entry
+        from netbpf.lb.pick import copy_maps
+
+        link_lb_entry(self.loaded)
+        self.lb_tables = LbTables.from_loaded(self.loaded)
+        live = LbTables.from_pins(pin_dir(self.st.key) / "ingress")
+        try:
+            copy_maps(live, self.lb_tables)
+        finally:
+            live.close()
 
     @property
     def fd(self) -> int:

@@ -9,6 +9,7 @@ the FIB answers; forwarding end to end is checked in tests/netns/test_lb_lab.py.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -34,6 +35,8 @@ from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns
 from netbpf.kernel.testrun import test_run as run_prog, xdp_ctx
+from netbpf.lb import pick
+from netbpf.lb.maglev import backend_key
 from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
                              stale_shared_maps)
 
@@ -409,6 +412,16 @@ def lb_netns():
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
 
 
+@contextlib.contextmanager
+def one_cpu():
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 def _forget_next_hops(loaded) -> None:
     fd = loaded.maps["nb_lb_nh"].fd
     zero = bytes(bpfsys.percpu_value_size(ctypes.sizeof(abi.NbLbNh)))
@@ -437,7 +450,8 @@ def test_next_hop_is_cached_and_looked_up_again_when_stale(prog, lb_netns):
     install(lb_ir(VIP4, proto=17))
     _forget_next_hops(loaded)
     frame = udp(VIP4, 38100)
-    with enter_netns(NS):
+    # the cache is per CPU: every run on one CPU, or a run elsewhere would look up afresh
+    with one_cpu(), enter_netns(NS):
         verdict, out = run(frame, xdp_ctx(frame, lb_netns))
         assert verdict == XDP_TX
         b = out[IP].dst
@@ -483,3 +497,22 @@ def test_dsr_without_a_neighbour_drops_and_caches_nothing(prog, lb_netns):
         finally:
             _ip("-n", NS, "neigh", "replace", b, "lladdr", NEIGH[b], "dev", "v0", "nud",
                 "permanent")
+
+
+def test_python_model_picks_the_backend_the_program_picks(prog):
+    """The flow hash and Maglev slot explain computes in Python (netbpf/lb/pick.py) are the
+    data plane's, for TCP and UDP, IPv4 and IPv6, with a drained backend."""
+    install, run, tables, state, _ = prog
+    for vip, proto, weights in ((VIP4, 6, (1, 1, 2)), (VIP4, 17, (1, 0, 2)), (VIP6, 6, (3, 1, 1))):
+        lb = lb_ir(vip, proto=proto, weights=weights)
+        install(lb)
+        ids = {bid: key for key, bid in state["lb"].backends.items()}
+        a = ipaddress.ip_address(vip)
+        src = ipaddress.ip_address("10.20.0.2" if a.version == 4 else "fd00:20::2")
+        for sp in range(39000, 39150):
+            frame = syn(vip, sp) if proto == 6 else udp(vip, sp)
+            run(frame)
+            key = pick.flow_key(a.version, proto, int(src), int(a), sp, 80)
+            b = pick.model_backend(lb, set(), a.version, int(src), sp)
+            assert ids[pick.flow_backend(tables, key)] == \
+                backend_key("web", b.family, b.addr, b.port)

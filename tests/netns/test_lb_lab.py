@@ -289,6 +289,23 @@ def test_udp_flows_of_a_gone_backend(reset, how):
     assert fails == [] and "b2" not in again
 
 
+def test_explain_names_the_backend_a_connection_lands_on(lb):
+    """explain's backend for a VIP packet (Maglev in Python, and a test run on a copy of the
+    attached program) is where a real connection from that 5-tuple goes."""
+    names = {addr: name for name, (addr, _) in BACKENDS.items()}
+    sports = list(range(27000, 27012))      # below the ephemeral range; this test's own
+    said = []
+    for sp in sports:
+        r = netbpf(lb, "explain", "lb0", "tcp", f"10.20.0.2:{sp}", f"{VIP4}:80", "--json")
+        x = json.loads(r.stdout)
+        assert x["agree"] and x["model_verdict"] == x["program_verdict"] == "balance", x
+        assert x["model_backend"] == x["program_backend"], x
+        said.append(names[x["model_backend"].rsplit(":", 1)[0]])
+    got, fails = lb.call("client", connect, VIP4, len(sports), sports)
+    assert fails == [] and got == said
+    assert len(set(said)) > 1                  # more than one backend: the hash is exercised
+
+
 def test_removing_a_backend_moves_only_its_flows(reset):
     lab = reset
     sports = list(range(22000, 22090))   # below the ephemeral range

@@ -9,9 +9,8 @@ import pytest
 
 from netbpf.lb import health
 from netbpf.lb.health import Target, watch
-from netbpf.lb.lbtables import (LbState, RingFull, backend_key, plan_lb, port_words,
-                                ring_cap_for, vip_sig)
-from netbpf.lb.maglev import backend_identity
+from netbpf.lb.lbtables import LbState, RingFull, plan_lb, port_words, ring_cap_for, vip_sig
+from netbpf.lb.maglev import backend_identity, backend_key
 from netbpf.policy.ir import BackendIR, LoadBalancerIR
 
 
