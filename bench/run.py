@@ -25,6 +25,7 @@ from workload import rules_label        # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = {"cost": "1. ns per packet (BPF_PROG_TEST_RUN)",
+            "lb": "1. ns per packet (BPF_PROG_TEST_RUN), the balancer's rows only",
             "live": "2. live drop, Mpps (trafgen -> veth)",
             "control": "3. control plane (s, MB)"}
 err = Console(stderr=True)
@@ -58,6 +59,10 @@ def main() -> int:
             log("1. cost per packet")
             cost.run(rows, rounds=3 if quick else 5, repeat=1_000_000, rule_counts=rule_counts,
                      set_entries=1_000_000, log=log)
+        if "lb" in only and "cost" not in only:
+            import cost
+            log("1. cost per packet: the balancer beside the 1-rule firewall")
+            cost.run_lb(rows, rounds=3 if quick else 5, repeat=1_000_000, log=log)
         note_load("after cost")
         if "live" in only:
             import live
