@@ -5,6 +5,8 @@ rewritten packet to the stack (XDP_PASS) and DSR, which needs a route, drops: th
 itself, the flow affinity and the Maglev spread are what is checked here. The cached next hop
 is checked with packets arriving on a veth of a private namespace (an xdp_md context), where
 the FIB answers; forwarding end to end is checked in tests/netns/test_lb_lab.py.
+Over 400 lines: one program fixture (compiled once) serves every case; split, each file would
+compile it again.
 """
 from __future__ import annotations
 
