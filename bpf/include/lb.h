@@ -4,7 +4,9 @@
  * through pins (-DNB_SHARED_PIN="dir") so the egress program and later reloads see them.
  * Two paths, both in the balancer's own program (nb_lb_entry, a tail call from the firewall):
  * an established flow (nb_lb_established) is one flow lookup, array reads, the rewrite and a
- * cached next hop; a new flow (nb_lb_balance) looks the VIP up and picks through Maglev. */
+ * cached next hop; a new flow (nb_lb_balance) looks the VIP up and picks through Maglev.
+ * Over 400 lines on purpose: both paths share the rewrite, next-hop and counter helpers, and
+ * the TC reverse NAT shares the maps; split, each part would need the others. */
 #ifndef NETBPF_LB_H
 #define NETBPF_LB_H
 
