@@ -20,6 +20,9 @@
 #define AF_INET6 10
 #endif
 
+/* NB_LB_REVERSE_ONLY (the TC program): only the NAT reverse path and the shared maps, so the
+ * egress program does not hold its own copy of the rings and next hops (megabytes). */
+#ifndef NB_LB_REVERSE_ONLY
 BPF_HASH(nb_lb_vips, struct nb_vip_key, struct nb_vip, NB_LB_MAX_VIPS * 2);
 BPF_ARRAY(nb_lb_ring, __u32, NB_LB_RING_CAP);
 BPF_ARRAY(nb_lb_backends, struct nb_backend, NB_LB_MAX_BACKENDS);
@@ -27,6 +30,7 @@ BPF_ARRAY(nb_lb_vlive, struct nb_vip_live, NB_LB_MAX_VIPS);
 BPF_ARRAY(nb_lb_ports, __u64, NB_LB_PORT_WORDS);
 /* per CPU: each CPU refreshes its own copy, so no reader sees one half-written */
 BPF_PERCPU_ARRAY(nb_lb_nh, struct nb_lb_nh, NB_LB_MAX_BACKENDS);
+#endif
 #ifdef NB_SHARED_PIN
 BPF_TABLE_PINNED("lru_hash", struct nb_flow_key, struct nb_flow, nb_lb_flows, NB_LB_FLOWS,
                  NB_SHARED_PIN "/nb_lb_flows");
@@ -40,6 +44,7 @@ BPF_TABLE("lru_hash", struct nb_nat_key, struct nb_nat_val, nb_lb_nat, NB_LB_FLO
 BPF_PERCPU_ARRAY(nb_lb_cnt, struct nb_lb_counter, NB_LB_MAX_VIPS + NB_LB_MAX_BACKENDS);
 #endif
 
+#ifndef NB_LB_REVERSE_ONLY
 static __always_inline void nb_lb_count(__u32 idx, __u32 len, int fresh)
 {
     struct nb_lb_counter *c = nb_lb_cnt.lookup(&idx);
@@ -378,6 +383,8 @@ static __always_inline int nb_lb_packet(struct xdp_md *ctx, struct nb_pkt *p, __
     struct nb_vip v = *vip;     /* one VIP value for the whole packet */
     return nb_lb_balance(ctx, p, &v, len);
 }
+
+#endif /* NB_LB_REVERSE_ONLY */
 
 /* TC egress of the VIP's interface: a backend's reply leaves as VIP:port again. */
 static __always_inline void nb_lb_reverse(struct __sk_buff *skb, struct nb_pkt *p)

@@ -13,6 +13,7 @@
 #include "conntrack.h"
 #endif
 #ifdef NB_LB
+#define NB_LB_REVERSE_ONLY 1    /* balancing is the XDP program's; egress only translates back */
 #include "lb.h"
 #endif
 
