@@ -1,20 +1,17 @@
-"""The reject replies' own programs (bpf/include/reject.h): their names per program type and
-the one step that links them into the firewall's tail-call slot after a load.
+"""The reject replies' own programs (bpf/include/reject.h): the one step that links them into
+the firewall's tail-call slot after a load (their names per program type: store/progspec.py).
 
 Not the classifier's tables (fwtables.py) and not the packet building (reject.h).
 """
 from __future__ import annotations
 
-import struct
-
+from netbpf import abi
 from netbpf.kernel import bpfsys
-
-REJECT_ENTRY = {"xdp": "nb_rej_xdp", "sched_cls": "nb_rej_tc"}
-_U32 = struct.Struct("<I")
+from netbpf.store.progspec import REJECT_ENTRY
 
 
 def link_reject_entry(loaded, prog_type: str) -> None:
     """Point nb_rej_jump[0] at the reply builder loaded beside the firewall; until it is set,
     a reject rule only drops."""
     fd = loaded.prog_fd(REJECT_ENTRY[prog_type])
-    bpfsys.map_update(loaded.maps["nb_rej_jump"].fd, _U32.pack(0), _U32.pack(fd))
+    bpfsys.map_update(loaded.maps[abi.NB_MAP_REJ_JUMP].fd, abi.U32.pack(0), abi.U32.pack(fd))

@@ -203,13 +203,10 @@ def stale_shared_maps(directory: Path) -> list[str]:
     return stale
 
 
-LB_ENTRY = "nb_lb_entry"      # the balancer's own XDP program, reached by tail call
-
-
 def link_lb_entry(loaded) -> None:
     """Point the firewall's tail-call slot at the balancer program loaded beside it."""
-    fd = loaded.prog_fd(LB_ENTRY)
-    bpfsys.map_update(loaded.maps["nb_lb_jump"].fd, _U32.pack(0), _U32.pack(fd))
+    fd = loaded.prog_fd(abi.NB_PROG_LB_ENTRY)
+    bpfsys.map_update(loaded.maps[abi.NB_MAP_LB_JUMP].fd, abi.U32.pack(0), abi.U32.pack(fd))
 
 
 class LbTables:

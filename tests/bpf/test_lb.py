@@ -22,15 +22,12 @@ from cases.firewall import eth
 from unit.fw_builders import direction
 
 from netbpf import abi
-from netbpf.store.progspec import FW_PROG, FW_SOURCE
-from netbpf.fw.compile import compile_direction
-from netbpf.fw.fwtables import FwTables
+from netbpf.engine.build import build_program
 from netbpf.policy.ir import BackendIR, LoadBalancerIR
 from netbpf.kernel import bpfsys
-from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
-                             stale_shared_maps)
+from netbpf.lb.lbtables import LbState, LbTables, plan_lb, stale_shared_maps
+from netbpf.store.progspec import ProgramSpec
 
 VIP4, VIP6 = "10.20.0.100", "fd00:20::100"
 XDP_DROP, XDP_PASS = 1, 2
@@ -49,24 +46,20 @@ def lb_ir(vip: str, weights=(1, 1, 2), proto=6, mode="nat", idle=None,
 
 @pytest.fixture(scope="module")
 def prog():
-    loaded = load_program(FW_SOURCE, {"NB_WORDS": 1, "NB_CLASS_CAP": 64, "NB_LB": 1},
-                          {FW_PROG: "xdp", LB_ENTRY: "xdp"}, cache=True)
-    link_lb_entry(loaded)
-    fw = FwTables.from_loaded(loaded, 1, 64)
-    fw.write_generation(0, compile_direction(direction()), [], [], {})
-    fw.flip(0)
+    fw = build_program(ProgramSpec(lb_ring_cap=abi.NB_LB_RING_CAP), cache=True)
+    fw.install(direction())
     state = {"lb": LbState()}
 
     def install(*lbs: LoadBalancerIR, down=frozenset()):
-        new, changed = plan_lb(list(lbs), state["lb"], 1 << 19, set(down))
-        LbTables.from_loaded(loaded).write(list(lbs), new, changed, state["lb"], set(down))
+        new, changed = plan_lb(list(lbs), state["lb"], abi.NB_LB_RING_CAP, set(down))
+        fw.lb_tables().write(list(lbs), new, changed, state["lb"], set(down))
         state["lb"] = new
 
     def run(frame: bytes):
-        r = run_prog(loaded.prog_fd(FW_PROG), frame)
+        r = run_prog(fw.fd, frame)
         return r.retval, Ether(r.data_out)
 
-    return install, run, LbTables.from_loaded(loaded), state
+    return install, run, fw.lb_tables(), state
 
 
 def valid_checksums(pkt) -> bool:
