@@ -513,7 +513,7 @@ def _write_ct_timeouts(fd, timeouts: dict) -> None:
     cfg = abi.NbCtCfg()
     for name, seconds in timeouts.items():
         cfg.timeout_ns[abi.CT_TIMEOUT_INDEX[name]] = int(seconds * 1e9)
-    bpfsys.map_update(fd, (0).to_bytes(4, "little"), bytes(cfg))
+    bpfsys.map_update(fd, abi.U32.pack(0), bytes(cfg))
 
 
 def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
@@ -574,7 +574,7 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         log(f"{p.key}: {d} generation {ps.gen} active, {len(ps.rules)} rules "
             f"(program id {ps.prog_id} unchanged)")
     if p.conntrack:
-        with bpfsys.obj_get(pin_dir(p.key) / "ingress" / "nb_ct_cfg") as fd:
+        with bpfsys.obj_get(pin_dir(p.key) / "ingress" / abi.NB_MAP_CT_CFG) as fd:
             _write_ct_timeouts(fd, p.ct_timeouts)
     if p.lbs or p.lb_removed:
         lbt = LbTables.from_pins(pin_dir(p.key) / "ingress")
@@ -592,7 +592,7 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
 
 
 def _pins_usable(key: str, old: PartState | None) -> bool:
-    return old is not None and (pin_dir(key) / old.direction / "nb_fw_cnt").exists()
+    return old is not None and (pin_dir(key) / old.direction / abi.NB_MAP_FW_CNT).exists()
 
 
 def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Path):
@@ -669,7 +669,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             if carry:
                 carries.append(carry)
         if p.conntrack:
-            _write_ct_timeouts(loaded["ingress"].maps["nb_ct_cfg"].fd, p.ct_timeouts)
+            _write_ct_timeouts(loaded["ingress"].maps[abi.NB_MAP_CT_CFG].fd, p.ct_timeouts)
         if p.lbs:
             _fill_lb(p, loaded["ingress"])
 
