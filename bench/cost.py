@@ -2,7 +2,7 @@
 program `repeat` times on one frame and reports the average). No attach, no traffic: the
 program alone, next to an empty program (the floor), parsing alone, and xdp-filter.
 
-netbpf's programs are built and filled by apply's own recipe (netbpf/engine/build.py: the
+netbpf's programs are built and filled by apply's own recipe (netbpf/fw/program.py: the
 shape apply would choose, tables written as a generation, flip), loaded but never attached.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from netbpf import abi
-from netbpf.engine.build import build_program
+from netbpf.fw.program import build_program
 from netbpf.fw.compile import choose_shape, compile_direction
 from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import load_program
@@ -146,7 +146,7 @@ def _lb(row, *, rounds: int, repeat: int, log) -> None:
     A new flow cannot be repeated (the first run records it), so it is timed one run at a
     time over distinct source ports, beside the 1-rule firewall timed the same way."""
     from netbpf.policy.ir import BackendIR, LoadBalancerIR
-    from netbpf.lb.lbtables import LbState, plan_lb
+    from netbpf.lb.lbtables import LbState, LbTables, plan_lb
 
     log("  load balancer path: compile, load, write a VIP")
     c = compile_direction(workload.direction(1))
@@ -160,7 +160,7 @@ def _lb(row, *, rounds: int, repeat: int, log) -> None:
                             tuple(BackendIR(4, vip + 100 + i, workload.DPORT, 1)
                                   for i in range(3)), 65537)
         new, changed = plan_lb([lb], LbState(), abi.NB_LB_RING_CAP)
-        balancer.lb_tables().write([lb], new, changed, None, set())
+        LbTables.from_loaded(balancer.loaded).write([lb], new, changed, None, set())
         fd = balancer.fd
         est = row("cost.lb.established", "LB path, established flow", "cost.netbpf.1.miss")
         frame = _frame(workload.MISS_SRC)

@@ -31,7 +31,7 @@ from netbpf.errors import NetbpfError
 from netbpf.engine.faults import kill_point
 from netbpf.fw.fwtables import CounterCarry, FwTables
 from netbpf.policy.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
-from netbpf.engine.build import build_program, write_policy
+from netbpf.fw.program import build_program, write_policy
 from netbpf.lb.lbtables import LbState, LbTables, plan_lb, ring_cap_for, stale_shared_maps
 from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.netns import enter_netns, netns_label

@@ -198,12 +198,6 @@ def stale_shared_maps(directory: Path) -> list[str]:
     return stale
 
 
-def link_lb_entry(loaded) -> None:
-    """Point the firewall's tail-call slot at the balancer program loaded beside it."""
-    fd = loaded.prog_fd(abi.NB_PROG_LB_ENTRY)
-    bpfsys.map_update(loaded.maps[abi.NB_MAP_LB_JUMP].fd, abi.U32.pack(0), abi.U32.pack(fd))
-
-
 class LbTables:
     def __init__(self, fds: dict[str, object], owned: bool):
         missing = [n for n in LB_MAPS if n not in fds]

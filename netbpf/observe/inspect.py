@@ -148,7 +148,7 @@ class ProgramCopy:
     slot_names: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        from netbpf.engine.build import build_program
+        from netbpf.fw.program import build_program
         from netbpf.store.progspec import ProgramSpec
 
         part = self.st.parts[self.direction]

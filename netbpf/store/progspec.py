@@ -3,7 +3,7 @@ of one build (source, function, defines, tail-call programs, hash).
 
 The one place that knows source files, function names and the pins of a part; used by the
 apply engine, the read path (status, stats, detach), the tests and bench. Pure: not loading
-(kernel/loader.py) and not the build recipe (engine/build.py).
+(kernel/loader.py) and not the build recipe (fw/program.py).
 """
 from __future__ import annotations
 
@@ -85,11 +85,17 @@ class ProgramSpec:
             d["NB_SHARED_PIN"] = f'"{self.shared_pin}"'
         return d
 
+    def tail_calls(self) -> dict[str, str]:
+        """Tail-call slot ([0] of the jump map) -> the program loaded beside the firewall."""
+        calls = {abi.NB_MAP_REJ_JUMP: REJECT_ENTRY[self.prog_type]}
+        if self.lb and self.hook == "xdp":
+            calls[abi.NB_MAP_LB_JUMP] = LB_ENTRY
+        return calls
+
     def functions(self) -> dict[str, str]:
         """The programs to load from the source: the firewall and its tail-call targets."""
-        fns = {self.func: self.prog_type, REJECT_ENTRY[self.prog_type]: self.prog_type}
-        if self.lb and self.hook == "xdp":
-            fns[LB_ENTRY] = "xdp"
+        fns = {self.func: self.prog_type}
+        fns.update({f: self.prog_type for f in self.tail_calls().values()})
         return fns
 
     def hash(self) -> str:

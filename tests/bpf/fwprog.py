@@ -1,13 +1,13 @@
 """The real firewall program, loaded once per session, and a way to install a policy into it.
 
-Built and installed by the engine's own recipe (netbpf/engine/build.py: load with the spec's
+Built and installed by the engine's own recipe (netbpf/fw/program.py: load with the spec's
 defines, link the tail calls, write the inactive generation, flip), into unpinned maps of a
 program that is never attached: verdicts come from BPF_PROG_TEST_RUN.
 """
 from __future__ import annotations
 
 from netbpf import abi
-from netbpf.engine.build import build_program
+from netbpf.fw.program import build_program
 from netbpf.kernel.testrun import test_run as run_prog
 from netbpf.policy.ir import DirectionIR, SetIR
 from netbpf.store.progspec import ProgramSpec

@@ -22,7 +22,7 @@ from cases.firewall import eth
 from unit.fw_builders import direction
 
 from netbpf import abi
-from netbpf.engine.build import build_program
+from netbpf.fw.program import build_program
 from netbpf.policy.ir import BackendIR, LoadBalancerIR
 from netbpf.kernel import bpfsys
 from netbpf.kernel.testrun import test_run as run_prog
@@ -52,14 +52,14 @@ def prog():
 
     def install(*lbs: LoadBalancerIR, down=frozenset()):
         new, changed = plan_lb(list(lbs), state["lb"], abi.NB_LB_RING_CAP, set(down))
-        fw.lb_tables().write(list(lbs), new, changed, state["lb"], set(down))
+        LbTables.from_loaded(fw.loaded).write(list(lbs), new, changed, state["lb"], set(down))
         state["lb"] = new
 
     def run(frame: bytes):
         r = run_prog(fw.fd, frame)
         return r.retval, Ether(r.data_out)
 
-    return install, run, fw.lb_tables(), state
+    return install, run, LbTables.from_loaded(fw.loaded), state
 
 
 def valid_checksums(pkt) -> bool:

@@ -1,10 +1,11 @@
-"""The one recipe that turns a ProgramSpec into a running firewall program: compile and load it
-with the spec's defines, link its tail calls (the balancer, the reject replies), open its
-tables; and the one way a policy is written into them (sets, then a whole generation) and made
-live (flip). The apply engine, ProgramCopy (explain/selftest), the tests and bench all use it.
+"""The firewall program, built by the one recipe that turns a ProgramSpec into a program:
+compile and load it with the spec's defines, link its tail calls (the reject replies, the
+balancer), open its tables; and the one way a policy is written into them (sets, then a whole
+generation) and made live (flip). The apply engine, ProgramCopy (explain/selftest), the tests
+and bench all use it.
 
-Not planning or pinning (apply.py), not attach (kernel/attach.py), not map layouts
-(fw/fwtables.py, lb/lbtables.py).
+Not planning or pinning (engine/apply.py), not attach (kernel/attach.py), not map layouts
+(fwtables.py, lb/lbtables.py).
 """
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from typing import Callable
 from netbpf import abi
 from netbpf.fw.compile import CompiledDirection, compile_direction
 from netbpf.fw.fwtables import FwTables
-from netbpf.fw.reject import link_reject_entry
+from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import Loaded, load_program
-from netbpf.lb.lbtables import LbTables, link_lb_entry
 from netbpf.policy.ir import DirectionIR, SetIR
-from netbpf.store.progspec import LB_ENTRY, ProgramSpec
+from netbpf.store.progspec import ProgramSpec
 
 
 @dataclass
@@ -34,9 +34,6 @@ class Program:
     @property
     def fd(self) -> int:
         return self.loaded.prog_fd(self.spec.func)
-
-    def lb_tables(self) -> LbTables:
-        return LbTables.from_loaded(self.loaded)
 
     def install(self, policy: DirectionIR | CompiledDirection,
                 sets: dict[str, SetIR] | None = None) -> int:
@@ -74,14 +71,15 @@ class Program:
 def build_program(spec: ProgramSpec, *, cache: bool = False,
                   device: str | None = None) -> Program:
     """Compile and load spec's source with its defines, point the tail-call slots at the
-    balancer and the reply builder loaded beside it, open the tables.
+    reply builder and the balancer loaded beside it (until then a reject only drops and a
+    VIP packet passes), open the tables.
     cache=True shares one load per identical spec in this process (tests, explain)."""
     loaded = load_program(spec.source, spec.defines(), spec.functions(), cache=cache,
                           device=device)
     try:
-        if LB_ENTRY in spec.functions():
-            link_lb_entry(loaded)
-        link_reject_entry(loaded, spec.prog_type)
+        for jump, func in spec.tail_calls().items():
+            bpfsys.map_update(loaded.maps[jump].fd, abi.U32.pack(0),
+                              abi.U32.pack(loaded.prog_fd(func)))
         tables = FwTables.from_loaded(loaded, spec.words, spec.class_cap)
     except BaseException:
         loaded.close()
