@@ -73,16 +73,8 @@ class PartPlan:
     old: PartState | None = None
 
     @property
-    def source(self) -> Path:
-        return PROGRAMS[(self.direction, self.hook)][0]
-
-    @property
     def func(self) -> str:
-        return PROGRAMS[(self.direction, self.hook)][1]
-
-    @property
-    def prog_type(self) -> str:
-        return PROGRAMS[(self.direction, self.hook)][2]
+        return self.spec().func
 
     def spec(self, shared: Path | None = None) -> ProgramSpec:
         """What to build for this part (shared: where the shared maps are pinned)."""
