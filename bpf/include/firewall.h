@@ -41,21 +41,29 @@ static __always_inline void nb_rej_handoff(void *ctx, struct nb_pkt *p, __u32 eg
     }
 }
 
-/* The reply builder's first step in either hook: the handed-over packet and the plan of its
- * reply. Returns the length of the ICMP quote with a bound the verifier believes (meaningless
- * for a TCP RST), or -1 when no reply can be built (drop). */
-static __always_inline int nb_rej_begin(void *data, void *data_end, struct nb_pkt *p,
-                                        __u32 *egress, struct nb_reject_plan *rp)
+/* What a reply builder works on, in either hook: the refused packet, the plan of its reply,
+ * the bytes an ICMP error quotes. */
+struct nb_rej_job {
+    struct nb_pkt p;
+    struct nb_reject_plan rp;
+    __u8 quote[NB_REJECT_QUOTE];
+    __u32 egress;
+};
+
+/* The reply builder's first step: the handed-over packet and the plan of its reply. Returns
+ * the length of the ICMP quote with a bound the verifier believes (meaningless for a TCP
+ * RST), or -1 when no reply can be built (drop). */
+static __always_inline int nb_rej_begin(void *data, void *data_end, struct nb_rej_job *j)
 {
     __u32 zero = 0;
     struct nb_rej_handoff *h = nb_rej_scratch.lookup(&zero);
     if (!h)
         return -1;
-    *p = h->p;
-    *egress = h->egress;
-    if (nb_reject_plan(data, data_end, p, rp) < 0)
+    j->p = h->p;
+    j->egress = h->egress;
+    if (nb_reject_plan(data, data_end, &j->p, &j->rp) < 0)
         return -1;
-    __u64 q = rp->quote;
+    __u64 q = j->rp.quote;
     asm volatile("" : "+r"(q));     /* keep the mask below: the verifier needs the bound */
     return q & (2 * NB_REJECT_QUOTE - 1);
 }

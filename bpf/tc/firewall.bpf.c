@@ -20,30 +20,27 @@ int nb_rej_tc(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    struct nb_pkt p;
-    __u32 egress;
-    struct nb_reject_plan rp = {};
-    __u8 quote[NB_REJECT_QUOTE] = {};
-    int q = nb_rej_begin(data, data_end, &p, &egress, &rp);
+    struct nb_rej_job j = {};
+    int q = nb_rej_begin(data, data_end, &j);
     if (q < 0)
         return TC_ACT_SHOT;
-    __u32 l3 = rp.l3_off;
-    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE || bpf_skb_load_bytes(skb, l3, quote, q)))
+    __u32 l3 = j.rp.l3_off;
+    if (!j.rp.tcp && (q < 4 || q > NB_REJECT_QUOTE || bpf_skb_load_bytes(skb, l3, j.quote, q)))
         return TC_ACT_SHOT;
-    if (bpf_skb_change_tail(skb, rp.new_len, 0) || bpf_skb_pull_data(skb, rp.new_len))
+    if (bpf_skb_change_tail(skb, j.rp.new_len, 0) || bpf_skb_pull_data(skb, j.rp.new_len))
         return TC_ACT_SHOT;
     data = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
-    if (nb_reject_write(data, data_end, &p, &rp, quote) < 0)
+    if (nb_reject_write(data, data_end, &j.p, &j.rp, j.quote) < 0)
         return TC_ACT_SHOT;
-    __u32 iph = p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
-    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
-                    bpf_skb_store_bytes(skb, l3 + iph + NB_ICMP_HDR, quote, q, 0)))
+    __u32 iph = j.p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
+    if (!j.rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
+                      bpf_skb_store_bytes(skb, l3 + iph + NB_ICMP_HDR, j.quote, q, 0)))
         return TC_ACT_SHOT;
     /* the checksums are whole now: nothing downstream may trust or finish an old one */
     bpf_csum_level(skb, BPF_CSUM_LEVEL_RESET);
-    nb_stat(NB_STAT_REJECT, rp.new_len);
-    return bpf_redirect(skb->ifindex, egress ? BPF_F_INGRESS : 0);
+    nb_stat(NB_STAT_REJECT, j.rp.new_len);
+    return bpf_redirect(skb->ifindex, j.egress ? BPF_F_INGRESS : 0);
 }
 
 static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)

@@ -35,19 +35,15 @@ int nb_rej_xdp(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    struct nb_pkt p;
-    __u32 egress;
-    struct nb_reject_plan rp = {};
-    __u8 quote[NB_REJECT_QUOTE] = {};
-    int q = nb_rej_begin(data, data_end, &p, &egress, &rp);
+    struct nb_rej_job j = {};
+    int q = nb_rej_begin(data, data_end, &j);
     if (q < 0)
         return XDP_DROP;
-    __u32 l3 = rp.l3_off;
-    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
-                    nb_xdp_load_bytes(ctx, l3, quote, q)))
+    __u32 l3 = j.rp.l3_off;
+    if (!j.rp.tcp && (q < 4 || q > NB_REJECT_QUOTE || nb_xdp_load_bytes(ctx, l3, j.quote, q)))
         return XDP_DROP;
-    __u32 iph = p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
-    if (!rp.tcp) {
+    __u32 iph = j.p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
+    if (!j.rp.tcp) {
         /* Room for the new IP and ICMP headers goes in front (XDP guarantees headroom, not
          * tailroom): the refused packet then already sits where the ICMP quote belongs, and
          * only its L2 header moves to the new front. */
@@ -60,7 +56,7 @@ int nb_rej_xdp(struct xdp_md *ctx)
         if (nb_xdp_store_bytes(ctx, 0, l2, n))
             return XDP_DROP;
     }
-    __u64 new_len = rp.new_len;
+    __u64 new_len = j.rp.new_len;
     asm volatile("" : "+r"(new_len));   /* bounded: clang may add it to a packet pointer */
     new_len &= 0x1ff;
     data = (void *)(long)ctx->data;
@@ -69,9 +65,9 @@ int nb_rej_xdp(struct xdp_md *ctx)
         return XDP_DROP;
     data = (void *)(long)ctx->data;
     data_end = (void *)(long)ctx->data_end;
-    if (nb_reject_write(data, data_end, &p, &rp, quote) < 0)
+    if (nb_reject_write(data, data_end, &j.p, &j.rp, j.quote) < 0)
         return XDP_DROP;
-    nb_stat(NB_STAT_REJECT, rp.new_len);
+    nb_stat(NB_STAT_REJECT, j.rp.new_len);
     return XDP_TX;
 }
 
