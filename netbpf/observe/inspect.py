@@ -150,33 +150,29 @@ class ProgramCopy:
     slot_names: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        from netbpf.store.progspec import PROGRAMS
-        from netbpf.kernel.loader import load_program
-        from netbpf.fw.reject import REJECT_ENTRY, link_reject_entry
+        from netbpf.fw.program import build_program
+        from netbpf.store.progspec import ProgramSpec
 
         part = self.st.parts[self.direction]
-        source, self.func, prog_type = PROGRAMS[(self.direction, part.hook)]
-        defines = {"NB_WORDS": part.words, "NB_CLASS_CAP": part.class_cap,
-                   "NB_DIR_CHUNKS": part.dir_chunks, "NB_FIELDS": part.fields}
-        if self.st.conntrack:
-            defines["NB_CONNTRACK"] = 1      # its own, empty connection table
-        functions = {self.func: prog_type, REJECT_ENTRY[prog_type]: prog_type}
+        # conntrack: its own, empty connection table; the balancer (lb): its own, empty flow,
+        # NAT and counter maps (no shared pins), the live VIPs and rings copied in
+        lb_cap = 0
         if self.lb:
-            from netbpf.lb.lbtables import LB_ENTRY, LbState
-
-            # its own, empty flow, NAT and counter maps (no NB_SHARED_PIN)
-            defines["NB_LB"] = 1
-            defines["NB_LB_RING_CAP"] = LbState.from_json(self.st.lb).ring_cap
-            functions[LB_ENTRY] = prog_type
-        self.prog_type = prog_type
+            from netbpf.lb.lbtables import LbState
+            lb_cap = LbState.from_json(self.st.lb).ring_cap
+        spec = ProgramSpec.for_part(self.direction, part.hook, words=part.words,
+                                    class_cap=part.class_cap, chunks=part.dir_chunks,
+                                    fields=part.fields, conntrack=self.st.conntrack,
+                                    lb_ring_cap=lb_cap)
+        self.func, self.prog_type = spec.func, spec.prog_type
         # cached per process: explain/selftest of many interfaces compile each shape once;
         # every copy rewrites the generation, sets and counters it uses
-        self.loaded = load_program(source, defines, functions, cache=True)
+        built = build_program(spec, cache=True)
+        self.loaded = built.loaded
         try:
-            link_reject_entry(self.loaded, prog_type)
+            self.tables = built.tables
             if self.lb:
                 self._copy_lb()
-            self.tables = FwTables.from_loaded(self.loaded, part.words, part.class_cap)
             live = open_tables(self.st, self.direction)
             try:
                 live.copy_to(self.tables, live.active_gen(), [s.tag for s in part.sets])
@@ -189,10 +185,9 @@ class ProgramCopy:
         self.slot_names = {r.slot: r.name for r in part.rules}
 
     def _copy_lb(self) -> None:
-        from netbpf.lb.lbtables import LbTables, link_lb_entry
+        from netbpf.lb.lbtables import LbTables
         from netbpf.lb.pick import copy_maps
 
-        link_lb_entry(self.loaded)
         self.lb_tables = LbTables.from_loaded(self.loaded)
         live = LbTables.from_pins(pin_dir(self.st.key) / "ingress")
         try:
