@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import struct
 from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,7 +168,7 @@ def _vip_key(v: VipState) -> bytes:
 
 
 def _mode_code(v: VipState) -> int:
-    return NB_LB_NAT if v.mode == "nat" else NB_LB_DSR
+    return abi.NB_LB_NAT if v.mode == "nat" else abi.NB_LB_DSR
 
 
 def vip_sig(v: VipState) -> int:
