@@ -625,7 +625,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         with enter_netns(p.netns):
             loaded = load_program(pp.source, defines, functions, device=p.ifname)
     else:
-        loaded = load_program(pp.source, defines, functions)
+        loaded = load_program(pp.source, defines, functions, stored=True)
     if LB_ENTRY in functions:
         link_lb_entry(loaded)
     link_reject_entry(loaded, pp.prog_type)

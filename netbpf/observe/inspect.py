@@ -163,7 +163,7 @@ class ProgramCopy:
         # every copy rewrites the generation, sets and counters it uses
         self.loaded = load_program(source, defines, {self.func: prog_type,
                                                      REJECT_ENTRY[prog_type]: prog_type},
-                                   cache=True)
+                                   cache=True, stored=True)
         try:
             link_reject_entry(self.loaded, prog_type)
             self.tables = FwTables.from_loaded(self.loaded, part.words, part.class_cap)
