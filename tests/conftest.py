@@ -50,6 +50,15 @@ def pytest_collection_modifyitems(config, items):
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_OBJ_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
         shutil.rmtree(_OWN_OBJ_CACHE, ignore_errors=True)
+    if _WORKER:
+        # a worker's own roots: runtime state (locks, verifier logs) and saved policies go;
+        # the pin root only if empty (a pin left behind is a leak the lab checks report)
+        for root in ("NETBPF_STATE_ROOT", "NETBPF_LIB_ROOT"):
+            shutil.rmtree(os.environ[root], ignore_errors=True)
+        try:
+            os.rmdir(os.environ["NETBPF_PIN_ROOT"])
+        except OSError:
+            pass
 
 
 def _missing_privileges() -> str | None:
