@@ -6,10 +6,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from netbpf.fw.reject import REJECT_ENTRY
 from netbpf.kernel import bpfsys, objcache
 from netbpf.kernel.loader import load_program
-from netbpf.store.progspec import TC_EGRESS_PROG, TC_SOURCE
+from netbpf.store.progspec import REJECT_ENTRY, TC_EGRESS_PROG, TC_SOURCE
 
 
 def test_a_stored_program_loads_without_the_compiler_and_is_the_same(tmp_path, monkeypatch):
