@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from netbpf import abi
@@ -205,44 +205,95 @@ class FwTables:
         bpfsys.map_update(self.fd("nb_fw_cfg"), _U32.pack(gen), bytes(cfg))
 
     # ---- sets ----
-    def write_set(self, tag: int, s: SetIR) -> None:
-        """A set's entries under its own tag: a family of full-length addresses goes to the
-        hash map in batches (set_hash_flags, which the compiled setref agrees with), any other
-        to the prefix trie (LPM tries have no batch update: one call each)."""
-        one = _U32.pack(1)
+    # A set's entries live under its tag: a family of full-length addresses in the hash map
+    # (set_hash_flags, which the compiled setref agrees with), any other in the prefix trie.
+    _SET_MAPS = (("nb_set4", 12, 4), ("nb_set6", 24, 4), ("nb_seth4", 8, 0), ("nb_seth6", 20, 0))
+
+    def _set_keys(self, tag: int, s: SetIR) -> dict[str, bytes]:
+        """The keys write_set writes for s, concatenated per map."""
         hashed = set_hash_flags(s)
         head = _U32.pack(tag)
-        for name, entries, width, flag in (("nb_seth4", s.v4, 4, abi.NB_SETREF_HASH4),
-                                           ("nb_seth6", s.v6, 16, abi.NB_SETREF_HASH6)):
-            if not hashed & flag:
-                continue
-            fd = self.fd(name)
-            for i in range(0, len(entries), _BATCH):
-                part = entries[i:i + _BATCH]
-                keys = b"".join(head + a.to_bytes(width, "big") for a, _ in part)
-                bpfsys.map_update_batch(fd, keys, one * len(part), len(part))
-        for name, entries, width, flag in (("nb_set4", s.v4, 4, abi.NB_SETREF_HASH4),
-                                           ("nb_set6", s.v6, 16, abi.NB_SETREF_HASH6)):
-            if hashed & flag:
-                continue
-            fd = self.fd(name)
-            for addr, plen in entries:
-                key = _U32.pack(32 + plen) + head + addr.to_bytes(width, "big")
-                bpfsys.map_update(fd, key, one)
+        out = {}
+        for fam, entries, width, flag in ((4, s.v4, 4, abi.NB_SETREF_HASH4),
+                                          (6, s.v6, 16, abi.NB_SETREF_HASH6)):
+            if hashed & flag and fam == 4:
+                addrs = array("I", (a for a, _ in entries))
+                addrs.byteswap()                 # network order, as the program looks up
+                keys = array("I", bytes(8 * len(entries)))
+                keys[0::2] = array("I", [tag]) * len(entries)
+                keys[1::2] = addrs
+                out["nb_seth4"] = keys.tobytes()
+            elif hashed & flag:
+                out["nb_seth6"] = b"".join(head + a.to_bytes(16, "big") for a, _ in entries)
+            else:
+                out[f"nb_set{fam}"] = b"".join(_U32.pack(32 + plen) + head + a.to_bytes(width, "big")
+                                               for a, plen in entries)
+        return {n: k for n, k in out.items() if k}
 
-    def delete_set(self, tag: int) -> None:
-        for name, ksize in (("nb_set4", 12), ("nb_set6", 24)):
-            fd = self.fd(name)
-            for k in [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[4:8])[0] == tag]:
-                bpfsys.map_delete(fd, k)
-        for name, ksize in (("nb_seth4", 8), ("nb_seth6", 20)):
+    def _kernel_set_keys(self, tag: int) -> dict[str, set[bytes]]:
+        """The keys tag holds in the kernel now, per map (batch reads of the hash maps)."""
+        head = _U32.pack(tag)
+        out = {}
+        for name, ksize, at in self._SET_MAPS:
             if name not in self.maps:
                 continue
-            fd = self.fd(name)
-            stale = [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[:4])[0] == tag]
-            for i in range(0, len(stale), _BATCH):
-                part = stale[i:i + _BATCH]
-                bpfsys.map_delete_batch(fd, b"".join(part), len(part))
+            blob = bpfsys.map_dump_keys(self.fd(name), ksize, 4)
+            out[name] = {k for k in (blob[i:i + ksize] for i in range(0, len(blob), ksize))
+                         if k[at:at + 4] == head}
+        return out
+
+    def _write_keys(self, name: str, keys: bytes) -> None:
+        """Batches of _BATCH (lpm_trie has no batch update: bpfsys writes those one by one)."""
+        ksize = dict((n, k) for n, k, _ in self._SET_MAPS)[name]
+        fd = self.fd(name)
+        step = _BATCH * ksize
+        for i in range(0, len(keys), step):
+            part = keys[i:i + step]
+            n = len(part) // ksize
+            bpfsys.map_update_batch(fd, part, _U32.pack(1) * n, n)
+
+    def _delete_keys(self, name: str, keys: list[bytes]) -> None:
+        fd = self.fd(name)
+        for i in range(0, len(keys), _BATCH):
+            part = keys[i:i + _BATCH]
+            bpfsys.map_delete_batch(fd, b"".join(part), len(part))
+
+    def write_set(self, tag: int, s: SetIR) -> None:
+        """A set's entries under its own tag, in batches."""
+        for name, keys in self._set_keys(tag, s).items():
+            self._write_keys(name, keys)
+
+    def delete_set(self, tag: int) -> None:
+        for name, keys in self._kernel_set_keys(tag).items():
+            self._delete_keys(name, sorted(keys))
+
+    def set_delta(self, tag: int, new: SetIR) -> "SetDelta | None":
+        """What turns the entries tag holds in the kernel into new: O(changes) writes. None
+        when a family would move between hash map and trie (the running generation's setref
+        says where to look, so that takes a new generation)."""
+        have = self._kernel_set_keys(tag)
+        want = self._set_keys(tag, new)
+        hashed = set_hash_flags(new)
+        for hname, flag in (("nb_seth4", abi.NB_SETREF_HASH4), ("nb_seth6", abi.NB_SETREF_HASH6)):
+            if hname not in have or bool(have[hname]) != bool(hashed & flag):
+                return None
+        delta = SetDelta(tag)
+        for name, ksize, _ in self._SET_MAPS:
+            blob = want.get(name, b"")
+            wanted = {blob[i:i + ksize] for i in range(0, len(blob), ksize)}
+            if wanted - have[name]:
+                delta.add[name] = sorted(wanted - have[name])
+            if have[name] - wanted:
+                delta.remove[name] = sorted(have[name] - wanted)
+        return delta
+
+    def add_entries(self, delta: "SetDelta") -> None:
+        for name, keys in delta.add.items():
+            self._write_keys(name, b"".join(keys))
+
+    def remove_entries(self, delta: "SetDelta") -> None:
+        for name, keys in delta.remove.items():
+            self._delete_keys(name, keys)
 
     # ---- counters ----
     def _percpu_zero(self, name: str) -> bytes:
@@ -413,6 +464,17 @@ class FwTables:
             other.delete_set(tag)
             other.write_set(tag, self.read_set(tag))
         other.flip(gen)
+
+
+@dataclass
+class SetDelta:
+    """Keys to add to and remove from each set map so that a tag holds a set's new entries."""
+    tag: int
+    add: dict[str, list[bytes]] = field(default_factory=dict)
+    remove: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def counts(self) -> tuple[int, int]:
+        return (sum(map(len, self.add.values())), sum(map(len, self.remove.values())))
 
 
 @dataclass
