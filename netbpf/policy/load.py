@@ -7,7 +7,11 @@ the one-line summary. Not the language itself (models.py) nor the checks (checks
 from __future__ import annotations
 
 import difflib
+import functools
+import itertools
 import os
+import socket
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from netbpf.policy.convert import policy_to_ir
 from netbpf.policy.models import Policy, SetFile, describe
 from netbpf.policy.shadow import covering_entries, find_shadowed
 from netbpf.policy.source import (MAX_POLICY_BYTES, MAX_SET_FILE_BYTES, Document, Loc,
-                                  read_stdin,
+                                  NeedPositions, read_stdin,
                                   SourceError, decode_utf8, format_path, parse_yaml, read_bytes)
 
 MAX_BAD_SET_LINES = 20  # per set file; a wrong file can have a million bad lines
@@ -126,7 +130,11 @@ STDIN = "-"
 def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     """Read, validate and convert a policy file ('-': standard input, set files relative to
     the working directory); PolicyError holds every problem found. root, when given, is where
-    absolute set-file paths are looked up (a saved copy of the file system, see persist.py)."""
+    absolute set-file paths are looked up (a saved copy of the file system, see persist.py).
+
+    A valid policy is read once without most positions (faster, less memory); when anything
+    is to be reported (an error or a warning) it is read again with every position, so each
+    message points at its exact line and column."""
     stdin = str(path) == STDIN
     display = "<stdin>" if stdin else str(path)
     path = Path(path)
@@ -134,7 +142,24 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     try:
         raw = read_stdin(MAX_POLICY_BYTES) if stdin else \
             read_bytes(path, MAX_POLICY_BYTES, "policy")
-        doc = parse_yaml(decode_utf8(raw))
+        text = decode_utf8(raw)
+    except SourceError as e:
+        for line, col, msg in e.problems:
+            report.in_file(display, line, col, msg)
+        raise report.error() from None
+    sets_read: dict[Path, tuple] = {}
+    try:
+        return _load(path, display, stdin, raw, text, root, sets_read, positions=False)
+    except NeedPositions:
+        return _load(path, display, stdin, raw, text, root, sets_read, positions=True)
+
+
+def _load(path: Path, display: str, stdin: bool, raw: bytes, text: str, root: Path | None,
+          sets_read: dict, positions: bool) -> LoadedPolicy:
+    """One pass of load_policy; without positions, NeedPositions instead of any message."""
+    report = _Report(display, None)
+    try:
+        doc = parse_yaml(text, positions=positions)
     except SourceError as e:
         for line, col, msg in e.problems:
             report.in_file(display, line, col, msg)
@@ -154,18 +179,24 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     try:
         model = Policy.model_validate(data, context={"netbpf_defer_checks": True})
     except ValidationError as e:
+        if not positions:
+            raise NeedPositions() from None
         _report_validation(report, e, data)
     view = view_of_model(model) if model is not None else view_of_data(data)
 
     digest = _Digest(raw)
     # set files are relative to the policy itself, also when it was reached through a symlink
     base_dir = Path.cwd() if stdin else path.resolve().parent
-    set_paths = _read_set_files(view, base_dir, display, report, digest, root)
+    set_paths = _read_set_files(view, base_dir, display, report, digest, root, sets_read)
+    if report.lines and not positions:
+        raise NeedPositions()
 
     def line_of(loc: Loc) -> int:
         return doc.position(loc)[0]
 
     errors, warnings = check_policy(view, line_of)
+    if (errors or warnings) and not positions:
+        raise NeedPositions()
     for loc, msg in errors:
         report.at(loc, msg)
     if report.lines or model is None:
@@ -179,6 +210,8 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     for loc, msg in warnings:
         notes.at(loc, msg)
     _shadow_warnings(ir, notes)
+    if notes.lines and not positions:
+        raise NeedPositions()
     return LoadedPolicy(path=path, display=display, model=model, ir=ir,
                         warnings=notes.sorted(), source_hash=digest.hexdigest(), raw=raw,
                         set_files=digest.files, set_paths=set_paths)
@@ -222,7 +255,8 @@ def _set_file_display(policy_display: str, file: str) -> str:
 
 
 def _read_set_files(view: PolicyView, base_dir: Path, display: str, report: _Report,
-                    digest: Any, root: Path | None = None) -> list[Path]:
+                    digest: Any, root: Path | None = None,
+                    read: dict | None = None) -> list[Path]:
     """Read every set file named by a valid set; entries land on the SetFile models.
     Returns the files read."""
     cache: dict[Path, tuple[list, list] | None] = {}
@@ -236,13 +270,19 @@ def _read_set_files(view: PolicyView, base_dir: Path, display: str, report: _Rep
             target = base_dir / spec.file
         spec._path = _set_file_display(display, spec.file)
         if target not in cache:   # two sets may share a file: read and report it once
-            cache[target] = _read_set_file(spec, target, s.loc, report, digest)
+            cache[target] = _read_set_file(spec, target, s.loc, report, digest, read)
         spec._entries = cache[target]
     return list(cache)
 
 
 def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
-                   digest: Any) -> tuple[list, list] | None:
+                   digest: Any, read: dict | None = None) -> tuple[list, list] | None:
+    """read: files an earlier pass of the same load read without a problem (bytes, entries)."""
+    if read is not None and target in read:
+        data, entries = read[target]
+        add_set_file(digest, spec.file, data)
+        digest.files.append(spec.file)
+        return entries
     try:
         data = read_bytes(target, MAX_SET_FILE_BYTES, f"set file '{spec.file}'")
         text = decode_utf8(data)
@@ -255,14 +295,34 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
         return None
     add_set_file(digest, spec.file, data)
     digest.files.append(spec.file)
-    v4, v6, bad = parse_set_text(text)
+    v4, v6, bad = _hosts_v4(text) or parse_set_text(text)
     where = format_path(loc)
     for lineno, msg in bad[:MAX_BAD_SET_LINES]:
         report.in_file(spec._path, lineno, 1, f"{where}: {msg}")
     if len(bad) > MAX_BAD_SET_LINES:
         report.in_file(spec._path, bad[MAX_BAD_SET_LINES][0], 1,
                        f"{where}: ... and {len(bad) - MAX_BAD_SET_LINES} more bad lines")
+    if read is not None and not bad:
+        read[target] = (data, (v4, v6))
     return v4, v6
+
+
+def _hosts_v4(text: str) -> tuple[list, list, list] | None:
+    """A file of bare IPv4 addresses, one a line (the common blocklist), parsed by C-level
+    loops; None for anything else (comments, prefixes, IPv6, blanks inside, a bad line),
+    which parse_set_text reads line by line with messages."""
+    if "#" in text or "/" in text or ":" in text or not text:
+        return None
+    lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+    pton = functools.partial(socket.inet_pton, socket.AF_INET)
+    try:
+        blob = b"".join(map(pton, lines))
+    except OSError:
+        return None
+    addrs = array("I", blob)
+    addrs.byteswap()
+    v4 = list(dict.fromkeys(zip(addrs, itertools.repeat(32))))
+    return v4, [], []
 
 
 def read_set_file(spec: SetFile, base_dir: Path, name: str) -> None:
