@@ -15,6 +15,7 @@ import socket
 import time
 from array import array
 from glob import escape as glob_escape
+from operator import itemgetter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -362,7 +363,9 @@ def _plan_lb(p: IfacePlan) -> None:
 
 def _set_digest(s: SetIR) -> str:
     h = hashlib.sha256()
-    h.update(array("Q", (a << 8 | p for a, p in s.v4)).tobytes())
+    # addresses, then prefix lengths: C-level loops over a million entries
+    h.update(array("I", map(itemgetter(0), s.v4)).tobytes())
+    h.update(bytes(map(itemgetter(1), s.v4)))
     for a, p in s.v6:
         h.update(a.to_bytes(16, "big") + bytes([p]))
     return h.hexdigest()[:16]

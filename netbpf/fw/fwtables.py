@@ -230,8 +230,9 @@ class FwTables:
                                                for a, plen in entries)
         return {n: k for n, k in out.items() if k}
 
-    def _kernel_set_keys(self, tag: int) -> dict[str, set[bytes]]:
-        """The keys tag holds in the kernel now, per map (batch reads of the hash maps)."""
+    def _kernel_set_keys(self, tag: int, raw: str = "") -> dict:
+        """The keys tag holds in the kernel now, per map (batch reads of the hash maps); map
+        raw's keys come as read, every tag's, concatenated."""
         head = _U32.pack(tag)
         out = {}
         for name, ksize, at in self._SET_MAPS:
@@ -239,7 +240,7 @@ class FwTables:
                 continue
             blob = bpfsys.map_dump_keys(self.fd(name), ksize, 4)
             out[name] = {k for k in (blob[i:i + ksize] for i in range(0, len(blob), ksize))
-                         if k[at:at + 4] == head}
+                         if k[at:at + 4] == head} if raw != name else blob
         return out
 
     def _write_keys(self, name: str, keys: bytes) -> None:
@@ -271,14 +272,21 @@ class FwTables:
         """What turns the entries tag holds in the kernel into new: O(changes) writes. None
         when a family would move between hash map and trie (the running generation's setref
         says where to look, so that takes a new generation)."""
-        have = self._kernel_set_keys(tag)
+        have = self._kernel_set_keys(tag, raw="nb_seth4")
         want = self._set_keys(tag, new)
         hashed = set_hash_flags(new)
         for hname, flag in (("nb_seth4", abi.NB_SETREF_HASH4), ("nb_seth6", abi.NB_SETREF_HASH6)):
-            if hname not in have or bool(have[hname]) != bool(hashed & flag):
+            if hname not in have:
+                return None
+            held = have[hname] if hname != "nb_seth4" else \
+                any(t == tag for t in array("I", have[hname])[0::2])
+            if bool(held) != bool(hashed & flag):
                 return None
         delta = SetDelta(tag)
         for name, ksize, _ in self._SET_MAPS:
+            if name == "nb_seth4":         # the big case (host blocklists): as u32 sets
+                self._delta_hosts4(tag, have[name], want.get(name, b""), delta)
+                continue
             blob = want.get(name, b"")
             wanted = {blob[i:i + ksize] for i in range(0, len(blob), ksize)}
             if wanted - have[name]:
@@ -286,6 +294,26 @@ class FwTables:
             if have[name] - wanted:
                 delta.remove[name] = sorted(have[name] - wanted)
         return delta
+
+    @staticmethod
+    def _delta_hosts4(tag: int, have: bytes, want: bytes, delta: "SetDelta") -> None:
+        """Set difference of (tag, address) keys compared as the address's u32 alone."""
+        def addrs(blob: bytes) -> set[int]:
+            words = array("I", blob)
+            tags, out = words[0::2], words[1::2]
+            if tags.count(tag) == len(tags):
+                return set(out)
+            return {a for t, a in zip(tags, out) if t == tag}
+
+        was, now = addrs(have), addrs(want)
+        for name, only in (("add", now - was), ("remove", was - now)):
+            if only:
+                keys = array("I", bytes(8 * len(only)))
+                keys[0::2] = array("I", [tag]) * len(only)
+                keys[1::2] = array("I", sorted(only))
+                blob = keys.tobytes()
+                getattr(delta, name)["nb_seth4"] = [blob[i:i + 8]
+                                                    for i in range(0, len(blob), 8)]
 
     def add_entries(self, delta: "SetDelta") -> None:
         for name, keys in delta.add.items():

@@ -316,13 +316,12 @@ def _hosts_v4(text: str) -> tuple[list, list, list] | None:
     lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
     pton = functools.partial(socket.inet_pton, socket.AF_INET)
     try:
-        blob = b"".join(map(pton, lines))
+        addrs = array("I", b"".join(map(pton, lines)))
     except OSError:
         return None
-    addrs = array("I", blob)
+    del lines                            # a million str objects: gone before the tuples come
     addrs.byteswap()
-    v4 = list(dict.fromkeys(zip(addrs, itertools.repeat(32))))
-    return v4, [], []
+    return list(zip(dict.fromkeys(addrs), itertools.repeat(32))), [], []
 
 
 def read_set_file(spec: SetFile, base_dir: Path, name: str) -> None:
