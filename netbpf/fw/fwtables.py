@@ -244,7 +244,8 @@ class FwTables:
         return out
 
     def _write_keys(self, name: str, keys: bytes) -> None:
-        """Batches of _BATCH (lpm_trie has no batch update: bpfsys writes those one by one)."""
+        """Batches of _BATCH keys (kernel 6.18 batch-updates lpm_trie too; older kernels get
+        one call per key from bpfsys)."""
         ksize = dict((n, k) for n, k, _ in self._SET_MAPS)[name]
         fd = self.fd(name)
         step = _BATCH * ksize
@@ -470,15 +471,12 @@ class FwTables:
     def read_set(self, tag: int) -> SetIR:
         """The entries written by write_set(tag, ...): the prefix trie's and the hash map's."""
         out = {}
-        head = _U32.pack(tag)
-        for fam, name, ksize, hname, width in ((4, "nb_set4", 12, "nb_seth4", 4),
-                                               (6, "nb_set6", 24, "nb_seth6", 16)):
+        held = self._kernel_set_keys(tag)
+        for fam, name, hname, width in ((4, "nb_set4", "nb_seth4", 4),
+                                        (6, "nb_set6", "nb_seth6", 16)):
             entries = [(int.from_bytes(k[8:], "big"), _U32.unpack(k[:4])[0] - 32)
-                       for k in bpfsys.map_keys(self.fd(name), ksize) if k[4:8] == head]
-            if hname in self.maps:
-                entries += [(int.from_bytes(k[4:], "big"), width * 8)
-                            for k in bpfsys.map_keys(self.fd(hname), 4 + width)
-                            if k[:4] == head]
+                       for k in held[name]]
+            entries += [(int.from_bytes(k[4:], "big"), width * 8) for k in held.get(hname, ())]
             out[fam] = tuple(sorted(entries))
         return SetIR(f"tag{tag}", v4=out[4], v6=out[6])
 

@@ -396,8 +396,8 @@ def _split(blob: bytes, count: int, what: str) -> int:
 
 def map_update_batch(fd: FdLike, keys: bytes, values: bytes, count: int,
                      flags: int = BPF_ANY) -> None:
-    """Write count elements (keys and values concatenated). One syscall where the map type
-    supports it, one per element otherwise (lpm_trie). Not atomic either way."""
+    """Write count elements (keys and values concatenated). One syscall where the kernel
+    batches the map type (6.18 does lpm_trie too), one per element otherwise. Not atomic."""
     if count == 0:
         return
     ksz, vsz = _split(keys, count, "keys"), _split(values, count, "values")

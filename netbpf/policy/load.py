@@ -3,15 +3,13 @@
 Each problem reads 'FILE:LINE:COL: path.to.field: message' (columns 1-based), pointing at the
 offending key or value; set file lines are reported in the set file. Also the policy hash and
 the one-line summary. Not the language itself (models.py) nor the checks (checks.py).
+A little over 400 lines: the two passes (without, then with positions) and the placing of
+pydantic's errors share the report and are clearer side by side.
 """
 from __future__ import annotations
 
 import difflib
-import functools
-import itertools
 import os
-import socket
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from netbpf.errors import PolicyError
 from netbpf.policy.inputs import add_set_file
 from netbpf.policy.ir import PolicyIR
 from netbpf.policy import models
-from netbpf.policy.addr import parse_set_text
+from netbpf.policy.addr import parse_hosts_v4, parse_set_text
 from netbpf.policy.checks import PolicyView, check_policy, view_of_data, view_of_model
 from netbpf.policy.convert import policy_to_ir
 from netbpf.policy.models import Policy, SetFile, describe
@@ -295,7 +293,7 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
         return None
     add_set_file(digest, spec.file, data)
     digest.files.append(spec.file)
-    v4, v6, bad = _hosts_v4(text) or parse_set_text(text)
+    v4, v6, bad = parse_hosts_v4(text) or parse_set_text(text)
     where = format_path(loc)
     for lineno, msg in bad[:MAX_BAD_SET_LINES]:
         report.in_file(spec._path, lineno, 1, f"{where}: {msg}")
@@ -305,23 +303,6 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
     if read is not None and not bad:
         read[target] = (data, (v4, v6))
     return v4, v6
-
-
-def _hosts_v4(text: str) -> tuple[list, list, list] | None:
-    """A file of bare IPv4 addresses, one a line (the common blocklist), parsed by C-level
-    loops; None for anything else (comments, prefixes, IPv6, blanks inside, a bad line),
-    which parse_set_text reads line by line with messages."""
-    if "#" in text or "/" in text or ":" in text or not text:
-        return None
-    lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
-    pton = functools.partial(socket.inet_pton, socket.AF_INET)
-    try:
-        addrs = array("I", b"".join(map(pton, lines)))
-    except OSError:
-        return None
-    del lines                            # a million str objects: gone before the tuples come
-    addrs.byteswap()
-    return list(zip(dict.fromkeys(addrs), itertools.repeat(32))), [], []
 
 
 def read_set_file(spec: SetFile, base_dir: Path, name: str) -> None:

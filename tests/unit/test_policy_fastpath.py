@@ -8,7 +8,8 @@ import pytest
 from netbpf.errors import PolicyError
 from netbpf.policy import load, source
 from netbpf.policy.addr import parse_set_text
-from netbpf.policy.load import _hosts_v4, load_policy
+from netbpf.policy.addr import parse_hosts_v4 as _hosts_v4
+from netbpf.policy.load import load_policy
 
 POLICY = """version: 1
 sets:
