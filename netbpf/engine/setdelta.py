@@ -14,13 +14,9 @@ from typing import Callable
 from netbpf.engine.faults import kill_point
 from netbpf.fw.fwtables import FwTables, SetDelta
 from netbpf.policy.ir import SetIR
-from netbpf.store.state import (InterfaceState, Journal, pin_dir, remove_journal, save_journal,
-                                save_state)
+from netbpf.store.state import (PARTIAL_SET, InterfaceState, Journal, pin_dir, remove_journal,
+                                save_journal, save_state)
 
-# The digest a set's state carries while its entries are a mix of old and new (a kill during
-# the delta): it matches no policy, so the next apply writes the set again (as a delta
-# against what the kernel holds).
-PARTIAL = "partial"
 
 Log = Callable[[str], None]
 
@@ -50,7 +46,7 @@ def write_set_deltas(old: InterfaceState, new: InterfaceState, sets: dict[str, S
         for part in marked.parts.values():
             for s in part.sets:
                 if s.name in names:
-                    s.digest = PARTIAL
+                    s.digest = PARTIAL_SET
         save_journal(Journal("sets", marked))
         kill_point("sets:journal")
         # every addition before any removal: an address changes membership at most once

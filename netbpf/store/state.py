@@ -25,6 +25,9 @@ STATE_ROOT = Path(os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf"))
 LOCK_TIMEOUT_S = 60.0
 # prog_hash of a part whose program must be reloaded by the next apply (matches no build)
 REPAIR_HASH = "repair"
+# A set's digest while its entries are a mix of old and new (a set update in place was
+# killed, netbpf/engine/setdelta.py): it matches no policy, so the next apply writes the set.
+PARTIAL_SET = "partial"
 
 
 def iface_key(ifname: str, netns: str | None) -> str:
