@@ -15,6 +15,7 @@ from netbpf import abi
 from netbpf.fw.compile import decompile, merge_prefixes, rule_digest
 from netbpf.errors import NetbpfError
 from netbpf.fw.fwtables import FwTables
+from netbpf.kernel import testrun
 from netbpf.policy.ir import AddrMatch, DirectionIR, InterfaceIR, PolicyIR, RuleIR, SetIR
 from netbpf.store.state import InterfaceState, PartState, load_state, pin_dir
 
@@ -138,6 +139,11 @@ def differences(enforced: PolicyIR, applied: PolicyIR, ifname: str) -> list[str]
 
 # ---- a private copy of an attached program ----
 
+# a program's return value -> what it did (the reply builder's XDP_TX / redirect: 'reject');
+# TC codes not listed pass the packet on
+_VERDICTS = {"xdp": {testrun.XDP_DROP: "drop", testrun.XDP_PASS: "pass", testrun.XDP_TX: "reject"},
+             "sched_cls": {testrun.TC_ACT_SHOT: "drop", testrun.TC_ACT_REDIRECT: "reject"}}
+
 @dataclass
 class ProgramCopy:
     """The program of one part, loaded again and filled from the live maps."""
@@ -146,26 +152,15 @@ class ProgramCopy:
     loaded: object = None
     tables: FwTables | None = None
     slot_names: dict[int, str] = field(default_factory=dict)
+    runner: object = None
 
     def __post_init__(self):
-        from netbpf.store.progspec import PROGRAMS
-        from netbpf.kernel.loader import load_program
-        from netbpf.fw.reject import REJECT_ENTRY, link_reject_entry
+        from netbpf.fw.reject import link_reject_entry
 
         part = self.st.parts[self.direction]
-        source, self.func, prog_type = PROGRAMS[(self.direction, part.hook)]
-        defines = {"NB_WORDS": part.words, "NB_CLASS_CAP": part.class_cap,
-                   "NB_DIR_CHUNKS": part.dir_chunks, "NB_FIELDS": part.fields}
-        if self.st.conntrack:
-            defines["NB_CONNTRACK"] = 1      # its own, empty connection table
-        self.prog_type = prog_type
-        # cached per process: explain/selftest of many interfaces compile each shape once;
-        # every copy rewrites the generation, sets and counters it uses
-        self.loaded = load_program(source, defines, {self.func: prog_type,
-                                                     REJECT_ENTRY[prog_type]: prog_type},
-                                   cache=True)
+        self.loaded, self.func, self.prog_type = self.compile(self.st, self.direction)
         try:
-            link_reject_entry(self.loaded, prog_type)
+            link_reject_entry(self.loaded, self.prog_type)
             self.tables = FwTables.from_loaded(self.loaded, part.words, part.class_cap)
             live = open_tables(self.st, self.direction)
             try:
@@ -178,32 +173,44 @@ class ProgramCopy:
             raise
         self.slot_names = {r.slot: r.name for r in part.rules}
 
+    @staticmethod
+    def compile(st: InterfaceState, direction: str):
+        """(loaded, function, program type): the part's program, compiled once per process
+        (explain/selftest of many interfaces compile each shape once; every copy rewrites the
+        generation, sets and counters it uses). Safe on a worker thread: bcc compiles outside
+        the GIL, so selftest builds its probes meanwhile."""
+        from netbpf.fw.reject import REJECT_ENTRY
+        from netbpf.kernel.loader import load_program
+        from netbpf.store.progspec import PROGRAMS
+
+        part = st.parts[direction]
+        source, func, prog_type = PROGRAMS[(direction, part.hook)]
+        defines = {"NB_WORDS": part.words, "NB_CLASS_CAP": part.class_cap,
+                   "NB_DIR_CHUNKS": part.dir_chunks, "NB_FIELDS": part.fields}
+        if st.conntrack:
+            defines["NB_CONNTRACK"] = 1      # its own, empty connection table
+        loaded = load_program(source, defines, {func: prog_type,
+                                                REJECT_ENTRY[prog_type]: prog_type}, cache=True)
+        return loaded, func, prog_type
+
     @property
     def fd(self) -> int:
         return self.loaded.prog_fd(self.func)
 
     def verdict(self, frame: bytes) -> str:
         """'pass', 'drop' or 'reject' (an answer sent back) for one frame."""
-        from netbpf.kernel.testrun import (TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
-                                           XDP_TX, test_run)
-
-        ret = test_run(self.fd, frame).retval
-        if self.prog_type == "xdp":
-            if ret == XDP_TX:
-                return "reject"
-            if ret not in (XDP_DROP, XDP_PASS):
-                return f"xdp verdict {ret}"
-            return "drop" if ret == XDP_DROP else "pass"
-        if ret == TC_ACT_REDIRECT:
-            return "reject"
-        return "drop" if ret == TC_ACT_SHOT else "pass"
+        if self.runner is None:
+            self.runner = testrun.VerdictRunner(self.fd)
+        ret = self.runner.retval(frame)
+        return _VERDICTS[self.prog_type].get(ret) or \
+            (f"xdp verdict {ret}" if self.prog_type == "xdp" else "pass")
 
     def counters(self) -> dict[int, int]:
         return {s: v[0] for s, v in self.tables.read_counters().items()}
 
     def close(self) -> None:
         """The cached program stays loaded for the next copy (loader.clear_cache frees it)."""
-        self.loaded = None
+        self.loaded = self.runner = None
 
     def __enter__(self) -> "ProgramCopy":
         return self

@@ -52,8 +52,8 @@ def old_policy(key: str) -> PolicyIR | None:
     from netbpf.errors import NetbpfError
     from netbpf.policy import load_policy
 
-    ir = None
-    path = snapshot.policy_copy(key)
+    ir = snapshot.applied_ir(key)
+    path = snapshot.policy_copy(key) if ir is None else None
     if path is not None:
         try:
             ir = load_policy(path).ir
