@@ -11,8 +11,10 @@ from netbpf.store.snapshot import file_status
 from netbpf.fw.fwtables import table_bytes
 from netbpf.store.state import kernel_gone, list_pin_keys, list_states, split_key
 
-# a state record whose pins are gone: after a reboot (or a wiped bpffs) nothing of it runs
-NOT_LOADED = "not loaded: its pins are gone (rebooted?); 'netbpf restore' applies it again"
+# a state record with nothing left in bpffs: after a reboot nothing of it runs (a netlink-
+# attached program outlives its pins when someone removes them by hand, so no "not loaded")
+NOT_LOADED = ("pins are missing (after a reboot, or removed): 'netbpf restore' or an apply of "
+              "the policy loads it again")
 
 
 def read_status(netns: str | None = None, ifname: str | None = None) -> list[dict]:
@@ -25,7 +27,9 @@ def read_status(netns: str | None = None, ifname: str | None = None) -> list[dic
 
     states = [st for st in list_states(not_loaded=True) if wanted(st.key)]
     for st in states:
-        gone = kernel_gone(st.key)
+        health = drift(st) or "ok"
+        if health == "pins are missing" and kernel_gone(st.key):
+            health = NOT_LOADED
         ing = st.parts.get("ingress")
         rows.append({"interface": st.ifname, "netns": st.netns,
                      "mode": ing.mode if ing else None,
@@ -35,7 +39,7 @@ def read_status(netns: str | None = None, ifname: str | None = None) -> list[dic
                      "rules": len(st.rules), "conntrack": st.conntrack,
                      "policy_path": st.policy_path, "policy_hash": st.policy_hash,
                      "applied_at": st.applied_at,
-                     "health": NOT_LOADED if gone else drift(st) or "ok",
+                     "health": health,
                      # unchanged | changed | gone | unknown: the named file since the apply
                      "policy_file": file_status(st.key, st.policy_path),
                      "classifier_bytes": sum(table_bytes(p.words, p.class_cap, p.dir_chunks)

@@ -41,7 +41,7 @@ def not_loaded_status(lab) -> None:
     assert p.returncode == 1 and [r["health"] for r in rows] == [NOT_LOADED], p.stdout
     text = subprocess.run([NETBPF, "-n", lab.ns("gw"), "status"], capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, COLUMNS="200"))
-    assert "not loaded" in text.stdout and "netbpf restore" in text.stdout, text.stdout
+    assert "pins are missing" in text.stdout and "netbpf restore" in text.stdout, text.stdout
 
 
 def shown(lab) -> str:
