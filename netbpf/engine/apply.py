@@ -31,14 +31,12 @@ from netbpf.errors import NetbpfError
 from netbpf.engine.faults import kill_point
 from netbpf.fw.fwtables import CounterCarry, FwTables
 from netbpf.policy.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR
-from netbpf.fw.reject import REJECT_ENTRY, link_reject_entry
-from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, ring_cap_for,
-                             stale_shared_maps)
+from netbpf.fw.program import build_program, write_policy
+from netbpf.lb.lbtables import LbState, LbTables, plan_lb, ring_cap_for, stale_shared_maps
 from netbpf.kernel import attach, bpfsys, link
-from netbpf.kernel.loader import load_program
 from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.store.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
-                             TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE)
+                             TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE, ProgramSpec)
 from netbpf.engine.recover import recover, recover_all
 from netbpf.store.state import (REPAIR_HASH, apply_lock, health_down, iface_key, InterfaceState,
                           Journal, list_states, load_journal, load_state, make_pin_dirs,
@@ -75,21 +73,19 @@ class PartPlan:
     old: PartState | None = None
 
     @property
-    def source(self) -> Path:
-        return PROGRAMS[(self.direction, self.hook)][0]
-
-    @property
     def func(self) -> str:
-        return PROGRAMS[(self.direction, self.hook)][1]
+        return self.spec().func
 
-    @property
-    def prog_type(self) -> str:
-        return PROGRAMS[(self.direction, self.hook)][2]
+    def spec(self, shared: Path | None = None) -> ProgramSpec:
+        """What to build for this part (shared: where the shared maps are pinned)."""
+        return ProgramSpec.for_part(self.direction, self.hook, words=self.shape.words,
+                                    class_cap=self.shape.class_cap, chunks=self.shape.chunks,
+                                    fields=self.fields, conntrack=self.conntrack,
+                                    lb_ring_cap=self.lb_ring_cap, shared_pin=shared)
 
     @property
     def prog_hash(self) -> str:
-        return program_hash(self.source, self.shape, self.conntrack, self.lb_ring_cap,
-                            self.fields)
+        return self.spec().hash()
 
     def changed_rules(self) -> list[RuleChange]:
         return [r for r in self.rules if r.what != "kept"]
@@ -142,17 +138,6 @@ class Plan:
 
 
 # ---- planning (no kernel writes) ----
-
-def program_hash(source: Path, shape: Shape, conntrack: bool, lb_ring_cap: int = 0,
-                 fields: int = 0) -> str:
-    h = hashlib.sha256(source.read_bytes())
-    for hdr in sorted((abi.BPF_DIR / "include").glob("*.h")):
-        h.update(hdr.name.encode() + hdr.read_bytes())
-    h.update(f"words={shape.words} classes={shape.class_cap} chunks={shape.chunks} "
-             f"ct={int(conntrack)} "
-             f"lb={lb_ring_cap} fields={fields:#x}".encode())
-    return h.hexdigest()[:16]
-
 
 def _rule_states(c: CompiledDirection, ir: DirectionIR) -> list[tuple[str, str, str, int]]:
     """(name, action, digest, line) of every rule, terminal and count, in file order."""
@@ -520,21 +505,20 @@ def _write_ct_timeouts(fd, timeouts: dict) -> None:
     cfg = abi.NbCtCfg()
     for name, seconds in timeouts.items():
         cfg.timeout_ns[abi.CT_TIMEOUT_INDEX[name]] = int(seconds * 1e9)
-    bpfsys.map_update(fd, (0).to_bytes(4, "little"), bytes(cfg))
+    bpfsys.map_update(fd, abi.U32.pack(0), bytes(cfg))
 
 
 def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
           tags: dict[str, SetState], to_write: list[str]) -> None:
-    for name in to_write:
-        s = sets[name]
+    def announce(name: str, s: SetIR) -> None:
         if len(s.v4) + len(s.v6) >= BIG_SET:
             progress.step(f"writing set {name} ({len(s.v4) + len(s.v6):,} entries)")
-        tables.write_set(tags[name].tag, s)
+
     c = pp.compiled
     by_name = {r.name: r for r in pp.ir.rules}
     samples = [by_name[r.name].sample or pp.ir.sample for r in c.rules]
-    tables.write_generation(gen, c, slots[:len(c.rules)], slots[len(c.rules):],
-                            {n: t.tag for n, t in tags.items()}, samples, pp.ir.sample)
+    write_policy(tables, gen, c, slots, {n: t.tag for n, t in tags.items()},
+                 {name: sets[name] for name in to_write}, samples, pp.ir.sample, announce)
 
 
 def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
@@ -582,7 +566,7 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         log(f"{p.key}: {d} generation {ps.gen} active, {len(ps.rules)} rules "
             f"(program id {ps.prog_id} unchanged)")
     if p.conntrack:
-        with bpfsys.obj_get(pin_dir(p.key) / "ingress" / "nb_ct_cfg") as fd:
+        with bpfsys.obj_get(pin_dir(p.key) / "ingress" / abi.NB_MAP_CT_CFG) as fd:
             _write_ct_timeouts(fd, p.ct_timeouts)
     if p.lbs or p.lb_removed:
         lbt = LbTables.from_pins(pin_dir(p.key) / "ingress")
@@ -600,37 +584,23 @@ def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
 
 
 def _pins_usable(key: str, old: PartState | None) -> bool:
-    return old is not None and (pin_dir(key) / old.direction / "nb_fw_cnt").exists()
+    return old is not None and (pin_dir(key) / old.direction / abi.NB_MAP_FW_CNT).exists()
 
 
 def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Path):
     """Compile, load and fill one part; pin its maps and program into staging."""
-    defines = {"NB_WORDS": pp.shape.words, "NB_CLASS_CAP": pp.shape.class_cap,
-               "NB_DIR_CHUNKS": pp.shape.chunks, "NB_FIELDS": pp.fields}
-    if p.conntrack:
-        defines["NB_CONNTRACK"] = 1
-    if p.lbs:
-        defines["NB_LB"] = 1
-        defines["NB_LB_RING_CAP"] = pp.lb_ring_cap
-    if p.conntrack or p.lbs:
-        defines["NB_SHARED_PIN"] = f'"{shared}"'
-    functions = {pp.func: pp.prog_type, REJECT_ENTRY[pp.prog_type]: pp.prog_type}
-    if p.lbs and pp.hook == "xdp":
-        functions[LB_ENTRY] = "xdp"
+    spec = pp.spec(shared if (p.conntrack or p.lbs) else None)
     progress.step(f"{p.key}: compiling and verifying {pp.func}")
     if pp.hook == "xdp" and p.mode == "offload":
         # an offloaded program is loaded for its device (bcc resolves the name in this netns);
         # attach refuses first on drivers that cannot offload
         attach.check_offload(p.ifname, netns=p.netns)
         with enter_netns(p.netns):
-            loaded = load_program(pp.source, defines, functions, device=p.ifname)
+            built = build_program(spec, device=p.ifname)
     else:
-        loaded = load_program(pp.source, defines, functions)
-    if LB_ENTRY in functions:
-        link_lb_entry(loaded)
-    link_reject_entry(loaded, pp.prog_type)
+        built = build_program(spec)
+    loaded, tables = built.loaded, built.tables
     try:
-        tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
         # Fresh counter maps: rules take slots 0..n-1 whatever the old program used, and the
         # counters of rules that stay (same name and match) are carried to their new slot.
         states = _rule_states(pp.compiled, pp.ir)
@@ -691,7 +661,7 @@ def _apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             if carry:
                 carries.append(carry)
         if p.conntrack:
-            _write_ct_timeouts(loaded["ingress"].maps["nb_ct_cfg"].fd, p.ct_timeouts)
+            _write_ct_timeouts(loaded["ingress"].maps[abi.NB_MAP_CT_CFG].fd, p.ct_timeouts)
         if p.lbs:
             _fill_lb(p, loaded["ingress"])
 

@@ -144,6 +144,7 @@ def differences(enforced: PolicyIR, applied: PolicyIR, ifname: str) -> list[str]
 _VERDICTS = {"xdp": {testrun.XDP_DROP: "drop", testrun.XDP_PASS: "pass", testrun.XDP_TX: "reject"},
              "sched_cls": {testrun.TC_ACT_SHOT: "drop", testrun.TC_ACT_REDIRECT: "reject"}}
 
+
 @dataclass
 class ProgramCopy:
     """The program of one part, loaded again and filled from the live maps."""
@@ -155,13 +156,12 @@ class ProgramCopy:
     runner: object = None
 
     def __post_init__(self):
-        from netbpf.fw.reject import link_reject_entry
-
         part = self.st.parts[self.direction]
-        self.loaded, self.func, self.prog_type = self.compile(self.st, self.direction)
+        built = self.compile(self.st, self.direction)
+        self.func, self.prog_type = built.spec.func, built.spec.prog_type
+        self.loaded = built.loaded
         try:
-            link_reject_entry(self.loaded, self.prog_type)
-            self.tables = FwTables.from_loaded(self.loaded, part.words, part.class_cap)
+            self.tables = built.tables
             live = open_tables(self.st, self.direction)
             try:
                 live.copy_to(self.tables, live.active_gen(), [s.tag for s in part.sets])
@@ -175,23 +175,19 @@ class ProgramCopy:
 
     @staticmethod
     def compile(st: InterfaceState, direction: str):
-        """(loaded, function, program type): the part's program, compiled once per process
-        (explain/selftest of many interfaces compile each shape once; every copy rewrites the
-        generation, sets and counters it uses). Safe on a worker thread: bcc compiles outside
+        """The part's program (fw/program.py's Program), compiled once per process: explain/
+        selftest of many interfaces compile each shape once, and every copy rewrites the
+        generation, sets and counters it uses. Safe on a worker thread: bcc compiles outside
         the GIL, so selftest builds its probes meanwhile."""
-        from netbpf.fw.reject import REJECT_ENTRY
-        from netbpf.kernel.loader import load_program
-        from netbpf.store.progspec import PROGRAMS
+        from netbpf.fw.program import build_program
+        from netbpf.store.progspec import ProgramSpec
 
         part = st.parts[direction]
-        source, func, prog_type = PROGRAMS[(direction, part.hook)]
-        defines = {"NB_WORDS": part.words, "NB_CLASS_CAP": part.class_cap,
-                   "NB_DIR_CHUNKS": part.dir_chunks, "NB_FIELDS": part.fields}
-        if st.conntrack:
-            defines["NB_CONNTRACK"] = 1      # its own, empty connection table
-        loaded = load_program(source, defines, {func: prog_type,
-                                                REJECT_ENTRY[prog_type]: prog_type}, cache=True)
-        return loaded, func, prog_type
+        # conntrack: its own, empty connection table
+        spec = ProgramSpec.for_part(direction, part.hook, words=part.words,
+                                    class_cap=part.class_cap, chunks=part.dir_chunks,
+                                    fields=part.fields, conntrack=st.conntrack)
+        return build_program(spec, cache=True)
 
     @property
     def fd(self) -> int:
