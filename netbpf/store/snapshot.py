@@ -18,7 +18,7 @@ from pathlib import Path
 from netbpf.store import state
 
 POLICY_NAME = "policy.yaml"
-MODEL_NAME = "model.pickle"      # the applied policy's IR: selftest and plans skip the YAML
+IR_NAME = "ir.pickle"
 
 
 def snapshot_root() -> Path:
@@ -62,7 +62,6 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
     data = {"policy_path": str(named), "netns": netns, "policy_hash": loaded.source_hash,
             "files": files,
             "sources": {rel: str(p) for rel, p in sources.items()}}
-    model = _pickled_model(loaded)
     for key in keys:
         was = manifest(key)
         if was is not None and was == data:
@@ -78,9 +77,11 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
         if stdin:
             (tmp / "files").mkdir(parents=True, exist_ok=True)
             (tmp / "files" / POLICY_NAME).write_bytes(loaded.raw)
-        if model is not None:
-            (tmp / MODEL_NAME).write_bytes(model)
         (tmp / "manifest.json").write_text(json.dumps(data, indent=1))
+        # the policy as the planner read it: the next apply's plan diff needs it, and
+        # reading it back is faster than parsing and validating the copy again
+        (tmp / IR_NAME).write_bytes(pickle.dumps((_ir_stamp(), loaded.ir),
+                                                 protocol=pickle.HIGHEST_PROTOCOL))
         prev, cur = base / "previous", base / "current"
         shutil.rmtree(prev, ignore_errors=True)
         if cur.exists():
@@ -104,6 +105,22 @@ def manifest(key: str, which: str = "current") -> dict | None:
         return None
 
 
+def policy_ir(key: str, which: str = "current"):
+    """The PolicyIR recorded with the copy; None when there is none or another netbpf's IR
+    classes wrote it (then the copy is read again)."""
+    try:
+        stamp, ir = pickle.loads((snapshot_dir(key, which) / IR_NAME).read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError,
+            ValueError, ImportError):
+        return None
+    return ir if stamp == _ir_stamp() else None
+
+
+def _ir_stamp() -> str:
+    from netbpf.policy import ir
+    return hashlib.sha256(Path(ir.__file__).read_bytes()).hexdigest()[:16]
+
+
 def policy_copy(key: str, which: str = "current") -> Path | None:
     """The stored copy of the policy file (its set files sit beside it as they did)."""
     m = manifest(key, which)
@@ -113,32 +130,6 @@ def policy_copy(key: str, which: str = "current") -> Path | None:
     if any(os.path.isabs(rel) for rel in m["files"]):
         return Path(m["sources"][POLICY_NAME])   # absolute set paths: the copy cannot rebase
     return p if p.exists() else None
-
-
-def _pickled_model(loaded) -> bytes | None:
-    try:
-        return pickle.dumps((_model_tag(), loaded.ir), protocol=5)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        return None             # readers load the YAML copy instead
-
-
-def _model_tag() -> str:
-    """Which IR classes a stored model was pickled with (another netbpf reads the YAML)."""
-    from netbpf.policy import ir
-
-    return hashlib.sha256(Path(ir.__file__).read_bytes()).hexdigest()[:16]
-
-
-def applied_ir(key: str, which: str = "current"):
-    """The IR of the applied policy as the apply that stored it had it (no YAML parse; a
-    10,000-rule file takes about a second to load), or None: no copy, or one from a netbpf
-    with other IR classes."""
-    try:
-        tag, ir = pickle.loads((snapshot_dir(key, which) / MODEL_NAME).read_bytes())
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError,
-            ImportError):
-        return None
-    return ir if tag == _model_tag() else None
 
 
 def file_status(key: str, policy_path: str) -> str:
