@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 SECTIONS = {"cost": "1. ns per packet (BPF_PROG_TEST_RUN)",
             "lb": "1. ns per packet (BPF_PROG_TEST_RUN), the balancer's rows only",
             "live": "2. live drop, Mpps (trafgen -> veth)",
-            "control": "3. control plane (s, MB)"}
+            "control": "3. control plane (s, MB)",
+            "selftest": "4. selftest after an apply (s)"}
 err = Console(stderr=True)
 
 
@@ -75,6 +76,10 @@ def main() -> int:
             log("3. control plane")
             control.run(rows, rounds=1 if quick else 3, n_rules=10_000,
                         set_entries=1_000_000, log=log)
+        if "selftest" in only:
+            import selftest
+            log("4. selftest")
+            selftest.run(rows, rounds=1 if quick else 3, n_rules=10_000, log=log)
         note_load("end")
     finally:
         netlab.down()
@@ -181,9 +186,32 @@ def judge(rows: dict[str, Row]) -> list[str]:
             p.target = f"netbpf apply is {an.median / p.median:.0f}x slower"
             behind.append(f"loading 10,000 rules: netbpf apply {an.median:.2f} s, "
                           f"{name} {p.median:.2f} s")
+    st, ap = get("selftest.10000"), get("selftest.apply.10000")
+    if st and ap:
+        st.target = f"a few s (#15); {st.median / ap.median:.1f}x the apply it follows"
     one, ld = get("control.change1.10000"), get("control.load.10000")
-    if one and ld:
-        one.target = f"{ld.median / one.median:.0%} of it is parsing the YAML"
+    nft = get("control.nft.10000")
+    if one and nft:
+        x = one.median / nft.median
+        one.target = f"<=1.5x nft -f: {x:.1f}x {_mark(x <= 1.5)}"
+        if ld:
+            one.target += f"; {ld.median / one.median:.0%} of it is load_policy()"
+    for key, limit, unit in (("control.noop.10000", 0.15, "s"), ("control.setadd.100", 0.3, "s"),
+                             ("control.apply.10000", 1.0, "s"), ("control.apply.set", 2.5, "s"),
+                             ("control.rss.update.10000", 80, "MB")):
+        r = get(key)
+        if r:
+            note = f"<={limit} {unit}: {_mark(r.median <= limit)}"
+            r.target = note + (f"; {r.target}" if r.target else "")
+    for key, peers in (("control.setadd.100", ("control.nftset.add100", "control.ipset.add100")),
+                       ("control.apply.set", ("control.nftset.load", "control.ipset.load"))):
+        r = get(key)
+        got = [(k.split(".")[1], get(k)) for k in peers]
+        if r and any(p for _, p in got):
+            r.target += "; " + ", ".join(f"{n} {p.median:.2f} s" for n, p in got if p)
+    par, a1 = get("control.apply.parallel"), get("control.apply.1")
+    if par and a1:
+        par.target = f"{par.median / a1.median:.2f}x one apply (target: about 1x)"
     return behind
 
 

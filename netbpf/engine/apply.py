@@ -15,6 +15,7 @@ import socket
 import time
 from array import array
 from glob import escape as glob_escape
+from operator import itemgetter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,7 @@ from netbpf.kernel.netns import enter_netns, netns_label
 from netbpf.store.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
                              TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE, ProgramSpec)
 from netbpf.engine.recover import recover, recover_all
+from netbpf.engine.setdelta import write_set_deltas
 from netbpf.store.state import (REPAIR_HASH, apply_lock, health_down, iface_key, InterfaceState,
                           Journal, list_states, load_journal, load_state, make_pin_dirs,
                           PartState, pin_dir, prune_pin_roots, remove_journal, remove_lock,
@@ -196,6 +198,12 @@ def _plan_part(direction: str, ir: DirectionIR, sets, old: InterfaceState | None
 
 
 def _part_unchanged(pp: PartPlan, sets) -> bool:
+    return _rules_unchanged(pp) and \
+        _set_digests(pp.compiled, sets) == {s.name: s.digest for s in pp.old.sets}
+
+
+def _rules_unchanged(pp: PartPlan) -> bool:
+    """Everything but the sets' contents is as the running generation has it."""
     old = pp.old
     return (old is not None and not pp.changed_rules()
             and [r.name for r in old.rules] == [n for n, *_ in _rule_states(pp.compiled, pp.ir)]
@@ -204,7 +212,7 @@ def _part_unchanged(pp: PartPlan, sets) -> bool:
             and [r.name for r in sorted(old.rules, key=lambda r: (r.pos, r.line))]
             == [r.name for r in pp.ir.rules]
             and old.default_action == pp.ir.default and old.sample == pp.ir.sample
-            and _set_digests(pp.compiled, sets) == {s.name: s.digest for s in old.sets})
+            and {r.set_name for r in pp.compiled.setrefs} == {s.name for s in old.sets})
 
 
 def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:
@@ -339,7 +347,9 @@ def _plan_lb(p: IfacePlan) -> None:
 
 def _set_digest(s: SetIR) -> str:
     h = hashlib.sha256()
-    h.update(array("Q", (a << 8 | p for a, p in s.v4)).tobytes())
+    # addresses, then prefix lengths: C-level loops over a million entries
+    h.update(array("I", map(itemgetter(0), s.v4)).tobytes())
+    h.update(bytes(map(itemgetter(1), s.v4)))
     for a, p in s.v6:
         h.update(a.to_bytes(16, "big") + bytes([p]))
     return h.hexdigest()[:16]
@@ -520,10 +530,33 @@ def _fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
                  {name: sets[name] for name in to_write}, samples, pp.ir.sample, announce)
 
 
+def _apply_sets_in_place(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState | None:
+    """Only sets' contents changed (no rule, balancer or timeout): update them in place under
+    their running tags (setdelta.py). None when that does not apply."""
+    if (p.old is None or p.lb_changed or p.lb_removed or p.ct_timeouts != p.old.ct_timeouts
+            or set(p.parts) != set(p.old.parts)
+            or not all(_rules_unchanged(pp) for pp in p.parts.values())):
+        return None
+    parts = {}
+    for d, pp in p.parts.items():
+        old = pp.old
+        slots, _ = _allocate_slots(_rule_states(pp.compiled, pp.ir), old, abi.slot_cap(old.words))
+        was = {s.name: s for s in old.sets}
+        tags = {n: SetState(n, digest, was[n].tag, len(plan.sets[n].v4), len(plan.sets[n].v6))
+                for n, digest in _set_digests(pp.compiled, plan.sets).items()}
+        parts[d] = _part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots, tags=tags,
+                               gen=old.gen, attach=old.attach)
+    st = _iface_state(plan, p, parts, p.old.created_clsact)
+    return write_set_deltas(p.old, st, plan.sets, log)
+
+
 def _apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     """Same programs: write every part's inactive generation, flip the parts back to back,
     record it, then clear the old generations. A kill between the two flips leaves the state
     file at the old generations: drift() sees the mismatch and the next apply repairs it."""
+    st = _apply_sets_in_place(plan, p, log)
+    if st is not None:
+        return st
     parts, opened, olds = {}, {}, {}
     try:
         for d, pp in p.parts.items():
@@ -597,7 +630,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         with enter_netns(p.netns):
             built = build_program(spec, device=p.ifname)
     else:
-        built = build_program(spec)
+        built = build_program(spec, stored=True)
     loaded, tables = built.loaded, built.tables
     try:
         # Fresh counter maps: rules take slots 0..n-1 whatever the old program used, and the
@@ -876,7 +909,7 @@ def detach_key(key: str, log: Log = print) -> bool:
     programs are known by what they are (their name, or an id the state, the journal or the
     pins record), so a program left by an interrupted apply goes too."""
     netns, ifname = split_key(key)
-    known = load_state(key) is not None or load_journal(key) is not None or \
+    known = load_state(key, not_loaded=True) is not None or load_journal(key) is not None or \
         any(d.exists() for d in (pin_dir(key), *staging_dirs(key)))
     if not known:
         return False

@@ -69,13 +69,14 @@ class Program:
 
 
 def build_program(spec: ProgramSpec, *, cache: bool = False,
-                  device: str | None = None) -> Program:
+                  device: str | None = None, stored: bool = False) -> Program:
     """Compile and load spec's source with its defines, point the tail-call slots at the
     reply builder and the balancer loaded beside it (until then a reject only drops and a
     VIP packet passes), open the tables.
-    cache=True shares one load per identical spec in this process (tests, explain)."""
+    cache=True shares one load per identical spec in this process (tests, explain);
+    stored=True loads a spec compiled before from the object cache (kernel/objcache.py)."""
     loaded = load_program(spec.source, spec.defines(), spec.functions(), cache=cache,
-                          device=device)
+                          device=device, stored=stored)
     try:
         for jump, func in spec.tail_calls().items():
             bpfsys.map_update(loaded.maps[jump].fd, abi.U32.pack(0),

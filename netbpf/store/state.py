@@ -1,8 +1,16 @@
-"""Where netbpf keeps what it made: pin directories, per-interface state files, the apply lock.
+"""Where netbpf keeps what it made: pin directories, per-interface state files, journals, locks.
 
-Pins live in bpffs (/sys/fs/bpf/netbpf/<key>/) and state in tmpfs (/run/netbpf/state/), so a
-reboot forgets both together. <key> is the interface name, or NETNS:IFNAME inside a namespace
-(':' cannot appear in an interface name). No kernel calls here: plain files only.
+Three roots. Pins live in bpffs (/sys/fs/bpf/netbpf/<key>/, NETBPF_PIN_ROOT) and go with a
+reboot. What must outlive one is under /var/lib/netbpf (NETBPF_LIB_ROOT): the state records
+(state/<key>.json: what was applied, so `status` can say it is not loaded and `netbpf restore`
+re-applies it), the copies of applied policies (policies/, netbpf/store/snapshot.py) and the
+restore records (applied/, netbpf/engine/persist.py). What describes this boot only stays in
+/run/netbpf (NETBPF_STATE_ROOT): apply journals (they speak of pins; a reboot leaves nothing to
+finish or undo), locks, health and event-reader files, the confirm timer, verifier logs.
+
+<key> is the interface name, or NETNS:IFNAME inside a namespace (':' cannot appear in an
+interface name). No kernel calls here: plain files only. Longer than 400 lines on purpose:
+every file netbpf keeps, and which root it lives under, reads in one place.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from glob import escape as glob_escape
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -22,9 +30,17 @@ from netbpf.errors import NetbpfError
 
 PIN_ROOT = Path(os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf"))
 STATE_ROOT = Path(os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf"))
+# A private NETBPF_STATE_ROOT (tests, developers sharing a machine) gets a private lib root
+# beside it unless NETBPF_LIB_ROOT says otherwise: never the machine's /var/lib/netbpf.
+LIB_ROOT = Path(os.environ.get("NETBPF_LIB_ROOT") or (
+    f"{os.environ['NETBPF_STATE_ROOT']}-lib" if os.environ.get("NETBPF_STATE_ROOT")
+    else "/var/lib/netbpf"))
 LOCK_TIMEOUT_S = 60.0
 # prog_hash of a part whose program must be reloaded by the next apply (matches no build)
 REPAIR_HASH = "repair"
+# A set's digest while its entries are a mix of old and new (a set update in place was
+# killed, netbpf/engine/setdelta.py): it matches no policy, so the next apply writes the set.
+PARTIAL_SET = "partial"
 
 
 def iface_key(ifname: str, netns: str | None) -> str:
@@ -84,8 +100,22 @@ def rename_pins(src: Path, dst: Path) -> None:
                 raise
 
 
+def state_dir() -> Path:
+    """State records: durable (a reboot keeps them; the pins they describe do not)."""
+    return LIB_ROOT / "state"
+
+
 def state_file(key: str) -> Path:
-    return STATE_ROOT / "state" / f"{key}.json"
+    return state_dir() / f"{key}.json"
+
+
+def kernel_gone(key: str) -> bool:
+    """Nothing of key is left in the kernel's view: no pins, no staging pins, no journal of
+    an apply in progress. With a state record, that is a reboot (or a wiped bpffs): the
+    record says what to restore, and nothing runs. Staging trees and the journal cover the
+    moments an apply moves the pin directory."""
+    return not any(d.exists() for d in (pin_dir(key), *staging_dirs(key))) and \
+        not journal_file(key).exists()
 
 
 @dataclass
@@ -183,8 +213,14 @@ def health_down(key: str) -> set[str]:
         return set()
 
 
-def load_state(key: str) -> InterfaceState | None:
+def load_state(key: str, not_loaded: bool = False) -> InterfaceState | None:
+    """The state of what netbpf runs on key; None if nothing runs there. A record whose
+    kernel objects are gone (kernel_gone) counts only with not_loaded=True (status, detach):
+    the apply engine and the readers of maps see nothing there, so an apply loads afresh."""
+    _migrate_legacy()
     path = state_file(key)
+    if not not_loaded and path.exists() and kernel_gone(key):
+        return None
     try:
         return InterfaceState.from_json(json.loads(path.read_text()))
     except FileNotFoundError:
@@ -195,15 +231,18 @@ def load_state(key: str) -> InterfaceState | None:
 
 def save_state(state: InterfaceState) -> None:
     """Atomic (write, fsync, rename) and private to root: readers never see half a file."""
-    _write_private(state_file(state.key), asdict(state))
+    _write_private(state_file(state.key), state)
 
 
-def _write_private(path: Path, data: dict) -> None:
+def _write_private(path: Path, data) -> None:
+    """data: a dataclass (nested dataclasses, lists, dicts). One line of JSON by the C
+    encoder, dataclasses as their fields (as asdict, without its deep copy): a 10,000-rule
+    state in milliseconds rather than a second."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
+        f.write(json.dumps(data, default=vars, separators=(",", ":")))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -238,11 +277,11 @@ class Journal:
 
 
 def journal_file(key: str) -> Path:
-    return STATE_ROOT / "state" / f"{key}.journal"
+    return STATE_ROOT / "state" / f"{key}.journal"       # runtime: see the module's notes
 
 
 def save_journal(journal: Journal) -> None:
-    _write_private(journal_file(journal.state.key), asdict(journal))
+    _write_private(journal_file(journal.state.key), journal)
 
 
 def load_journal(key: str) -> Journal | None:
@@ -266,19 +305,42 @@ def list_journal_keys() -> list[str]:
     return sorted(p.stem for p in d.glob("*.journal")) if d.is_dir() else []
 
 
-def list_states() -> list[InterfaceState]:
-    d = STATE_ROOT / "state"
+def list_states(not_loaded: bool = False) -> list[InterfaceState]:
+    """Every interface netbpf runs something on; with not_loaded=True also the records whose
+    kernel objects are gone (after a reboot: what `netbpf restore` brings back)."""
+    _migrate_legacy()
+    d = state_dir()
     if not d.is_dir():
         return []
     out = []
     for p in sorted(d.glob("*.json")):
         try:
-            st = load_state(p.stem)
+            st = load_state(p.stem, not_loaded=not_loaded)
         except NetbpfError:
             continue
         if st:
             out.append(st)
     return out
+
+
+_migrated = False
+
+
+def _migrate_legacy() -> None:
+    """Records a netbpf kept under STATE_ROOT (state/*.json, policies/) move to the lib root,
+    once per process: an upgrade without a reboot keeps managing what runs."""
+    global _migrated
+    if _migrated or STATE_ROOT == LIB_ROOT:
+        return
+    _migrated = True
+    for old in [*(STATE_ROOT / "state").glob("*.json"), *(STATE_ROOT / "policies").glob("*")]:
+        target = LIB_ROOT / old.parent.name / old.name
+        try:
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                shutil.move(str(old), target)
+        except OSError:
+            pass                     # not root: read-only users see the lib root only
 
 
 def unpin_tree(d: Path) -> None:
@@ -294,16 +356,17 @@ def unpin_tree(d: Path) -> None:
 
 def forget_netns(netns: str) -> list[str]:
     """Drop pins, state and health files of every interface key in netns (the namespace is
-    gone, so its programs are detached already). Returns the keys forgotten. Files only."""
+    gone, so its programs are detached already), in the runtime and the lib root alike.
+    Returns the keys forgotten. Files only."""
     ns = glob_escape(netns)
-    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{ns}:*.json")}
+    keys = {p.stem for p in state_dir().glob(f"{ns}:*.json")}
     keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{ns}:*.journal")}
     keys |= {p.name for p in PIN_ROOT.glob(f"{ns}:*")} if PIN_ROOT.is_dir() else set()
     # files other parts keep per interface: the health checker's, event readers', the
     # saved copies of applied policies, and locks nobody holds any more
     for sub, suffix in (("health", ".json"), ("locks", ".lock"), ("events", ".lock")):
         keys |= {p.name[:-len(suffix)] for p in (STATE_ROOT / sub).glob(f"{ns}:*{suffix}")}
-    keys |= {p.name for p in (STATE_ROOT / "policies").glob(f"{ns}:*")}
+    keys |= {p.name for p in policies_root().glob(f"{ns}:*")}
     with apply_lock(keys):
         for key in keys:
             for d in (pin_dir(key), *staging_dirs(key)):
@@ -315,10 +378,15 @@ def forget_netns(netns: str) -> list[str]:
             remove_journal(key)
             health_file(key).unlink(missing_ok=True)
             (STATE_ROOT / "events" / f"{key}.lock").unlink(missing_ok=True)
-            shutil.rmtree(STATE_ROOT / "policies" / key, ignore_errors=True)
+            shutil.rmtree(policies_root() / key, ignore_errors=True)
             remove_lock(key)
         prune_pin_roots()
     return sorted(keys)
+
+
+def policies_root() -> Path:
+    """Copies of applied policy files, per key (netbpf/store/snapshot.py): durable."""
+    return LIB_ROOT / "policies"
 
 
 def list_pin_keys() -> list[str]:

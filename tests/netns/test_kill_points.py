@@ -21,8 +21,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from netbpf import abi
-from netbpf.engine.faults import ENV, PROGRAM_STEPS, UPDATE_STEPS
+from netbpf.engine.faults import ENV, PROGRAM_STEPS, SET_STEPS, UPDATE_STEPS
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.testrun import XDP_DROP
 from netbpf.kernel.testrun import test_run as run_prog
@@ -112,6 +111,7 @@ UPDATE_CASES = {
 def test_every_step_has_a_case():
     assert set(PROGRAM_CASES) == {f"program:{s}" for s in PROGRAM_STEPS}
     assert set(UPDATE_CASES) == {f"update:{s}" for s in UPDATE_STEPS}
+    assert set(SET_CASES) == {f"sets:{s}" for s in SET_STEPS}
 
 
 # Detach straight after the kill, at the steps where the kernel runs a program no state names.
@@ -154,6 +154,61 @@ def test_kill_at_each_step_is_named_by_status_and_repaired(gw, tmp_path, step, t
     assert "nothing to do" in netbpf(lab, "apply", str(p_new)).stdout
 
 
+# ---- a set updated in place (only its entries change) ----
+
+SET_OLD, SET_NEW = "192.0.2.10", "192.0.2.20"
+# step -> the set entries the running program holds after the kill
+SET_CASES = {
+    "sets:journal": {SET_OLD},
+    "sets:added": {SET_OLD, SET_NEW},       # additions first, then removals
+    "sets:state-saved": {SET_NEW},
+}
+
+
+def set_members(lab) -> set[str]:
+    """Which of the two addresses the running program drops (rule to-set: dst in dst-set)."""
+    ns = lab.ns("gw")
+    cur = attach.xdp_state("gw0", netns=ns)
+    out = set()
+    with bpfsys.prog_get_fd_by_id(cur.prog_id) as fd:
+        for addr in (SET_OLD, SET_NEW):
+            frame = bytes(Ether(src=lab.mac("client", "client0"), dst=lab.mac("gw", "gw0")) /
+                          IP(src=lab.addr("client", "client0"), dst=addr) /
+                          UDP(sport=40000, dport=53) / b"probe")
+            if run_prog(fd, frame).retval == XDP_DROP:
+                out.add(addr)
+    return out
+
+
+@pytest.mark.parametrize("step,then", [(s, "new") for s in SET_CASES] +
+                         [("sets:added", "old"), ("sets:added", "detach")])
+def test_kill_during_a_set_update_in_place_is_named_and_repaired(gw, tmp_path, step, then):
+    """The set of policy 1 changes from SET_OLD to SET_NEW (rules the same: an update in
+    place), killed at `step`; then the new policy, the old one again, or a detach."""
+    lab = gw
+    p_old = write(tmp_path, "old.yaml", policy(1, set_addr=SET_OLD))
+    p_new = write(tmp_path, "new.yaml", policy(1, set_addr=SET_NEW))
+    netbpf(lab, "apply", str(p_old))
+    prog = attach.xdp_state("gw0", netns=lab.ns("gw")).prog_id
+    killed_apply(lab, p_new, step)
+    assert set_members(lab) == SET_CASES[step]
+    assert in_force(lab) == ({1}, {1})                  # the rules never changed
+    code, row = status(lab)
+    if step.endswith("state-saved"):
+        assert (code, row["health"]) == (0, "ok"), row
+    else:
+        assert code == 1 and "a set update in place" in row["health"], row
+    if then == "detach":
+        netbpf(lab, "detach", "gw0")
+        return
+    path, want = (p_new, {SET_NEW}) if then == "new" else (p_old, {SET_OLD})
+    out = netbpf(lab, "apply", str(path))
+    assert set_members(lab) == want, out.stdout
+    assert attach.xdp_state("gw0", netns=lab.ns("gw")).prog_id == prog, out.stdout
+    assert status(lab)[1]["health"] == "ok"
+    assert "nothing to do" in netbpf(lab, "apply", str(path)).stdout
+
+
 def test_detach_removes_a_netbpf_program_the_state_does_not_record(gw, tmp_path):
     """The state file of the running apply lost (as after a kill before it was written by an
     older netbpf): detach still knows netbpf's program by its name and its pins."""
@@ -176,54 +231,3 @@ def test_a_deleted_namespace_is_reported_and_forgotten_by_detach(make_lab, tmp_p
     assert not state_file(key(lab)).exists() and not (PIN_ROOT / key(lab)).exists()
     p = subprocess.run([NETBPF, "-n", ns, "status", "gw0"], capture_output=True, text=True)
     assert p.returncode == 1 and "not managed by netbpf" in p.stderr
-
-
-# ---- grow and shrink ----
-
-def sized_policy(n: int, variant: int) -> str:
-    """n terminal ingress rules: `keep` (the same in every policy), `act` (drop or allow by
-    variant), then padding whose actions also follow the variant."""
-    act = ("drop", "allow")[variant % 2]
-    pad_act = ("allow", "drop")[variant % 2]
-    rules = ["        - {name: keep, proto: udp, dport: 7100, action: drop}",
-             f"        - {{name: act, proto: udp, dport: 7200, action: {act}}}"]
-    rules += [f"        - {{name: pad-{i}, proto: tcp, dport: {1 + i % 100}, "
-              f"sport: {1 + i // 100}, action: {pad_act}}}" for i in range(max(0, n - 2))]
-    return ("version: 1\ninterfaces:\n  gw0:\n    xdp: {mode: native}\n"
-            "    ingress:\n      default: allow\n      rules:\n" + "\n".join(rules[:n]) + "\n")
-
-
-def probe(lab, dport: int) -> int:
-    ns = lab.ns("gw")
-    frame = bytes(Ether(src=lab.mac("client", "client0"), dst=lab.mac("gw", "gw0")) /
-                  IP(src=lab.addr("client", "client0"), dst=lab.addr("gw", "gw0")) /
-                  UDP(sport=40000, dport=dport) / b"probe")
-    cur = attach.xdp_state("gw0", netns=ns)
-    with bpfsys.prog_get_fd_by_id(cur.prog_id) as fd:
-        return run_prog(fd, frame).retval
-
-
-def counters(lab) -> dict[str, int]:
-    st = json.loads(netbpf(lab, "stats", "gw0", "--json").stdout)
-    return {r["name"]: r["packets"] for r in st["rules"]}
-
-
-def test_grow_and_shrink_between_1_50_5000_and_max_rules_keeps_kept_counters(gw, tmp_path):
-    lab = gw
-    sizes = [1, 50, 5000, abi.NB_MAX_RULES, 5000, 50, 1, abi.NB_MAX_RULES, 1, 5000, 1]
-    keep_hits = 0
-    for i, n in enumerate(sizes):
-        path = write(tmp_path, f"p{i}.yaml", sized_policy(n, i))
-        out = netbpf(lab, "apply", str(path), timeout=600)
-        where = f"step {i}: {sizes[i - 1] if i else 0} -> {n} rules\n{out.stdout}"
-        before = counters(lab)
-        assert before.get("keep") == keep_hits, where        # kept through every change
-        if n >= 2:
-            assert before.get("act") == 0, where             # its action changed: from zero
-        assert probe(lab, 7100) == XDP_DROP, where
-        keep_hits += 1
-        if n >= 2:
-            want = XDP_DROP if i % 2 == 0 else 2             # XDP_PASS
-            assert probe(lab, 7200) == want, where
-            assert counters(lab)["act"] == 1, where
-        assert status(lab)[1]["health"] == "ok", where
