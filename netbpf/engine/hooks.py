@@ -71,19 +71,20 @@ def our_link(p: IfacePlan, d: str, hook: str) -> link.LinkInfo | None:
     return link.live_link(pin_dir(p.key) / d / link.LINK_PIN)
 
 
-def swap_xdp(p: IfacePlan, prog_fd: int, log: Log,
-                pin: Path) -> tuple[str, tuple[str, int]]:
-    """Attach or swap the XDP program; returns (mode, (how, program id before)): how is
-    link-update or link-new (a bpf_link pinned at pin) or netlink. An interface keeps the way
-    it is attached, since moving a program from netlink to a link cannot be one step."""
+def swap_xdp(p: IfacePlan, prog_fd: int, log: Log, pin: Path, hows: dict) -> str:
+    """Attach or swap the XDP program; returns the mode. hows["ingress"] = (how, program id
+    before), set before the call that may take effect (roll_back reads it even when that
+    call fails): how is link-update or link-new (a bpf_link pinned at pin) or netlink. An
+    interface keeps the way it is attached: moving from netlink to a link is not one step."""
     old = p.old.parts.get("ingress") if p.old and not p.stale else None
     old_pin = pin_dir(p.key) / "ingress" / link.LINK_PIN
     ours_linked = our_link(p, "ingress", "xdp")
     if ours_linked is not None:
         was = old.mode if old else kernel().xdp_state(p.ifname, netns=p.netns).mode
         if p.mode in ("auto", was):
+            hows["ingress"] = ("link-update", ours_linked.prog_id)
             kernel().update_pinned(old_pin, prog_fd, ours_linked.prog_id, also_pin=pin)
-            return was, ("link-update", ours_linked.prog_id)
+            return was
         log(f"{p.key}: switching xdp mode {was} -> {p.mode} (brief detach)")
         kernel().detach_pinned(old_pin)
     cur = kernel().xdp_state(p.ifname, netns=p.netns)
@@ -97,47 +98,52 @@ def swap_xdp(p: IfacePlan, prog_fd: int, log: Log,
                           f"('ip link set dev {p.ifname} xdp off')")
     if ours and p.mode in ("auto", cur.mode):
         # one netlink call swaps the programs: no packet goes unfiltered
+        hows["ingress"] = ("netlink", cur.prog_id)
         with kernel().prog_fd_by_id(cur.prog_id) as old_fd:
             return kernel().attach_xdp(p.ifname, prog_fd, cur.mode, replace_prog_fd=old_fd,
-                                     netns=p.netns), ("netlink", cur.prog_id)
+                                       netns=p.netns)
     if ours:
         # A mode change cannot be one call: the kernel keeps one program per mode.
         log(f"{p.key}: switching xdp mode {cur.mode} -> {p.mode} (brief detach)")
         kernel().detach_xdp(p.ifname, cur.mode, netns=p.netns)
     try:
+        hows["ingress"] = ("link-new", 0)
         fd, mode = kernel().create_link(prog_fd, p.ifname, "xdp", p.mode, netns=p.netns)
-        with fd:
+        with fd:        # a link neither pinned nor open is released: no half state
             kernel().obj_pin(fd, pin)
-        how = ("link-new", 0)
     except link.LinkUnsupported as e:
         log(f"{p.key}: {e}; attaching through netlink")
-        mode, how = kernel().attach_xdp(p.ifname, prog_fd, p.mode, netns=p.netns), ("netlink", 0)
+        hows["ingress"] = ("netlink", 0)
+        mode = kernel().attach_xdp(p.ifname, prog_fd, p.mode, netns=p.netns)
     if p.mode == "auto":
         log(f"{p.key}: xdp mode auto chose {mode}")
-    return mode, how
+    return mode
 
 
-def swap_tc(p: IfacePlan, d: str, prog_fd: int, name: str, pin: Path,
-               log: Log) -> tuple[tuple[str, int], bool]:
+def swap_tc(p: IfacePlan, d: str, prog_fd: int, name: str, pin: Path, log: Log,
+            hows: dict) -> bool:
     """Attach or swap the TC program of direction d: a TCX link where the kernel has them
-    (appended after other TCX programs), else our cls_bpf filter on clsact. Returns ((how,
-    program id before), whether a clsact qdisc was added)."""
+    (appended after other TCX programs), else our cls_bpf filter on clsact. Sets hows[d] as
+    swap_xdp does; returns whether a clsact qdisc was added."""
     old = p.old.parts.get(d) if p.old and not p.stale else None
     old_pin = pin_dir(p.key) / d / link.LINK_PIN
     ours_linked = our_link(p, d, "tc")
     if ours_linked is not None:
+        hows[d] = ("link-update", ours_linked.prog_id)
         kernel().update_pinned(old_pin, prog_fd, ours_linked.prog_id, also_pin=pin)
-        return ("link-update", ours_linked.prog_id), False
+        return False
     keep_filter = old is not None and old.hook == "tc" and old.attach == "netlink" and \
         tc_filter(p.old, d) is not None
     if not keep_filter:
         try:
+            hows[d] = ("link-new", 0)
             fd, _ = kernel().create_link(prog_fd, p.ifname, d, netns=p.netns)
             with fd:
                 kernel().obj_pin(fd, pin)
-            return ("link-new", 0), False
+            return False
         except link.LinkUnsupported as e:
             log(f"{p.key}: {e}; attaching through clsact")
+    hows[d] = ("netlink", 0)
     created = kernel().ensure_clsact(p.ifname, netns=p.netns)
     kernel().attach_tc(p.ifname, d, prog_fd, name, netns=p.netns)
-    return ("netlink", 0), created
+    return created

@@ -87,9 +87,10 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     running programs (one netlink call each) and swap the pin directories."""
     final = pin_dir(p.key)
     staging, retired = staging_dirs(p.key)
-    for d in (staging, retired):
-        unpin_tree(d)
-    make_pin_dirs(staging, retired.parent, final.parent)
+    # What runs now (put back if this apply fails), read before anything is made
+    before_xdp = kernel().xdp_state(p.ifname, netns=p.netns)
+    before_tc = {d: tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
+                 if part.hook == "tc"}
     # Tracked connections and balanced flows survive a program change: the new programs open
     # the shared maps where the running ones pinned them (or create them in staging).
     shared = final / "ingress" if (p.old and not p.stale and (final / "ingress").is_dir()) \
@@ -99,10 +100,10 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             "(open flows are balanced again)")
         shared = staging / "ingress"
     loaded, parts, attached, carries, hows = {}, {}, [], [], {}
-    before_xdp = kernel().xdp_state(p.ifname, netns=p.netns)
-    before_tc = {d: tc_filter(p.old, d) for d, part in (p.old.parts.items() if p.old else ())
-                 if part.hook == "tc"}
+    for d in (staging, retired):
+        unpin_tree(d)
     try:
+        make_pin_dirs(staging, retired.parent, final.parent)
         for d in ("ingress", "egress"):
             if d not in p.parts:
                 continue
@@ -130,13 +131,13 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         for d, (pp, slots, tags) in parts.items():
             fd = loaded[d].prog_fd(pp.func)
             pin = staging / d / link.LINK_PIN
+            attached.append(d)      # before the call: a failed one may have taken effect
             if pp.hook == "xdp":
-                states[d].mode, hows[d] = swap_xdp(p, fd, log, pin)
+                states[d].mode = swap_xdp(p, fd, log, pin, hows)
             else:
-                hows[d], created = swap_tc(p, d, fd, pp.func, pin, log)
+                created = swap_tc(p, d, fd, pp.func, pin, log, hows)
                 created_clsact = created or created_clsact
             states[d].attach = "netlink" if hows[d][0] == "netlink" else "link"
-            attached.append(d)
             faults.kill_point(f"program:attached-{d}")
         # What the old state ran and the new one does not (a part gone, or a hook changed):
         # removed only after its replacement is attached, so no packet goes unfiltered.

@@ -24,7 +24,9 @@ from netbpf.fw import dirtable
 from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.bpfsys import KernelError, MapInfo, ProgInfo
 from netbpf.kernel.loader import LoadedMap
+from netbpf.observe.drift import drift
 from netbpf.store.progspec import SHARED_MAPS
+from netbpf.store.state import list_states, load_journal, load_state, staging_dirs
 
 HASH, ARRAY, PROG_ARRAY, PERCPU_ARRAY, LRU_HASH, LPM_TRIE = 1, 2, 3, 6, 9, 11
 ARRAYS = (ARRAY, PROG_ARRAY, PERCPU_ARRAY)
@@ -208,6 +210,7 @@ class FakeKernel:
         self.loads: list[dict] = []                          # defines of every load
         self.calls: Counter = Counter()
         self._fail: dict[str, int] = {}
+        self.last_failed = ""
         self._next = 100
 
     # ---- test controls ----
@@ -243,9 +246,9 @@ class FakeKernel:
             monkeypatch.setattr(bpfsys, name, getattr(self, name))
         monkeypatch.setattr(bpfsys, "prog_get_fd_by_id", self.prog_fd_by_id)
 
-    def snapshot(self) -> tuple:
+    def snapshot(self, name: str = "killed") -> tuple:
         """What a SIGKILL now would leave: kernel objects and files, no open fds."""
-        saved = self.root.with_name(self.root.name + "-killed")
+        saved = self.root.with_name(f"{self.root.name}-{name}")
         shutil.rmtree(saved, ignore_errors=True)
         shutil.copytree(self.root, saved, symlinks=True)
         state = {k: copy.deepcopy(v) for k, v in vars(self).items()
@@ -253,12 +256,15 @@ class FakeKernel:
         state["objs"] = {i: _copy_obj(o) for i, o in self.objs.items()}
         return saved, state
 
-    def restore(self, snap: tuple) -> None:
+    def restore(self, snap: tuple, keep: bool = False) -> None:
+        """Back to snap (keep: it can be restored again)."""
         saved, state = snap
         shutil.rmtree(self.root)
         shutil.copytree(saved, self.root, symlinks=True)
-        shutil.rmtree(saved)
-        vars(self).update(state)
+        if not keep:
+            shutil.rmtree(saved)
+        vars(self).update({k: copy.deepcopy(v) for k, v in state.items() if k != "objs"})
+        self.objs = {i: _copy_obj(o) for i, o in state["objs"].items()}
         self.fds.clear()
         self._fail.clear()
 
@@ -289,6 +295,7 @@ class FakeKernel:
             self._fail[name] -= 1
             if self._fail[name] == 0:
                 del self._fail[name]
+                self.last_failed = name
                 raise KernelError(f"{name}: injected failure [EIO]", errno.EIO)
 
     def _new_fd(self, obj_id: int) -> int:
@@ -317,13 +324,32 @@ class FakeKernel:
             raise KernelError(f"no interface '{ifname}' [ENODEV]", errno.ENODEV)
         return i
 
+    def _release_links(self) -> None:
+        """A link no pin and no open fd holds is released, and detaches (as in the kernel)."""
+        held = set(self.fds.values())
+        held |= {int(f.read_text()) for f in (self.root / "bpf").rglob(link.LINK_PIN)}
+        for o in self.objs.values():
+            if isinstance(o, Link) and o.ifindex and o.id not in held:
+                self._unhook(o)
+
+    def _unhook(self, lk: Link) -> None:
+        if lk.hook == "xdp":
+            self.xdp_links.pop(lk.ifindex, None)
+        else:
+            ids = self.tcx.get((lk.ifindex, lk.hook), [])
+            if lk.id in ids:
+                ids.remove(lk.id)
+        lk.ifindex = 0
+
     def _xdp_now(self, index: int) -> attach.XdpState | None:
+        self._release_links()
         lid = self.xdp_links.get(index)
         if lid is not None:
             return attach.XdpState("native", self.objs[lid].prog_id)
         return self.xdp.get(index)
 
     def _tcx_ids(self, index: int, d: str) -> list[int]:
+        self._release_links()
         return [self.objs[lid].prog_id for lid in self.tcx.get((index, d), [])]
 
     # ---- programs and objects (Kernel and bpfsys) ----
@@ -480,6 +506,7 @@ class FakeKernel:
         self._call("attach_xdp")
         index = self._index(ifname, netns)
         prog = self._obj(prog_fd, Prog)
+        self._release_links()
         if index in self.xdp_links:
             raise KernelError(f"attach xdp to {ifname}: a link holds the hook [EBUSY]",
                               errno.EBUSY)
@@ -555,6 +582,7 @@ class FakeKernel:
             raise link.LinkUnsupported("this (fake) kernel has no bpf_link for XDP or TCX")
         index = self._index(ifname, netns)
         prog = self._obj(prog_fd, Prog)
+        self._release_links()
         if hook == "xdp":
             if index in self.xdp or index in self.xdp_links:
                 raise KernelError(f"link xdp to {ifname}: hook busy [EBUSY]", errno.EBUSY)
@@ -588,13 +616,7 @@ class FakeKernel:
             return None
         lk = self._pinned_link(path)
         info = link.LinkInfo(lk.id, lk.kind, lk.prog_id, lk.ifindex)
-        if lk.hook == "xdp":
-            self.xdp_links.pop(lk.ifindex, None)
-        else:
-            ids = self.tcx.get((lk.ifindex, lk.hook), [])
-            if lk.id in ids:
-                ids.remove(lk.id)
-        lk.ifindex = 0
+        self._unhook(lk)
         return info
 
     def pinned_link_info(self, path):
@@ -672,12 +694,61 @@ def policy(tag: int = 1, *, pad: int = 0, egress: bool = True, iface: str = "gw0
             f"{extra_in}{rules}{out}")
 
 
+_parsed: dict = {}
+
+
 def apply_text(path: Path, text: str, netns: str | None = None, log=None):
     """Write text to path and apply it through the engine (as `netbpf apply` does)."""
     from netbpf.engine.apply import apply_policy
     from netbpf.policy import load_policy
     path.write_text(text)
     lines: list[str] = []
-    plan = apply_policy(load_policy(path), str(path), netns, log=log or lines.append)
+    if (path, text) not in _parsed:          # parsing is most of a test's time otherwise
+        _parsed[(path, text)] = load_policy(path)
+    plan = apply_policy(_parsed[(path, text)], str(path), netns, log=log or lines.append)
     plan.log = lines
     return plan
+
+
+CHANGES = {"programs": (policy(1), policy(1, pad=100)),     # a bigger program
+           "update": (policy(1), policy(2))}                 # rules only
+
+
+def runs(k) -> dict:
+    """What the kernel runs and what the state says, comparable between worlds."""
+    st = load_state("gw0")
+    return {"attached": k.attached("gw0"),
+            "state": {d: (p.prog_id, p.gen, [r.name for r in p.rules])
+                      for d, p in st.parts.items()} if st else None}
+
+
+def assert_runs_state(k) -> None:
+    """The kernel runs exactly what the state records, nothing left over."""
+    st = load_state("gw0")
+    assert drift(st) is None
+    assert k.attached("gw0") == {("xdp" if p.hook == "xdp" else d): p.prog_id
+                                 for d, p in st.parts.items()}
+    assert load_journal("gw0") is None
+    assert not [d for d in staging_dirs("gw0") if d.exists()], k.last_failed
+
+
+def assert_detach_leaves_nothing(k) -> None:
+    from netbpf.engine.apply import detach
+    detach("gw0", None, log=lambda line: None)
+    assert k.attached("gw0") == {}
+    assert k.pinned_files() == [] and list_states() == []
+    assert not k.clsact
+
+
+def refake(k: FakeKernel, monkeypatch) -> None:
+    """fake_world's patches again, on the same fake kernel (after monkeypatch.undo)."""
+    from netbpf.kernel import api
+    from netbpf.store import state
+    pins = k.root / "bpf" / "netbpf"
+    staging = k.root / "bpf" / "netbpf_staging"
+    monkeypatch.setattr(state, "PIN_ROOT", pins)
+    monkeypatch.setattr(state, "STAGING_ROOT", staging)
+    monkeypatch.setattr(state, "STAGING_DIRS", (staging / "new", staging / "old"))
+    monkeypatch.setattr(state, "STATE_ROOT", k.root / "run")
+    k.install(monkeypatch)
+    monkeypatch.setattr(api, "_current", k)
