@@ -170,7 +170,7 @@ def _deadline(data: dict, applier_gone_at: float | None) -> float | None:
 def _prepare(data: dict) -> dict:
     """Load the saved policies before the deadline (imports and parsing take about a second
     on a busy machine): at the deadline only the apply itself is left."""
-    from netbpf import apply  # noqa: F401 - imported now, not at the deadline
+    from netbpf.engine import apply  # noqa: F401 - imported now, not at the deadline
     from netbpf.policy import load_policy
 
     loaded = {}
