@@ -14,10 +14,14 @@ import copy
 import ctypes
 import errno
 import shutil
+import tempfile
+import weakref
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from netbpf import abi
 from netbpf.fw import dirtable
@@ -651,7 +655,10 @@ def fake_world(tmp_path: Path, monkeypatch, links: bool = True) -> FakeKernel:
     """A fake kernel the engine talks to, with netbpf's pins and state under tmp_path."""
     from netbpf.kernel import api
     from netbpf.store import state
-    root = tmp_path / "world"
+    # State files are fsynced: in memory (/dev/shm) that costs nothing
+    shm = Path("/dev/shm")
+    base = Path(tempfile.mkdtemp(prefix="netbpf-fake-", dir=shm)) if shm.is_dir() else tmp_path
+    root = base / "world"
     pins = root / "bpf" / "netbpf"
     staging = root / "bpf" / "netbpf_staging"
     pins.parent.mkdir(parents=True)
@@ -660,6 +667,8 @@ def fake_world(tmp_path: Path, monkeypatch, links: bool = True) -> FakeKernel:
     monkeypatch.setattr(state, "STAGING_DIRS", (staging / "new", staging / "old"))
     monkeypatch.setattr(state, "STATE_ROOT", root / "run")
     k = FakeKernel(root, links=links)
+    if base != tmp_path:
+        weakref.finalize(k, shutil.rmtree, base, True)
     k.install(monkeypatch)
     monkeypatch.setattr(api, "_current", k)
     return k
@@ -740,15 +749,27 @@ def assert_detach_leaves_nothing(k) -> None:
     assert not k.clsact
 
 
-def refake(k: FakeKernel, monkeypatch) -> None:
-    """fake_world's patches again, on the same fake kernel (after monkeypatch.undo)."""
-    from netbpf.kernel import api
-    from netbpf.store import state
-    pins = k.root / "bpf" / "netbpf"
-    staging = k.root / "bpf" / "netbpf_staging"
-    monkeypatch.setattr(state, "PIN_ROOT", pins)
-    monkeypatch.setattr(state, "STAGING_ROOT", staging)
-    monkeypatch.setattr(state, "STAGING_DIRS", (staging / "new", staging / "old"))
-    monkeypatch.setattr(state, "STATE_ROOT", k.root / "run")
-    k.install(monkeypatch)
-    monkeypatch.setattr(api, "_current", k)
+def killed_apply(k: FakeKernel, path: Path, step: str, old: str, new: str) -> dict:
+    """Apply old, then new SIGKILLed at step: the world is left as that kill leaves it.
+    Returns what ran before (runs())."""
+    from _pytest.monkeypatch import MonkeyPatch
+    apply_text(path, old)
+    was = runs(k)
+    with MonkeyPatch.context() as m:
+        snaps = kill_at(k, m, step)
+        try:
+            apply_text(path, new)
+        except Killed:
+            pass
+        else:
+            raise AssertionError(f"the apply passed no kill point {step}")
+    k.restore(snaps[0])
+    return was
+
+
+@pytest.fixture
+def k(tmp_path, monkeypatch) -> FakeKernel:
+    """The fake kernel with one interface, gw0 (import this fixture into a test module)."""
+    k = fake_world(tmp_path, monkeypatch)
+    k.add_interface("gw0")
+    return k

@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from fakekernel import k  # noqa: F401  (the fixture)
 from fakekernel import apply_text, fake_world, policy
 from netbpf import abi
 from netbpf.engine.apply import plan_apply
 from netbpf.policy import load_policy
 from netbpf.store.state import load_state, pin_dir
-
-
-@pytest.fixture
-def k(tmp_path, monkeypatch):
-    k = fake_world(tmp_path, monkeypatch)
-    k.add_interface("gw0")
-    return k
 
 
 def test_first_apply_loads_attaches_through_links_and_records_state(k, tmp_path):

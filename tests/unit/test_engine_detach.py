@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import (Killed, Prog, apply_text, assert_detach_leaves_nothing,
-                        fake_world, kill_at, policy)
+from fakekernel import k  # noqa: F401  (the fixture)
+from fakekernel import (Prog, apply_text, assert_detach_leaves_nothing, fake_world,
+                        killed_apply, policy)
 from netbpf.engine.apply import detach
 from netbpf.errors import NetbpfError
 from netbpf.kernel import attach
 from netbpf.observe.drift import drift
 from netbpf.store.state import list_states, load_journal, load_state
-
-
-@pytest.fixture
-def k(tmp_path, monkeypatch):
-    k = fake_world(tmp_path, monkeypatch)
-    k.add_interface("gw0")
-    return k
 
 
 @pytest.mark.parametrize("links", [True, False], ids=["bpf_link", "netlink"])
@@ -62,14 +56,9 @@ def test_detach_leaves_another_tools_program_alone_and_names_it(tmp_path, monkey
 
 
 @pytest.mark.parametrize("step", ["program:attached-ingress", "program:pins-renamed"])
-def test_detach_after_a_killed_apply_removes_netbpfs_programs_too(k, tmp_path, monkeypatch,
-                                                                  step):
+def test_detach_after_a_killed_apply_removes_netbpfs_programs_too(k, tmp_path, step):
     """issue 19: a kill after the pin swap left netbpf's program attached after detach."""
-    apply_text(tmp_path / "p.yaml", policy(1))
-    snaps = kill_at(k, monkeypatch, step)
-    with pytest.raises(Killed):
-        apply_text(tmp_path / "p.yaml", policy(1, pad=100))
-    k.restore(snaps[0])
+    killed_apply(k, tmp_path / "p.yaml", step, policy(1), policy(1, pad=100))
     assert load_journal("gw0") is not None
     assert_detach_leaves_nothing(k)
 

@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import CHANGES, apply_text, assert_runs_state, fake_world, runs
+from fakekernel import k  # noqa: F401  (the fixture)
+from fakekernel import CHANGES, apply_text, assert_runs_state, runs
 from netbpf.errors import NetbpfError
 from netbpf.observe.drift import drift
 from netbpf.store.state import load_journal, load_state
-
-@pytest.fixture
-def k(tmp_path, monkeypatch):
-    k = fake_world(tmp_path, monkeypatch)
-    k.add_interface("gw0")
-    return k
-
 
 def _calls_of(k, tmp_path, change: str) -> list[tuple[str, int]]:
     """(call, n) for every kernel call an apply of change makes: the first and the last of

@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import (CHANGES, Killed, apply_text, assert_detach_leaves_nothing,
-                        assert_runs_state, fake_world, kill_at, refake, runs)
+from fakekernel import k  # noqa: F401  (the fixture)
+from fakekernel import (CHANGES, apply_text, assert_detach_leaves_nothing, assert_runs_state,
+                        killed_apply, runs)
 from netbpf.engine.faults import PROGRAM_STEPS, UPDATE_STEPS
 from netbpf.engine.recover import recover
 from netbpf.observe.drift import drift
 from netbpf.store.state import load_journal, load_state
-
-
-@pytest.fixture
-def k(tmp_path, monkeypatch):
-    k = fake_world(tmp_path, monkeypatch)
-    k.add_interface("gw0")
-    return k
 
 
 
@@ -27,16 +21,9 @@ def k(tmp_path, monkeypatch):
 @pytest.mark.parametrize("step", [f"program:{s}" for s in PROGRAM_STEPS] +
                          [f"update:{s}" for s in UPDATE_STEPS])
 def test_killed_at_each_step_status_names_it_and_the_next_apply_repairs(
-        k, tmp_path, monkeypatch, step):
+        k, tmp_path, step):
     old, new = CHANGES["programs" if step.startswith("program") else "update"]
-    apply_text(tmp_path / "p.yaml", old)
-    was = runs(k)
-    snaps = kill_at(k, monkeypatch, step)
-    with pytest.raises(Killed):
-        apply_text(tmp_path / "p.yaml", new)
-    k.restore(snaps[0])
-    monkeypatch.undo()          # the kill point goes; the same fake kernel stays
-    refake(k, monkeypatch)
+    was = killed_apply(k, tmp_path / "p.yaml", step, old, new)
     st, j = load_state("gw0"), load_journal("gw0")
     journaled = step.split(":")[1] not in ("loaded", "written", "state-saved")
     assert (j is not None) == journaled
@@ -65,14 +52,9 @@ def test_killed_at_each_step_status_names_it_and_the_next_apply_repairs(
     ("update:journal", "the previous policy stays"),
     ("update:flipped-ingress", "finished it")])
 def test_recover_rolls_back_before_the_kernel_took_any_part_and_forward_after(
-        k, tmp_path, monkeypatch, step, outcome):
+        k, tmp_path, step, outcome):
     old, new = CHANGES["programs" if step.startswith("program") else "update"]
-    apply_text(tmp_path / "p.yaml", old)
-    was = runs(k)
-    snaps = kill_at(k, monkeypatch, step)
-    with pytest.raises(Killed):
-        apply_text(tmp_path / "p.yaml", new)
-    k.restore(snaps[0])
+    was = killed_apply(k, tmp_path / "p.yaml", step, old, new)
     journal = load_journal("gw0")
     lines: list[str] = []
     recover("gw0", lines.append)

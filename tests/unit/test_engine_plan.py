@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import apply_text, assert_runs_state, fake_world, policy
+from fakekernel import k  # noqa: F401  (the fixture)
+from fakekernel import apply_text, assert_runs_state, policy
 from netbpf.engine.apply import plan_apply
 from netbpf.errors import NetbpfError
 from netbpf.kernel.api import kernel
@@ -14,13 +15,6 @@ from netbpf.lb.lbtables import LbState
 from netbpf.observe.drift import drift
 from netbpf.policy import load_policy
 from netbpf.store.state import load_state, pin_dir
-
-
-@pytest.fixture
-def k(tmp_path, monkeypatch):
-    k = fake_world(tmp_path, monkeypatch)
-    k.add_interface("gw0")
-    return k
 
 
 def plan_of(path, text):
