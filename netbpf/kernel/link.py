@@ -4,7 +4,7 @@ attached after the CLI exits, and nobody can replace or remove it through netlin
 (`ip link set dev X xdp off` gets EBUSY); swaps go through bpf_link_update, atomically.
 
 Not netlink XDP or cls_bpf (attach.py, the fallback for kernels without these links) and not
-the choice between the two (netbpf/engine/apply.py). NETBPF_ATTACH=netlink forces the fallback.
+the choice between the two (netbpf/engine/hooks.py). NETBPF_ATTACH=netlink forces the fallback.
 """
 from __future__ import annotations
 
