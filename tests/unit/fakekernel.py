@@ -1,122 +1,38 @@
-"""An in-memory kernel for the apply engine's unprivileged tests: programs, maps (bytes by
-key), pins (plain files under a temporary root, each naming an object id), XDP and TC
-attachments (netlink and bpf_link), interfaces with ifindexes, namespaces.
+"""An in-memory kernel for the apply engine's unprivileged tests: programs, maps
+(fakemaps.py), pins (plain files under a temporary root, each naming an object id), XDP and
+TC attachments (netlink and bpf_link; a link no pin or fd holds is released), interfaces
+with ifindexes, namespaces.
 
 It implements netbpf/kernel/api.py's Kernel and, for the table codecs that speak bpf(2)
 through bpfsys (fw/fwtables.py, lb/lbtables.py), bpfsys' map and object calls (install()).
-fail_on() makes the n-th call of any kernel call raise, as a refused syscall would; kill()
-and restore() put the kernel and the files back where a SIGKILL at a step would leave them.
+fail_on() makes the n-th call of a kernel call raise, as a refused syscall would;
+snapshot() and restore() put the kernel and the files back where a SIGKILL would leave them.
 Not a model of the data plane: no program ever runs; the real-kernel tests show that.
+Over 400 lines: one fake of one surface (objects, netlink, links); the halves would reach
+into each other's tables.
 """
 from __future__ import annotations
 
 import copy
-import ctypes
 import errno
 import shutil
-import tempfile
-import weakref
-from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from netbpf import abi
-from netbpf.fw import dirtable
+from fakemaps import ARRAYS, PERCPU_ARRAY, Map, MapCalls, program_maps
 from netbpf.kernel import attach, bpfsys, link
 from netbpf.kernel.bpfsys import KernelError, MapInfo, ProgInfo
 from netbpf.kernel.loader import LoadedMap
-from netbpf.observe.drift import drift
 from netbpf.store.progspec import SHARED_MAPS
-from netbpf.store.state import list_states, load_journal, load_state, staging_dirs
 
-HASH, ARRAY, PROG_ARRAY, PERCPU_ARRAY, LRU_HASH, LPM_TRIE = 1, 2, 3, 6, 9, 11
-ARRAYS = (ARRAY, PROG_ARRAY, PERCPU_ARRAY)
 PROG_TYPE = {"xdp": 6, "sched_cls": 3}
-U32 = ctypes.c_uint32
-
-
-def _size(t) -> int:
-    return ctypes.sizeof(t)
-
-
-def program_maps(defines: dict, hook: str) -> dict[str, tuple[int, int, int, int]]:
-    """name -> (type, key size, value size, max entries) of what bpf/ builds with defines
-    (mirrors the BPF_* declarations in bpf/include/*.h and the two firewall sources)."""
-    words, classes = defines["NB_WORDS"], defines["NB_CLASS_CAP"]
-    rules_cap = words * 64
-    dir_gen = 4 * dirtable.ROOT + dirtable.CHUNK * defines["NB_DIR_CHUNKS"]
-    m = {
-        "nb_fw_gen": (ARRAY, 4, _size(abi.NbGen), 1),
-        "nb_fw_cfg": (ARRAY, 4, _size(abi.NbFwCfg), 2),
-        "nb_fw_rules": (ARRAY, 4, _size(abi.NbRule), 2 * rules_cap),
-        "nb_fw_crules": (ARRAY, 4, 4, 2 * abi.NB_MAX_COUNT_RULES),
-        "nb_fw_vecs": (ARRAY, 4, _size(abi.vec_struct(words)), 2 * classes),
-        "nb_fw_dir": (ARRAY, 4, 4, 2 * dir_gen),
-        "nb_fw_ports": (ARRAY, 4, 4, 4 * 65536),
-        "nb_fw_proto": (ARRAY, 4, 4, 2 * 256),
-        "nb_fw_icmp": (ARRAY, 4, 4, 2 * 65536),
-        "nb_fw_flags": (ARRAY, 4, 4, 2 * 256),
-        "nb_set4": (LPM_TRIE, _size(abi.NbLpm4Key), 4, 2 * abi.NB_SET_CAP),
-        "nb_set6": (LPM_TRIE, _size(abi.NbLpm6Key), 4, 2 * abi.NB_SET_CAP),
-        "nb_seth4": (HASH, _size(abi.NbSeth4Key), 4, 2 * abi.NB_SET_CAP),
-        "nb_seth6": (HASH, _size(abi.NbSeth6Key), 4, 2 * abi.NB_SET_CAP),
-        "nb_fw_cnt": (PERCPU_ARRAY, 4, _size(abi.NbCounter), abi.slot_cap(words)),
-        "nb_fw_stats": (PERCPU_ARRAY, 4, _size(abi.NbCounter), abi.NB_STAT_MAX),
-        "nb_fw_rl": (LRU_HASH, _size(abi.NbRlKey), _size(abi.NbRlState), abi.NB_RL_ENTRIES),
-        "nb_rej_jump": (PROG_ARRAY, 4, 4, 1),
-        "nb_rej_scratch": (PERCPU_ARRAY, 4, 64, 1),
-        "nb_reject_rl": (ARRAY, 4, 16, 1),
-    }
-    if defines.get("NB_CONNTRACK"):
-        m["nb_ct"] = (LRU_HASH, _size(abi.NbCtKey), _size(abi.NbCtVal), abi.NB_CT_ENTRIES)
-        m["nb_ct_cfg"] = (ARRAY, 4, _size(abi.NbCtCfg), 1)
-    if defines.get("NB_LB"):
-        m["nb_lb_vips"] = (HASH, _size(abi.NbVipKey), _size(abi.NbVip), abi.NB_MAX_VIPS * 2)
-        m["nb_lb_ring"] = (ARRAY, 4, 4, defines["NB_LB_RING_CAP"])
-        m["nb_lb_backends"] = (ARRAY, 4, _size(abi.NbBackend), abi.NB_MAX_BACKENDS)
-        m["nb_lb_flows"] = (LRU_HASH, _size(abi.NbFlowKey), _size(abi.NbFlow), 65536)
-        m["nb_lb_nat"] = (LRU_HASH, _size(abi.NbNatKey), _size(abi.NbNatVal), 65536)
-        m["nb_lb_cnt"] = (PERCPU_ARRAY, 4, _size(abi.NbLbCounter),
-                          abi.NB_MAX_VIPS + abi.NB_MAX_BACKENDS)
-        if hook == "xdp":
-            m["nb_lb_jump"] = (PROG_ARRAY, 4, 4, 1)
-    return m
-
 
 @dataclass
 class Prog:
     id: int
     name: str
     type: int
-
-
-@dataclass
-class Map:
-    id: int
-    name: str
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-    stride: int = 0          # bytes per value as bpf(2) passes it (per-CPU: all CPUs)
-    data: dict = field(default_factory=dict)      # hash-like maps: key bytes -> value
-    buf: bytearray | None = None                  # arrays: every value, zeroed at create
-
-    def get(self, key: bytes) -> bytes | None:
-        if self.buf is None:
-            return self.data.get(bytes(key))
-        i = int.from_bytes(key, "little") * self.stride
-        return bytes(self.buf[i:i + self.stride])
-
-    def set(self, key: bytes, value: bytes) -> None:
-        if self.buf is None:
-            self.data[bytes(key)] = bytes(value)
-        else:
-            i = int.from_bytes(key, "little") * self.stride
-            self.buf[i:i + self.stride] = value
 
 
 @dataclass
@@ -195,7 +111,7 @@ class Killed(BaseException):
     """Raised at a kill point: the test then restores what the kill left (restore())."""
 
 
-class FakeKernel:
+class FakeKernel(MapCalls):
     def __init__(self, root: Path, links: bool = True, cpus: int = 2):
         self.root = root                     # pins and state files live under it
         self.links = links                   # False: a kernel without bpf_link (netlink path)
@@ -416,91 +332,6 @@ class FakeKernel:
     def num_possible_cpus(self) -> int:
         return self.cpus
 
-    # ---- maps ----
-    def _check_key(self, m: Map, key: bytes) -> None:
-        if len(key) != m.key_size:
-            raise KernelError(f"map {m.name}: key of {len(key)} bytes [EINVAL]", errno.EINVAL)
-        if m.type in ARRAYS and int.from_bytes(key, "little") >= m.max_entries:
-            raise KernelError(f"map {m.name}: index past the end [E2BIG]", errno.E2BIG)
-
-    def map_lookup(self, fd, key: bytes, value_size: int) -> bytes | None:
-        self._call("map_lookup")
-        m = self._obj(fd, Map)
-        self._check_key(m, key)
-        v = m.get(key)
-        return None if v is None else v[:value_size]
-
-    def map_lookup_percpu(self, fd, key: bytes, value_size: int):
-        raw = self.map_lookup(fd, key, (value_size + 7) // 8 * 8 * self.cpus)
-        if raw is None:
-            return None
-        stride = (value_size + 7) // 8 * 8
-        return [raw[i:i + value_size] for i in range(0, len(raw), stride)]
-
-    def map_update(self, fd, key: bytes, value: bytes, flags: int = 0) -> None:
-        self._call("map_update")
-        m = self._obj(fd, Map)
-        self._check_key(m, key)
-        if len(value) != m.stride:
-            raise KernelError(f"map {m.name}: value of {len(value)} bytes, expected "
-                              f"{m.stride} [EINVAL]", errno.EINVAL)
-        if m.type not in ARRAYS and bytes(key) not in m.data and len(m.data) >= m.max_entries:
-            raise KernelError(f"map {m.name}: full [E2BIG]", errno.E2BIG)
-        m.set(key, value)
-
-    def map_delete(self, fd, key: bytes) -> bool:
-        self._call("map_delete")
-        m = self._obj(fd, Map)
-        if m.type in ARRAYS:
-            raise KernelError(f"map {m.name}: arrays do not delete [EINVAL]", errno.EINVAL)
-        return m.data.pop(bytes(key), None) is not None
-
-    def map_keys(self, fd, key_size: int):
-        m = self._obj(fd, Map)
-        if m.type in ARRAYS:
-            return iter([i.to_bytes(4, "little") for i in range(m.max_entries)])
-        return iter(list(m.data))
-
-    def map_update_batch(self, fd, keys: bytes, values: bytes, count: int, flags: int = 0):
-        self._call("map_update_batch")
-        if count == 0:
-            return
-        m = self._obj(fd, Map)
-        ks, vs = len(keys) // count, len(values) // count
-        if ks != m.key_size or vs != m.stride or ks * count != len(keys):
-            raise KernelError(f"map {m.name}: batch of {ks}/{vs}-byte items [EINVAL]",
-                              errno.EINVAL)
-        if m.buf is None:
-            for i in range(count):
-                self.map_update(fd, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
-            return
-        idx = array("I", keys)
-        if max(idx) >= m.max_entries:
-            raise KernelError(f"map {m.name}: index past the end [E2BIG]", errno.E2BIG)
-        if idx == array("I", range(idx[0], idx[0] + count)):      # a range: one copy
-            m.buf[idx[0] * vs:(idx[0] + count) * vs] = values
-            return
-        for n, i in enumerate(idx):
-            m.buf[i * vs:(i + 1) * vs] = values[n * vs:(n + 1) * vs]
-
-    def map_delete_batch(self, fd, keys: bytes, count: int) -> int:
-        if count == 0:
-            return 0
-        ks = len(keys) // count
-        return sum(self.map_delete(fd, keys[i * ks:(i + 1) * ks]) for i in range(count))
-
-    def map_lookup_batch(self, fd, key_size: int, value_size: int, percpu: bool = False,
-                         chunk: int = 4096):
-        for k in list(self.map_keys(fd, key_size)):
-            v = (self.map_lookup_percpu(fd, k, value_size) if percpu
-                 else self.map_lookup(fd, k, value_size))
-            if v is not None:
-                yield k, v
-
-    def array_lookup_range(self, fd, first: int, n: int, value_size: int, chunk: int = 8192):
-        return [self.map_lookup(fd, (first + i).to_bytes(4, "little"), value_size)
-                for i in range(n)]
-
     # ---- XDP and TC through netlink ----
     def xdp_state(self, ifname, netns=None):
         self._call("xdp_state")
@@ -649,127 +480,3 @@ class FakeKernel:
 
     def vip_problem(self, ifname, vip, netns=None):
         return None
-
-
-def fake_world(tmp_path: Path, monkeypatch, links: bool = True) -> FakeKernel:
-    """A fake kernel the engine talks to, with netbpf's pins and state under tmp_path."""
-    from netbpf.kernel import api
-    from netbpf.store import state
-    # State files are fsynced: in memory (/dev/shm) that costs nothing
-    shm = Path("/dev/shm")
-    base = Path(tempfile.mkdtemp(prefix="netbpf-fake-", dir=shm)) if shm.is_dir() else tmp_path
-    root = base / "world"
-    pins = root / "bpf" / "netbpf"
-    staging = root / "bpf" / "netbpf_staging"
-    pins.parent.mkdir(parents=True)
-    monkeypatch.setattr(state, "PIN_ROOT", pins)
-    monkeypatch.setattr(state, "STAGING_ROOT", staging)
-    monkeypatch.setattr(state, "STAGING_DIRS", (staging / "new", staging / "old"))
-    monkeypatch.setattr(state, "STATE_ROOT", root / "run")
-    k = FakeKernel(root, links=links)
-    if base != tmp_path:
-        weakref.finalize(k, shutil.rmtree, base, True)
-    k.install(monkeypatch)
-    monkeypatch.setattr(api, "_current", k)
-    return k
-
-
-def kill_at(k: FakeKernel, monkeypatch, step: str) -> list:
-    """Make the engine's kill point `step` a SIGKILL: the world as it was there is kept
-    (returned list gets the snapshot) and Killed unwinds the apply; restore() it after."""
-    from netbpf.engine import faults
-    snaps: list = []
-
-    def point(name: str) -> None:
-        if name == step:
-            snaps.append(k.snapshot())
-            raise Killed(step)
-    monkeypatch.setattr(faults, "kill_point", point)
-    return snaps
-
-
-def policy(tag: int = 1, *, pad: int = 0, egress: bool = True, iface: str = "gw0",
-           action: str = "drop", extra_in: str = "") -> str:
-    """Policy `tag` for one interface: drops udp 7000+tag in (and 8000+tag out); pad adds
-    TCP rules with action `action` (over 64 rules needs a bigger program)."""
-    rules = "".join(f"        - {{name: pad-{i}, proto: tcp, dport: {20000 + i}, "
-                    f"action: {action}}}\n" for i in range(pad))
-    out = (f"    egress:\n      default: allow\n      rules:\n"
-           f"        - {{name: out-{tag}, proto: udp, dport: {8000 + tag}, action: drop}}\n"
-           if egress else "")
-    return (f"version: 1\ninterfaces:\n  {iface}:\n    xdp: {{mode: native}}\n"
-            f"    ingress:\n      default: allow\n      rules:\n"
-            f"        - {{name: in-{tag}, proto: udp, dport: {7000 + tag}, action: drop}}\n"
-            f"{extra_in}{rules}{out}")
-
-
-_parsed: dict = {}
-
-
-def apply_text(path: Path, text: str, netns: str | None = None, log=None):
-    """Write text to path and apply it through the engine (as `netbpf apply` does)."""
-    from netbpf.engine.apply import apply_policy
-    from netbpf.policy import load_policy
-    path.write_text(text)
-    lines: list[str] = []
-    if (path, text) not in _parsed:          # parsing is most of a test's time otherwise
-        _parsed[(path, text)] = load_policy(path)
-    plan = apply_policy(_parsed[(path, text)], str(path), netns, log=log or lines.append)
-    plan.log = lines
-    return plan
-
-
-CHANGES = {"programs": (policy(1), policy(1, pad=100)),     # a bigger program
-           "update": (policy(1), policy(2))}                 # rules only
-
-
-def runs(k) -> dict:
-    """What the kernel runs and what the state says, comparable between worlds."""
-    st = load_state("gw0")
-    return {"attached": k.attached("gw0"),
-            "state": {d: (p.prog_id, p.gen, [r.name for r in p.rules])
-                      for d, p in st.parts.items()} if st else None}
-
-
-def assert_runs_state(k) -> None:
-    """The kernel runs exactly what the state records, nothing left over."""
-    st = load_state("gw0")
-    assert drift(st) is None
-    assert k.attached("gw0") == {("xdp" if p.hook == "xdp" else d): p.prog_id
-                                 for d, p in st.parts.items()}
-    assert load_journal("gw0") is None
-    assert not [d for d in staging_dirs("gw0") if d.exists()], k.last_failed
-
-
-def assert_detach_leaves_nothing(k) -> None:
-    from netbpf.engine.apply import detach
-    detach("gw0", None, log=lambda line: None)
-    assert k.attached("gw0") == {}
-    assert k.pinned_files() == [] and list_states() == []
-    assert not k.clsact
-
-
-def killed_apply(k: FakeKernel, path: Path, step: str, old: str, new: str) -> dict:
-    """Apply old, then new SIGKILLed at step: the world is left as that kill leaves it.
-    Returns what ran before (runs())."""
-    from _pytest.monkeypatch import MonkeyPatch
-    apply_text(path, old)
-    was = runs(k)
-    with MonkeyPatch.context() as m:
-        snaps = kill_at(k, m, step)
-        try:
-            apply_text(path, new)
-        except Killed:
-            pass
-        else:
-            raise AssertionError(f"the apply passed no kill point {step}")
-    k.restore(snaps[0])
-    return was
-
-
-@pytest.fixture
-def k(tmp_path, monkeypatch) -> FakeKernel:
-    """The fake kernel with one interface, gw0 (import this fixture into a test module)."""
-    k = fake_world(tmp_path, monkeypatch)
-    k.add_interface("gw0")
-    return k

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import k  # noqa: F401  (the fixture)
-from fakekernel import apply_text, fake_world, policy
+from engine_world import k  # noqa: F401  (the fixture)
+from engine_world import apply_text, fake_world, policy
 from netbpf import abi
 from netbpf.engine.apply import plan_apply
 from netbpf.policy import load_policy

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import k  # noqa: F401  (the fixture)
-from fakekernel import (Prog, apply_text, assert_detach_leaves_nothing, fake_world,
+from engine_world import k  # noqa: F401  (the fixture)
+from engine_world import (apply_text, assert_detach_leaves_nothing, fake_world,
                         killed_apply, policy)
+from fakekernel import Prog
 from netbpf.engine.apply import detach
 from netbpf.errors import NetbpfError
 from netbpf.kernel import attach

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import k  # noqa: F401  (the fixture)
-from fakekernel import CHANGES, apply_text, assert_runs_state, runs
+from engine_world import k  # noqa: F401  (the fixture)
+from engine_world import CHANGES, apply_text, assert_runs_state, runs
 from netbpf.errors import NetbpfError
 from netbpf.observe.drift import drift
 from netbpf.store.state import load_journal, load_state

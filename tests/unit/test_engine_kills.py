@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import k  # noqa: F401  (the fixture)
-from fakekernel import (CHANGES, apply_text, assert_detach_leaves_nothing, assert_runs_state,
+from engine_world import k  # noqa: F401  (the fixture)
+from engine_world import (CHANGES, apply_text, assert_detach_leaves_nothing, assert_runs_state,
                         killed_apply, runs)
 from netbpf.engine.faults import PROGRAM_STEPS, UPDATE_STEPS
 from netbpf.engine.recover import recover

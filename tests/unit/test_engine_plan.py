@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakekernel import k  # noqa: F401  (the fixture)
-from fakekernel import apply_text, assert_runs_state, policy
+from engine_world import k  # noqa: F401  (the fixture)
+from engine_world import apply_text, assert_runs_state, policy
 from netbpf.engine.apply import plan_apply
 from netbpf.errors import NetbpfError
 from netbpf.kernel.api import kernel
