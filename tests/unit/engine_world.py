@@ -85,8 +85,22 @@ def apply_text(path: Path, text: str, netns: str | None = None, log=None):
     return plan
 
 
+def lb_policy(*weights: int, conntrack: bool = False, pad: int = 0) -> str:
+    """policy(1) on gw0 (with conntrack, pad rules) and a NAT balancer with these weights."""
+    text = policy(1, pad=pad)
+    if conntrack:
+        text = text.replace("    xdp: {mode: native}\n", "    xdp: {mode: native}\n"
+                            "    conntrack: true\n")
+    backs = "".join(f"      - {{address: 10.30.0.{11 + i}, port: 80, weight: {w}}}\n"
+                    for i, w in enumerate(weights))
+    return (f"{text}load_balancers:\n  web:\n    interface: gw0\n    vip: \"10.0.0.100\"\n"
+            f"    port: 80\n    proto: tcp\n    mode: nat\n    backends:\n{backs}")
+
+
 CHANGES = {"programs": (policy(1), policy(1, pad=100)),     # a bigger program
-           "update": (policy(1), policy(2))}                 # rules only
+           "update": (policy(1), policy(2)),                 # rules only
+           # rules, then balancer tables and conntrack timeouts after the flip
+           "balancer": (lb_policy(1, 1, 1, conntrack=True), lb_policy(1, 1, 0, conntrack=True))}
 
 
 def runs(k) -> dict:

@@ -68,3 +68,16 @@ def test_recover_rolls_back_before_the_kernel_took_any_part_and_forward_after(
     else:
         assert runs(k) == was
         assert_runs_state(k)
+
+
+def test_a_killed_balancer_update_is_finished_and_its_programs_reloaded(k, tmp_path):
+    """Balancer tables and conntrack timeouts are written after the flip: a roll-forward
+    cannot tell they were, so the next apply loads the programs afresh."""
+    old, new = CHANGES["balancer"]
+    killed_apply(k, tmp_path / "p.yaml", "update:flipped-egress", old, new)
+    assert load_journal("gw0").reload
+    loads = len(k.loads)
+    (p,) = apply_text(tmp_path / "p.yaml", new).interfaces
+    assert "ingress program reloaded to finish an interrupted apply" in p.reasons
+    assert len(k.loads) == loads + 2
+    assert_runs_state(k)

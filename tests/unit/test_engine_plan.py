@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from engine_world import k  # noqa: F401  (the fixture)
-from engine_world import apply_text, assert_runs_state, policy
+from engine_world import apply_text, assert_runs_state, lb_policy, policy
 from netbpf.engine.apply import plan_apply
 from netbpf.errors import NetbpfError
 from netbpf.kernel.api import kernel
@@ -75,13 +75,6 @@ def test_a_re_created_interface_gets_new_programs(k, tmp_path):
     assert p.stale and any("interface was re-created" in r for r in p.reasons)
     assert load_state("gw0").ifindex == new
     assert_runs_state(k)
-
-
-def lb_policy(*weights: int, vip: str = "10.0.0.100", extra: str = "") -> str:
-    backs = "".join(f"      - {{address: 10.30.0.{11 + i}, port: 80, weight: {w}}}\n"
-                    for i, w in enumerate(weights))
-    return (f"version: 1\nload_balancers:\n  web:\n    interface: gw0\n    vip: \"{vip}\"\n"
-            f"    port: 80\n    proto: tcp\n    mode: nat\n    backends:\n{backs}{extra}")
 
 
 def test_balancer_plan_keeps_backend_ids_and_rewrites_only_changed_vips(k, tmp_path):
