@@ -20,11 +20,8 @@ from netbpf.engine.detach import detach, detach_key  # noqa: F401  (public names
 from netbpf.engine.plan import IfacePlan, PartPlan, Plan, RuleChange, plan_apply  # noqa: F401
 from netbpf.engine.programs import apply_new_programs
 from netbpf.engine.recover import recover_all
-from netbpf.engine.spec import GRACE_S, program_hash  # noqa: F401
 from netbpf.engine.update import apply_update
 from netbpf.store import snapshot
-from netbpf.store.progspec import (FW_PROG, FW_SOURCE, PROG_PIN, PROGRAMS, SHARED_MAPS,  # noqa: F401
-                                   TC_EGRESS_PROG, TC_INGRESS_PROG, TC_SOURCE)
 from netbpf.store.state import (apply_lock, iface_key, InterfaceState, list_states,
                                 save_state, staging_dirs, state_file, unpin_tree)
 

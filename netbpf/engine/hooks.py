@@ -30,7 +30,7 @@ def clsact_only_ours(p: IfacePlan) -> bool:
 
 
 def roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc: dict,
-               loaded, hows: dict, staging: Path) -> None:
+              loaded, hows: dict, staging: Path) -> None:
     """Put back what ran before a failed apply: the old programs, or none."""
     for d in attached:
         pp = p.parts[d]
@@ -48,14 +48,14 @@ def roll_back(p: IfacePlan, attached: list[str], before_xdp, before_tc: dict,
                     continue
                 with kernel().prog_fd_by_id(before_xdp.prog_id) as old_fd, \
                         kernel().prog_fd_by_id(new_id) as new_fd:
-                    kernel().attach_xdp(p.ifname, old_fd, before_xdp.mode, replace_prog_fd=new_fd,
-                                      netns=p.netns)
+                    kernel().attach_xdp(p.ifname, old_fd, before_xdp.mode,
+                                        replace_prog_fd=new_fd, netns=p.netns)
             elif before_tc.get(d) is None:
                 kernel().detach_tc(p.ifname, d, netns=p.netns)
             else:
                 with kernel().prog_fd_by_id(before_tc[d].prog_id) as old_fd:
                     kernel().attach_tc(p.ifname, d, old_fd, before_tc[d].name or pp.func,
-                                     netns=p.netns)
+                                       netns=p.netns)
         except NetbpfError:
             pass  # the original error matters more; 'netbpf status' shows what is left
 

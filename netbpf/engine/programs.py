@@ -20,7 +20,8 @@ from netbpf.fw.fwtables import CounterCarry, FwTables
 from netbpf.fw.reject import link_reject_entry
 from netbpf.kernel import link
 from netbpf.kernel.api import kernel
-from netbpf.lb.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb, stale_shared_maps
+from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
+                                stale_shared_maps)
 from netbpf.observe.drift import tc_filter
 from netbpf.store.progspec import PROG_PIN, PROGRAMS, SHARED_MAPS
 from netbpf.store.state import (InterfaceState, Journal, PartState, make_pin_dirs, pin_dir,

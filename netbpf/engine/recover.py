@@ -45,7 +45,8 @@ def recover(key: str, log: Log) -> None:
     old = load_state(key)
     when = time.strftime("%H:%M:%S", time.localtime(j.started_at))
     what = f"{key}: the apply of {j.state.policy_path} started {when} was interrupted"
-    if netns_gone(j.state.netns) or not interface_is(j.state.ifname, j.state.netns, j.state.ifindex):
+    st = j.state
+    if netns_gone(st.netns) or not interface_is(st.ifname, st.netns, st.ifindex):
         for d in staging_dirs(key):
             unpin_tree(d)
         remove_journal(key)
@@ -146,7 +147,7 @@ def _replace_xdp(st: InterfaceState, prog_fd, old: InterfaceState | None) -> str
                           "not netbpf's; detach it first")
     with kernel().prog_fd_by_id(cur.prog_id) as old_fd:
         return kernel().attach_xdp(st.ifname, prog_fd, cur.mode, replace_prog_fd=old_fd,
-                                 netns=st.netns)
+                                   netns=st.netns)
 
 
 def _forward_update(j: Journal, old: InterfaceState | None, progress: dict) -> None:

@@ -86,7 +86,7 @@ def ct_timeouts(iface: InterfaceIR) -> dict:
 
 
 def part_state(pp: "PartPlan", *, mode: str, prog_id: int, slots: list[int],
-                tags: dict[str, SetState], gen: int = 0, attach: str = "netlink") -> PartState:
+               tags: dict[str, SetState], gen: int = 0, attach: str = "netlink") -> PartState:
     pos = {r.name: i for i, r in enumerate(pp.ir.rules)}
     rules = [RuleState(n, a, d, s, line, pp.direction, pos[n]) for (n, a, d, line), s in
              zip(rule_states(pp.compiled, pp.ir), slots)]
@@ -101,7 +101,7 @@ def part_state(pp: "PartPlan", *, mode: str, prog_id: int, slots: list[int],
 
 
 def iface_state(plan: "Plan", p: "IfacePlan", parts: dict[str, PartState],
-                 created_clsact: bool) -> InterfaceState:
+                created_clsact: bool) -> InterfaceState:
     return InterfaceState(key=p.key, ifname=p.ifname, netns=p.netns, ifindex=p.ifindex,
                           requested_mode=p.mode, conntrack=p.conntrack,
                           ct_timeouts=p.ct_timeouts, created_clsact=created_clsact,

@@ -234,4 +234,5 @@ def update_pinned(path: Path, new_prog_fd: FdLike, old_prog_id: int | None,
 
 __all__ = ["BPF_XDP", "BPF_TCX_INGRESS", "BPF_TCX_EGRESS", "LINK_PIN", "FORCE_ENV", "LinkInfo",
            "LinkUnsupported", "create_link", "update_link", "detach_link", "link_info",
-           "pinned_link_info", "live_link", "detach_pinned", "tcx_prog_ids", "update_pinned", "forced_netlink"]
+           "pinned_link_info", "live_link", "detach_pinned", "tcx_prog_ids", "update_pinned",
+           "forced_netlink"]
