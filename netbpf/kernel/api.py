@@ -10,9 +10,8 @@ through bpfsys' map calls; a fake serves those too. Not the implementation of an
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from netbpf.kernel.bpfsys import FdLike
 
@@ -174,20 +173,9 @@ class RealKernel:
         return vip_problem(ifname, vip, netns)
 
 
+# The kernel the engine talks to; unit tests put a fake here (tests/unit/engine_world.py).
 _current: Kernel = RealKernel()
 
 
 def kernel() -> Kernel:
-    """The kernel the engine talks to (the real one unless a caller chose another)."""
     return _current
-
-
-@contextmanager
-def using(k: Kernel) -> Iterator[Kernel]:
-    """Run the block against kernel k (a fake in unit tests); the previous one after."""
-    global _current
-    before, _current = _current, k
-    try:
-        yield k
-    finally:
-        _current = before
