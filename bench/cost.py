@@ -2,8 +2,8 @@
 program `repeat` times on one frame and reports the average). No attach, no traffic: the
 program alone, next to an empty program (the floor), parsing alone, and xdp-filter.
 
-netbpf's tables are written exactly as `netbpf apply` writes them (compile -> FwTables ->
-generation flip), into programs of the shape apply would choose, loaded but never attached.
+netbpf's programs are built and filled by apply's own recipe (netbpf/fw/program.py: the
+shape apply would choose, tables written as a generation, flip), loaded but never attached.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from netbpf import abi
-from netbpf.store.progspec import FW_PROG, FW_SOURCE
+from netbpf.fw.program import build_program
 from netbpf.fw.compile import choose_shape, compile_direction
-from netbpf.fw.fwtables import FwTables
 from netbpf.kernel import bpfsys
 from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import XDP_DROP, XDP_PASS, test_run
+from netbpf.store.progspec import ProgramSpec
 
 import netlab
 import packets
@@ -54,25 +54,14 @@ class Firewall:
         self.compiled = c
         self.shape = choose_shape(c.nrules, c.nclasses, None, len(c.dir.chunks))
         # built as apply builds it: the shape it picks, only the fields the rules use
-        self.loaded = load_program(FW_SOURCE, {"NB_WORDS": self.shape.words,
-                                               "NB_CLASS_CAP": self.shape.class_cap,
-                                               "NB_DIR_CHUNKS": self.shape.chunks,
-                                               "NB_FIELDS": c.field_mask},
-                                   {FW_PROG: "xdp"})
-        t = self.tables = FwTables.from_loaded(self.loaded, self.shape.words,
-                                               self.shape.class_cap)
-        tags = {n: i + 1 for i, n in enumerate(sorted({r.set_name for r in c.setrefs}))}
+        self.prog = build_program(ProgramSpec(words=self.shape.words,
+                                              class_cap=self.shape.class_cap,
+                                              chunks=self.shape.chunks, fields=c.field_mask))
+        self.loaded, self.tables = self.prog.loaded, self.prog.tables
         t0 = time.perf_counter()
-        for name, tag in tags.items():
-            t.write_set(tag, sets[name])
-        self.set_write_s = time.perf_counter() - t0
-        nslots = len(c.rules) + len(c.count_rules)
-        t.zero_slots(list(range(abi.slot_cap(t.words))))
-        gen = 1 - t.active_gen()
-        t.write_generation(gen, c, list(range(len(c.rules))),
-                           list(range(len(c.rules), nslots)), tags)
-        t.flip(gen)
-        self.fd = self.loaded.prog_fd(FW_PROG)
+        self.prog.install(c, sets)          # sets, counters, one generation, flip
+        self.install_s = time.perf_counter() - t0
+        self.fd = self.prog.fd
 
     def close(self) -> None:
         self.loaded.close()
@@ -120,7 +109,7 @@ def run(rows: dict[str, Row], *, rounds: int, repeat: int, rule_counts: list[int
                 label = f"{set_entries // 1_000_000}M" if set_entries >= 1_000_000 \
                     else f"{set_entries:,}"
                 h = row("cost.set.hit", f"netbpf {label}-entry set, hit")
-                h.extra["set_write_s"] = round(fw.set_write_s, 2)
+                h.extra["install_s"] = round(fw.install_s, 2)
                 subjects.append(Subject(h, fw.fd,
                                         _frame(workload.set_src(set_entries - 1)), XDP_DROP))
                 subjects.append(Subject(row("cost.set.miss", f"netbpf {label}-entry set, miss"),
@@ -157,27 +146,22 @@ def _lb(row, *, rounds: int, repeat: int, log) -> None:
     A new flow cannot be repeated (the first run records it), so it is timed one run at a
     time over distinct source ports, beside the 1-rule firewall timed the same way."""
     from netbpf.policy.ir import BackendIR, LoadBalancerIR
-    from netbpf.lb.lbtables import LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb
+    from netbpf.lb.lbtables import LbState, LbTables, plan_lb
 
     log("  load balancer path: compile, load, write a VIP")
     c = compile_direction(workload.direction(1))
-    loaded = load_program(FW_SOURCE, {"NB_WORDS": 1, "NB_CLASS_CAP": 64,
-                                      "NB_FIELDS": c.field_mask, "NB_LB": 1},
-                          {FW_PROG: "xdp", LB_ENTRY: "xdp"})
-    link_lb_entry(loaded)
+    balancer = build_program(ProgramSpec(fields=c.field_mask, lb_ring_cap=abi.NB_LB_RING_CAP))
     fw1 = Firewall(workload.direction(1))
     empty = load_program(PROGS / "empty.bpf.c", {}, {"nb_bench_empty": "xdp"})
     try:
-        t = FwTables.from_loaded(loaded, 1, 64)
-        t.write_generation(0, c, list(range(len(c.rules))), [], {})
-        t.flip(0)
+        balancer.install(c)
         vip = int(ipaddress.ip_address(netlab.RX_IP))
         lb = LoadBalancerIR("bench", "rx0", 4, vip, workload.DPORT, 17, "dsr",
                             tuple(BackendIR(4, vip + 100 + i, workload.DPORT, 1)
                                   for i in range(3)), 65537)
-        new, changed = plan_lb([lb], LbState(), 1 << 19)
-        LbTables.from_loaded(loaded).write([lb], new, changed, None, set())
-        fd = loaded.prog_fd(FW_PROG)
+        new, changed = plan_lb([lb], LbState(), abi.NB_LB_RING_CAP)
+        LbTables.from_loaded(balancer.loaded).write([lb], new, changed, None, set())
+        fd = balancer.fd
         est = row("cost.lb.established", "LB path, established flow", "cost.netbpf.1.miss")
         frame = _frame(workload.MISS_SRC)
         test_run(fd, frame)                       # records the flow
@@ -206,7 +190,7 @@ def _lb(row, *, rounds: int, repeat: int, log) -> None:
             for r, ns in ((fresh, ns_new), (single_fw, ns_fw), (single_empty, ns_empty)):
                 r.samples.append(float(sorted(ns)[len(ns) // 2]))
     finally:
-        loaded.close()
+        balancer.close()
         fw1.close()
         empty.close()
 

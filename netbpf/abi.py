@@ -1,16 +1,69 @@
-"""ctypes mirror of bpf/include/netbpf_abi.h, and nothing else.
+"""Mirror of bpf/include/netbpf_abi.h, and nothing else: names, constants, ctypes structs
+and the struct codecs derived from them. Every map reader and writer packs through here.
 
-tests/bpf/test_abi.py compiles the header and compares every size and offset, so the two
-cannot drift. Shape-dependent structs (nb_vec) are built per program shape by vec_struct().
+tests/unit/test_abi_contract.py compiles the header with the host compiler and compares every
+name, constant, size and offset (no root); tests/bpf/test_abi.py checks a real load's maps.
+Shape-dependent structs (nb_vec) are built per program shape by vec_struct().
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 from pathlib import Path
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 ABI_HEADER = BPF_DIR / "include" / "netbpf_abi.h"
+
+# ---- kernel object names (the header's NB_MAP_* / NB_PROG_*) ----
+NB_MAP_FW_GEN = "nb_fw_gen"
+NB_MAP_FW_CFG = "nb_fw_cfg"
+NB_MAP_FW_RULES = "nb_fw_rules"
+NB_MAP_FW_CRULES = "nb_fw_crules"
+NB_MAP_FW_VECS = "nb_fw_vecs"
+NB_MAP_FW_DIR = "nb_fw_dir"
+NB_MAP_FW_PORTS = "nb_fw_ports"
+NB_MAP_FW_PROTO = "nb_fw_proto"
+NB_MAP_FW_ICMP = "nb_fw_icmp"
+NB_MAP_FW_FLAGS = "nb_fw_flags"
+NB_MAP_SET4 = "nb_set4"
+NB_MAP_SET6 = "nb_set6"
+NB_MAP_SETH4 = "nb_seth4"
+NB_MAP_SETH6 = "nb_seth6"
+NB_MAP_FW_CNT = "nb_fw_cnt"
+NB_MAP_FW_STATS = "nb_fw_stats"
+NB_MAP_FW_RL = "nb_fw_rl"
+NB_MAP_FW_EVENTS = "nb_fw_events"
+NB_MAP_CT = "nb_ct"
+NB_MAP_CT_CFG = "nb_ct_cfg"
+NB_MAP_LB_VIPS = "nb_lb_vips"
+NB_MAP_LB_RING = "nb_lb_ring"
+NB_MAP_LB_BACKENDS = "nb_lb_backends"
+NB_MAP_LB_FLOWS = "nb_lb_flows"
+NB_MAP_LB_NAT = "nb_lb_nat"
+NB_MAP_LB_CNT = "nb_lb_cnt"
+NB_MAP_LB_JUMP = "nb_lb_jump"
+NB_MAP_LB_SCRATCH = "nb_lb_scratch"
+NB_MAP_REJ_JUMP = "nb_rej_jump"
+NB_MAP_REJ_SCRATCH = "nb_rej_scratch"
+NB_MAP_REJECT_RL = "nb_reject_rl"
+
+NB_PROG_FW_XDP = "nb_fw_xdp"
+NB_PROG_FW_TC_EG = "nb_fw_tc_eg"
+NB_PROG_FW_TC_IN = "nb_fw_tc_in"
+NB_PROG_LB_ENTRY = "nb_lb_entry"
+NB_PROG_REJ_XDP = "nb_rej_xdp"
+NB_PROG_REJ_TC = "nb_rej_tc"
+
+MAP_NAMES = tuple(v for k, v in dict(globals()).items() if k.startswith("NB_MAP_"))
+PROG_NAMES = tuple(v for k, v in dict(globals()).items() if k.startswith("NB_PROG_"))
+# The classifier's maps (every firewall program has them) and the balancer's (built with NB_LB).
+FW_MAPS = (NB_MAP_FW_GEN, NB_MAP_FW_CFG, NB_MAP_FW_RULES, NB_MAP_FW_CRULES, NB_MAP_FW_VECS,
+           NB_MAP_FW_DIR, NB_MAP_FW_PORTS, NB_MAP_FW_PROTO, NB_MAP_FW_ICMP, NB_MAP_FW_FLAGS,
+           NB_MAP_SET4, NB_MAP_SET6, NB_MAP_SETH4, NB_MAP_SETH6, NB_MAP_FW_CNT,
+           NB_MAP_FW_STATS, NB_MAP_FW_RL)
+LB_MAPS = (NB_MAP_LB_VIPS, NB_MAP_LB_RING, NB_MAP_LB_BACKENDS, NB_MAP_LB_FLOWS, NB_MAP_LB_NAT,
+           NB_MAP_LB_CNT)
 
 # Program shapes: rule bit-vector words a program can be compiled with (64 terminal rules each).
 # Powers of two, so the data plane can bound a word index with a mask the verifier believes.
@@ -27,10 +80,6 @@ NB_RL_ENTRIES = 65536
 NB_MAX_VLANS = 2
 NB_MAX_EXTHDRS = 6
 NB_MAX_RULES = WORD_BUCKETS[-1] * 64  # terminal rules per direction (16384)
-
-# Load balancer limits (used by the policy checks; the LB program declares them again in C).
-NB_MAX_BACKENDS = 4096
-NB_MAX_VIPS = 256
 
 NB_ACT_ALLOW = 1
 NB_ACT_DROP = 2
@@ -151,6 +200,7 @@ class NbRule(ctypes.Structure):
                 ("sample", ctypes.c_uint32)]
 
 
+NB_EVENTS_PAGES = 64
 NB_EVENT_DEFAULT = 0xFFFFFFFF
 
 
@@ -210,9 +260,10 @@ class NbRlState(ctypes.Structure):
 
 
 # ---- load balancer (bpf/include/lb.h; written by netbpf/lb/lbtables.py) ----
-NB_LB_MAX_VIPS = NB_MAX_VIPS
-NB_LB_MAX_BACKENDS = NB_MAX_BACKENDS
+NB_LB_MAX_VIPS = 256
+NB_LB_MAX_BACKENDS = 4096
 NB_LB_FLOWS = 262144
+NB_LB_RING_CAP = 1 << 19       # the default; a program may be built with a bigger one
 NB_LB_NO_BACKEND = 0xffffffff
 NB_LB_NAT, NB_LB_DSR = 1, 2
 NB_BE_ACTIVE = 1
@@ -284,3 +335,40 @@ def pack_vec(words: int, count_bits: int, rule_bits: int) -> bytes:
             sums |= 1 << i
     return ((count_bits & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
             + sums.to_bytes(8 * nb_sum(words), "little") + body)
+
+
+# ---- codecs: struct.Struct twins of the ctypes mirrors, for packing many entries at once ----
+_CODE = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
+
+
+def codec(ctype: type[ctypes.Structure]) -> struct.Struct:
+    """The little-endian struct.Struct of a mirrored structure, derived from its ctypes fields
+    and offsets (so it cannot disagree with them): u8 arrays are bytes, padding is skipped."""
+    fmt, at = "<", 0
+    for name, t in ctype._fields_:
+        f = getattr(ctype, name)
+        if f.offset > at:
+            fmt += f"{f.offset - at}x"
+        if issubclass(t, ctypes.Array) and t._type_ is ctypes.c_uint8:
+            fmt += f"{t._length_}s"
+        elif issubclass(t, ctypes.Array):
+            fmt += f"{t._length_}{_CODE[t._type_]}"
+        else:
+            fmt += _CODE[t]
+        at = f.offset + f.size
+    if ctypes.sizeof(ctype) > at:
+        fmt += f"{ctypes.sizeof(ctype) - at}x"
+    return struct.Struct(fmt)
+
+
+U32 = struct.Struct("<I")                 # array keys, class ids, tail-call slots, generation
+COUNTER = codec(NbCounter)                # packets, bytes, drops
+LB_COUNTER = codec(NbLbCounter)           # packets, bytes, conns
+LPM_KEY = {4: codec(NbLpm4Key), 6: codec(NbLpm6Key)}     # prefixlen, tag, address
+SETH_KEY = {4: codec(NbSeth4Key), 6: codec(NbSeth6Key)}  # tag, address
+CT_VAL = codec(NbCtVal)                   # last_ns, packets, state
+
+
+def dir_gen(chunks: int) -> int:
+    """Entries of nb_fw_dir per generation for a program built with NB_DIR_CHUNKS=chunks."""
+    return 4 * NB_DIR_ROOT + 256 * chunks

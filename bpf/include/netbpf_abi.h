@@ -1,8 +1,52 @@
 /* netbpf_abi.h - the contract between the BPF programs and the controller.
- * Map names, key/value layouts, action and field codes, limits. No code.
- * netbpf/abi.py mirrors this file once; tests/bpf/test_abi.py checks they agree. */
+ * Map and program names, key/value layouts, action and field codes, limits. No code.
+ * netbpf/abi.py mirrors this file once, spelling every constant the same;
+ * tests/unit/test_abi_contract.py checks they agree (host compiler, no root) and
+ * tests/bpf/test_abi.py checks the maps a real load creates. */
 #ifndef NETBPF_ABI_H
 #define NETBPF_ABI_H
+
+/* ---- kernel object names: at most 15 characters (BPF_OBJ_NAME_LEN), as bpftool and the pins
+ * show them. The declarations spell them out (bcc names a map after its identifier); the
+ * contract test checks that every map and program declared under bpf/ is listed here. ---- */
+#define NB_MAP_FW_GEN "nb_fw_gen"
+#define NB_MAP_FW_CFG "nb_fw_cfg"
+#define NB_MAP_FW_RULES "nb_fw_rules"
+#define NB_MAP_FW_CRULES "nb_fw_crules"
+#define NB_MAP_FW_VECS "nb_fw_vecs"
+#define NB_MAP_FW_DIR "nb_fw_dir"
+#define NB_MAP_FW_PORTS "nb_fw_ports"
+#define NB_MAP_FW_PROTO "nb_fw_proto"
+#define NB_MAP_FW_ICMP "nb_fw_icmp"
+#define NB_MAP_FW_FLAGS "nb_fw_flags"
+#define NB_MAP_SET4 "nb_set4"
+#define NB_MAP_SET6 "nb_set6"
+#define NB_MAP_SETH4 "nb_seth4"
+#define NB_MAP_SETH6 "nb_seth6"
+#define NB_MAP_FW_CNT "nb_fw_cnt"
+#define NB_MAP_FW_STATS "nb_fw_stats"
+#define NB_MAP_FW_RL "nb_fw_rl"
+#define NB_MAP_FW_EVENTS "nb_fw_events"
+#define NB_MAP_CT "nb_ct"
+#define NB_MAP_CT_CFG "nb_ct_cfg"
+#define NB_MAP_LB_VIPS "nb_lb_vips"
+#define NB_MAP_LB_RING "nb_lb_ring"
+#define NB_MAP_LB_BACKENDS "nb_lb_backends"
+#define NB_MAP_LB_FLOWS "nb_lb_flows"
+#define NB_MAP_LB_NAT "nb_lb_nat"
+#define NB_MAP_LB_CNT "nb_lb_cnt"
+#define NB_MAP_LB_JUMP "nb_lb_jump"           /* [0] = NB_PROG_LB_ENTRY, set after load */
+#define NB_MAP_LB_SCRATCH "nb_lb_scratch"     /* per-CPU handoff to the balancer */
+#define NB_MAP_REJ_JUMP "nb_rej_jump"         /* [0] = NB_PROG_REJ_XDP or NB_PROG_REJ_TC */
+#define NB_MAP_REJ_SCRATCH "nb_rej_scratch"   /* per-CPU handoff to the reply builder */
+#define NB_MAP_REJECT_RL "nb_reject_rl"       /* reply rate bucket (reject.h) */
+
+#define NB_PROG_FW_XDP "nb_fw_xdp"            /* XDP ingress firewall */
+#define NB_PROG_FW_TC_EG "nb_fw_tc_eg"        /* TC egress firewall */
+#define NB_PROG_FW_TC_IN "nb_fw_tc_in"        /* TC ingress firewall (no XDP) */
+#define NB_PROG_LB_ENTRY "nb_lb_entry"        /* the balancer, tail-called by nb_fw_xdp */
+#define NB_PROG_REJ_XDP "nb_rej_xdp"          /* reject replies, tail-called by nb_fw_xdp */
+#define NB_PROG_REJ_TC "nb_rej_tc"            /* reject replies, tail-called by the TC firewall */
 
 /* ---- program shape, chosen per policy by the controller (-D on the bcc command line) ----
  * NB_WORDS: 64-bit words of a rule bit-vector, a power of two (1, 4, 16, 64 or 256: up to
@@ -297,6 +341,32 @@ struct nb_lb_counter {                      /* nb_lb_cnt[vip index] and [NB_LB_M
     __u64 bytes;
     __u64 conns;                            /* new flows */
 };
+
+/* ---- sizes the controller packs to (netbpf/abi.py) ---- */
+_Static_assert(sizeof(struct nb_gen) == 4, "nb_gen");
+_Static_assert(sizeof(struct nb_setref) == 16, "nb_setref");
+_Static_assert(sizeof(struct nb_fw_cfg) == 120, "nb_fw_cfg");
+_Static_assert(sizeof(struct nb_rule) == 40, "nb_rule");
+_Static_assert(sizeof(struct nb_vec) == 8 * (1 + NB_SUM + NB_WORDS), "nb_vec");
+_Static_assert(sizeof(struct nb_lpm4_key) == 12, "nb_lpm4_key");
+_Static_assert(sizeof(struct nb_lpm6_key) == 24, "nb_lpm6_key");
+_Static_assert(sizeof(struct nb_seth4_key) == 8, "nb_seth4_key");
+_Static_assert(sizeof(struct nb_seth6_key) == 20, "nb_seth6_key");
+_Static_assert(sizeof(struct nb_counter) == 24, "nb_counter");
+_Static_assert(sizeof(struct nb_rl_key) == 24, "nb_rl_key");
+_Static_assert(sizeof(struct nb_rl_state) == 16, "nb_rl_state");
+_Static_assert(sizeof(struct nb_event) == 56, "nb_event");
+_Static_assert(sizeof(struct nb_ct_key) == 40, "nb_ct_key");
+_Static_assert(sizeof(struct nb_ct_val) == 24, "nb_ct_val");
+_Static_assert(sizeof(struct nb_ct_cfg) == 8 * NB_CT_NTIMEOUTS, "nb_ct_cfg");
+_Static_assert(sizeof(struct nb_vip_key) == 20, "nb_vip_key");
+_Static_assert(sizeof(struct nb_vip) == 32, "nb_vip");
+_Static_assert(sizeof(struct nb_backend) == 24, "nb_backend");
+_Static_assert(sizeof(struct nb_flow_key) == 40, "nb_flow_key");
+_Static_assert(sizeof(struct nb_flow) == 16, "nb_flow");
+_Static_assert(sizeof(struct nb_nat_key) == 40, "nb_nat_key");
+_Static_assert(sizeof(struct nb_nat_val) == 24, "nb_nat_val");
+_Static_assert(sizeof(struct nb_lb_counter) == 24, "nb_lb_counter");
 
 /* Array index helpers: generation-scoped arrays hold both generations side by side. */
 #define NB_PORT_IDX(gen, which, port) (((__u32)(gen) << 17) | ((__u32)(which) << 16) | (__u32)(port))

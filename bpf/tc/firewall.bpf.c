@@ -3,18 +3,8 @@
  * nb_fw_tc_in runs on ingress where XDP is not wanted (passes tracked replies first).
  * Built with NB_LB, egress also turns load-balanced NAT replies back into VIP:port.
  * Same classifier and map layout as the XDP program; each load has its own rule maps. */
-#include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-#include "netbpf_abi.h"
-#include "parse.h"
-#include "classify.h"
-#include "reject.h"
-#ifdef NB_CONNTRACK
-#include "conntrack.h"
-#endif
-#ifdef NB_LB
-#include "lb.h"
-#endif
+#include "firewall.h"
 
 /* No verdict of ours (allowed, counted, not IP): TC_ACT_UNSPEC, which TCX names TCX_NEXT and
  * cls_bpf's direct-action reads as "run the next filter". Other programs on the hook still see
@@ -24,51 +14,33 @@
 /* Headers must be in the linear part for direct access; pulling is a no-op when they are. */
 #define NB_PULL_LEN 256
 
-/* Reject replies are built by their own program, reached by a tail call (see the XDP
- * program). A refused packet we were sending goes back up our own stack (ingress of the
- * same device); a refused received one goes back out of it. */
-struct nb_rej_handoff {
-    struct nb_pkt p;
-    __u32 egress;
-    __u32 pad;
-};
-BPF_PROG_ARRAY(nb_rej_jump, 1);     /* [0] = nb_rej_tc, set by the controller after load */
-BPF_PERCPU_ARRAY(nb_rej_scratch, struct nb_rej_handoff, 1);
-
+/* The reject replies' builder (firewall.h), TC side: a refused packet we were sending goes
+ * back up our own stack (ingress of the same device); a refused received one goes back out. */
 int nb_rej_tc(struct __sk_buff *skb)
 {
-    __u32 zero = 0;
-    struct nb_rej_handoff *h = nb_rej_scratch.lookup(&zero);
-    if (!h)
-        return TC_ACT_SHOT;
-    struct nb_pkt p = h->p;
-    int egress = h->egress;
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    struct nb_reject_plan rp = {};
-    __u8 quote[NB_REJECT_QUOTE] = {};
-    if (nb_reject_plan(data, data_end, &p, &rp) < 0)
+    struct nb_rej_job j = {};
+    int q = nb_rej_begin(data, data_end, &j);
+    if (q < 0)
         return TC_ACT_SHOT;
-    __u64 q = rp.quote;
-    asm volatile("" : "+r"(q));     /* keep the mask below: the verifier needs the bound */
-    q &= 2 * NB_REJECT_QUOTE - 1;
-    __u32 l3 = rp.l3_off;
-    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE || bpf_skb_load_bytes(skb, l3, quote, q)))
+    __u32 l3 = j.rp.l3_off;
+    if (!j.rp.tcp && (q < 4 || q > NB_REJECT_QUOTE || bpf_skb_load_bytes(skb, l3, j.quote, q)))
         return TC_ACT_SHOT;
-    if (bpf_skb_change_tail(skb, rp.new_len, 0) || bpf_skb_pull_data(skb, rp.new_len))
+    if (bpf_skb_change_tail(skb, j.rp.new_len, 0) || bpf_skb_pull_data(skb, j.rp.new_len))
         return TC_ACT_SHOT;
     data = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
-    if (nb_reject_write(data, data_end, &p, &rp, quote) < 0)
+    if (nb_reject_write(data, data_end, &j.p, &j.rp, j.quote) < 0)
         return TC_ACT_SHOT;
-    __u32 iph = p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
-    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
-                    bpf_skb_store_bytes(skb, l3 + iph + NB_ICMP_HDR, quote, q, 0)))
+    __u32 iph = j.p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
+    if (!j.rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
+                      bpf_skb_store_bytes(skb, l3 + iph + NB_ICMP_HDR, j.quote, q, 0)))
         return TC_ACT_SHOT;
     /* the checksums are whole now: nothing downstream may trust or finish an old one */
     bpf_csum_level(skb, BPF_CSUM_LEVEL_RESET);
-    nb_stat(NB_STAT_REJECT, rp.new_len);
-    return bpf_redirect(skb->ifindex, egress ? BPF_F_INGRESS : 0);
+    nb_stat(NB_STAT_REJECT, j.rp.new_len);
+    return bpf_redirect(skb->ifindex, j.egress ? BPF_F_INGRESS : 0);
 }
 
 static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
@@ -102,15 +74,8 @@ static __always_inline int nb_fw_tc(struct __sk_buff *skb, int egress)
     int act = nb_classify(&p, len, &pend);
     if (act != NB_ACT_ALLOW) {
         nb_count_rules(&pend, len);
-        if (act == NB_ACT_REJECT) {
-            __u32 zero = 0;
-            struct nb_rej_handoff *h = nb_rej_scratch.lookup(&zero);
-            if (h) {
-                h->p = p;
-                h->egress = egress;
-                nb_rej_jump.call(skb, 0);   /* does not return; falls through (drop) if unset */
-            }
-        }
+        if (act == NB_ACT_REJECT)
+            nb_rej_handoff(skb, &p, egress);    /* does not return; falls through (drop) */
         return TC_ACT_SHOT;
     }
 #ifdef NB_CONNTRACK

@@ -3,16 +3,9 @@
  * changes when rules change. Non-IP frames pass; malformed frames drop (docs/dataplane.md).
  * Built with NB_LB, packets the firewall allows to a VIP go to the load balancer (lb.h) by a
  * tail call: the balancer is verified as its own program, not once per path of the classifier. */
-#include <uapi/linux/bpf.h>
-#include "netbpf_abi.h"
-#include "parse.h"
-#include "classify.h"
-#include "reject.h"
-#ifdef NB_CONNTRACK
-#include "conntrack.h"
-#endif
+#include "firewall.h"
+
 #ifdef NB_LB
-#include "lb.h"
 BPF_PROG_ARRAY(nb_lb_jump, 1);     /* [0] = nb_lb_entry, set by the controller after load */
 
 /* What the firewall already knows, handed to the balancer across the tail call (same CPU,
@@ -37,33 +30,20 @@ int nb_lb_entry(struct xdp_md *ctx)
 }
 #endif
 
-/* Reject replies are built by their own program, reached by a tail call, so the verifier
- * checks the packet rewriting once, not once per path through the classifier. */
-BPF_PROG_ARRAY(nb_rej_jump, 1);     /* [0] = nb_rej_xdp, set by the controller after load */
-BPF_PERCPU_ARRAY(nb_rej_scratch, struct nb_pkt, 1);
-
+/* The reject replies' builder (firewall.h), XDP side: the reply goes back out (XDP_TX). */
 int nb_rej_xdp(struct xdp_md *ctx)
 {
-    __u32 zero = 0;
-    struct nb_pkt *sp = nb_rej_scratch.lookup(&zero);
-    if (!sp)
-        return XDP_DROP;
-    struct nb_pkt p = *sp;
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    struct nb_reject_plan rp = {};
-    __u8 quote[NB_REJECT_QUOTE] = {};
-    if (nb_reject_plan(data, data_end, &p, &rp) < 0)
+    struct nb_rej_job j = {};
+    int q = nb_rej_begin(data, data_end, &j);
+    if (q < 0)
         return XDP_DROP;
-    __u64 q = rp.quote;
-    asm volatile("" : "+r"(q));     /* keep the mask below: the verifier needs the bound */
-    q &= 2 * NB_REJECT_QUOTE - 1;
-    __u32 l3 = rp.l3_off;
-    if (!rp.tcp && (q < 4 || q > NB_REJECT_QUOTE ||
-                    nb_xdp_load_bytes(ctx, l3, quote, q)))
+    __u32 l3 = j.rp.l3_off;
+    if (!j.rp.tcp && (q < 4 || q > NB_REJECT_QUOTE || nb_xdp_load_bytes(ctx, l3, j.quote, q)))
         return XDP_DROP;
-    __u32 iph = p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
-    if (!rp.tcp) {
+    __u32 iph = j.p.family == 4 ? NB_IP4_HDR : NB_IP6_HDR;
+    if (!j.rp.tcp) {
         /* Room for the new IP and ICMP headers goes in front (XDP guarantees headroom, not
          * tailroom): the refused packet then already sits where the ICMP quote belongs, and
          * only its L2 header moves to the new front. */
@@ -76,7 +56,7 @@ int nb_rej_xdp(struct xdp_md *ctx)
         if (nb_xdp_store_bytes(ctx, 0, l2, n))
             return XDP_DROP;
     }
-    __u64 new_len = rp.new_len;
+    __u64 new_len = j.rp.new_len;
     asm volatile("" : "+r"(new_len));   /* bounded: clang may add it to a packet pointer */
     new_len &= 0x1ff;
     data = (void *)(long)ctx->data;
@@ -85,9 +65,9 @@ int nb_rej_xdp(struct xdp_md *ctx)
         return XDP_DROP;
     data = (void *)(long)ctx->data;
     data_end = (void *)(long)ctx->data_end;
-    if (nb_reject_write(data, data_end, &p, &rp, quote) < 0)
+    if (nb_reject_write(data, data_end, &j.p, &j.rp, j.quote) < 0)
         return XDP_DROP;
-    nb_stat(NB_STAT_REJECT, rp.new_len);
+    nb_stat(NB_STAT_REJECT, j.rp.new_len);
     return XDP_TX;
 }
 
@@ -122,12 +102,7 @@ int nb_fw_xdp(struct xdp_md *ctx)
     if (act == NB_ACT_DROP)
         return XDP_DROP;
     if (act == NB_ACT_REJECT) {
-        __u32 zero = 0;
-        struct nb_pkt *sp = nb_rej_scratch.lookup(&zero);
-        if (sp) {
-            *sp = p;
-            nb_rej_jump.call(ctx, 0);   /* does not return; falls through (drop) if unset */
-        }
+        nb_rej_handoff(ctx, &p, 0);     /* does not return; falls through (drop) if unset */
         return XDP_DROP;
     }
 #ifdef NB_LB

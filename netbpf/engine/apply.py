@@ -6,7 +6,7 @@ has egress rules or conntrack, the TC egress firewall. Rule edits write the inac
 generation of each part's pinned maps and flip one value (update.py); new programs are
 filled before they replace the old ones, each in one kernel call (programs.py, hooks.py).
 Any failure leaves the previous policy running; a kill is finished or undone by the next
-apply (recover.py). The layout: spec.py (what a program is), plan.py, update.py,
+apply (recover.py). The layout: records.py (what an apply records), plan.py, update.py,
 programs.py, hooks.py, detach.py, recover.py. Not the CLI (netbpf/cli/dataplane.py), not
 map layouts (netbpf/fw/fwtables.py), not the kernel (netbpf/kernel/api.py).
 """

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netbpf.engine.spec import ct_timeouts, program_hash, rule_states, set_digests
+from netbpf.engine.records import ct_timeouts, rule_states, set_digests
 from netbpf.errors import NetbpfError
 from netbpf.fw.compile import CompiledDirection, Shape, choose_shape, compile_direction
 from netbpf.kernel.api import kernel
@@ -15,7 +15,7 @@ from netbpf.kernel.netns import netns_label
 from netbpf.lb.lbtables import LbState, plan_lb, ring_cap_for
 from netbpf.observe.drift import drift
 from netbpf.policy.ir import DirectionIR, InterfaceIR, LoadBalancerIR, SetIR, addr_text
-from netbpf.store.progspec import PROGRAMS
+from netbpf.store.progspec import ProgramSpec
 from netbpf.store.state import (REPAIR_HASH, health_down, iface_key, InterfaceState,
                                 list_states, load_state, PartState)
 
@@ -41,21 +41,19 @@ class PartPlan:
     old: PartState | None = None
 
     @property
-    def source(self) -> Path:
-        return PROGRAMS[(self.direction, self.hook)][0]
-
-    @property
     def func(self) -> str:
-        return PROGRAMS[(self.direction, self.hook)][1]
+        return self.spec().func
 
-    @property
-    def prog_type(self) -> str:
-        return PROGRAMS[(self.direction, self.hook)][2]
+    def spec(self, shared: Path | None = None) -> ProgramSpec:
+        """What to build for this part (shared: where the shared maps are pinned)."""
+        return ProgramSpec.for_part(self.direction, self.hook, words=self.shape.words,
+                                    class_cap=self.shape.class_cap, chunks=self.shape.chunks,
+                                    fields=self.fields, conntrack=self.conntrack,
+                                    lb_ring_cap=self.lb_ring_cap, shared_pin=shared)
 
     @property
     def prog_hash(self) -> str:
-        return program_hash(self.source, self.shape, self.conntrack, self.lb_ring_cap,
-                            self.fields)
+        return self.spec().hash()
 
     def changed_rules(self) -> list[RuleChange]:
         return [r for r in self.rules if r.what != "kept"]

@@ -4,6 +4,7 @@ Any failure puts back what ran. Not rule updates (update.py), not the hooks (hoo
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -11,17 +12,15 @@ from netbpf import abi
 from netbpf.engine import faults, progress
 from netbpf.engine.hooks import clsact_only_ours, roll_back, swap_tc, swap_xdp
 from netbpf.engine.plan import IfacePlan, PartPlan, Plan
-from netbpf.engine.spec import (iface_state, part_state, program_defines, program_functions,
-                                rule_states)
+from netbpf.engine.records import iface_state, part_state, rule_states
 from netbpf.engine.update import allocate_tags, fill, write_ct_timeouts
 from netbpf.errors import NetbpfError
 from netbpf.fw.compile import counter_key
 from netbpf.fw.fwtables import CounterCarry, FwTables
-from netbpf.fw.reject import link_reject_entry
+from netbpf.fw.program import build_program
 from netbpf.kernel import link
 from netbpf.kernel.api import kernel
-from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
-                                stale_shared_maps)
+from netbpf.lb.lbtables import LbState, LbTables, plan_lb, stale_shared_maps
 from netbpf.observe.drift import tc_filter
 from netbpf.store.progspec import PROG_PIN, PROGRAMS, SHARED_MAPS
 from netbpf.store.state import (InterfaceState, Journal, PartState, make_pin_dirs, pin_dir,
@@ -32,27 +31,23 @@ Log = Callable[[str], None]
 
 
 def pins_usable(key: str, old: PartState | None) -> bool:
-    return old is not None and (pin_dir(key) / old.direction / "nb_fw_cnt").exists()
+    return old is not None and (pin_dir(key) / old.direction / abi.NB_MAP_FW_CNT).exists()
 
 
 def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Path):
     """Compile, load and fill one part; pin its maps and program into staging."""
-    defines = program_defines(pp, p.conntrack, bool(p.lbs), shared)
-    functions = program_functions(pp, bool(p.lbs))
+    spec = pp.spec(shared if (p.conntrack or p.lbs) else None)
     progress.step(f"{p.key}: compiling and verifying {pp.func}")
+    load = partial(kernel().load_program, netns=p.netns)
     if pp.hook == "xdp" and p.mode == "offload":
-        # an offloaded program is loaded for its device (bcc resolves the name in this netns);
-        # attach refuses first on drivers that cannot offload
+        # an offloaded program is loaded for its device (bcc resolves the name in the
+        # namespace); attach refuses first on drivers that cannot offload
         kernel().check_offload(p.ifname, netns=p.netns)
-        loaded = kernel().load_program(pp.source, defines, functions, device=p.ifname,
-                                       netns=p.netns)
+        built = build_program(spec, device=p.ifname, load=load)
     else:
-        loaded = kernel().load_program(pp.source, defines, functions)
-    if LB_ENTRY in functions:
-        link_lb_entry(loaded)
-    link_reject_entry(loaded, pp.prog_type)
+        built = build_program(spec, load=load)
+    loaded, tables = built.loaded, built.tables
     try:
-        tables = FwTables.from_loaded(loaded, pp.shape.words, pp.shape.class_cap)
         # Fresh counter maps: rules take slots 0..n-1 whatever the old program used, and the
         # counters of rules that stay (same name and match) are carried to their new slot.
         states = rule_states(pp.compiled, pp.ir)
@@ -114,7 +109,7 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             if carry:
                 carries.append(carry)
         if p.conntrack:
-            write_ct_timeouts(loaded["ingress"].maps["nb_ct_cfg"].fd, p.ct_timeouts)
+            write_ct_timeouts(loaded["ingress"].maps[abi.NB_MAP_CT_CFG].fd, p.ct_timeouts)
         if p.lbs:
             fill_lb(p, loaded["ingress"])
 

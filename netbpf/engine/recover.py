@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from netbpf.engine.spec import GRACE_S
+from netbpf.engine.records import GRACE_S
 from netbpf.errors import NetbpfError
 from netbpf.fw.fwtables import FwTables
 from netbpf.kernel import link

@@ -9,10 +9,11 @@ from typing import Callable
 from netbpf import abi
 from netbpf.engine import faults, progress
 from netbpf.engine.plan import IfacePlan, PartPlan, Plan
-from netbpf.engine.spec import GRACE_S, iface_state, part_state, rule_states, set_digests
+from netbpf.engine.records import GRACE_S, iface_state, part_state, rule_states, set_digests
 from netbpf.errors import NetbpfError
 from netbpf.fw.compile import CompiledDirection, counter_key
 from netbpf.fw.fwtables import FwTables
+from netbpf.fw.program import write_policy
 from netbpf.kernel.api import kernel
 from netbpf.lb.lbtables import LbState, LbTables
 from netbpf.policy.ir import SetIR
@@ -69,21 +70,20 @@ def write_ct_timeouts(fd, timeouts: dict) -> None:
     cfg = abi.NbCtCfg()
     for name, seconds in timeouts.items():
         cfg.timeout_ns[abi.CT_TIMEOUT_INDEX[name]] = int(seconds * 1e9)
-    kernel().map_update(fd, (0).to_bytes(4, "little"), bytes(cfg))
+    kernel().map_update(fd, abi.U32.pack(0), bytes(cfg))
 
 
 def fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
           tags: dict[str, SetState], to_write: list[str]) -> None:
-    for name in to_write:
-        s = sets[name]
+    def announce(name: str, s: SetIR) -> None:
         if len(s.v4) + len(s.v6) >= BIG_SET:
             progress.step(f"writing set {name} ({len(s.v4) + len(s.v6):,} entries)")
-        tables.write_set(tags[name].tag, s)
+
     c = pp.compiled
     by_name = {r.name: r for r in pp.ir.rules}
     samples = [by_name[r.name].sample or pp.ir.sample for r in c.rules]
-    tables.write_generation(gen, c, slots[:len(c.rules)], slots[len(c.rules):],
-                            {n: t.tag for n, t in tags.items()}, samples, pp.ir.sample)
+    write_policy(tables, gen, c, slots, {n: t.tag for n, t in tags.items()},
+                 {name: sets[name] for name in to_write}, samples, pp.ir.sample, announce)
 
 
 def apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
@@ -131,7 +131,7 @@ def apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         log(f"{p.key}: {d} generation {ps.gen} active, {len(ps.rules)} rules "
             f"(program id {ps.prog_id} unchanged)")
     if p.conntrack:
-        with kernel().obj_get(pin_dir(p.key) / "ingress" / "nb_ct_cfg") as fd:
+        with kernel().obj_get(pin_dir(p.key) / "ingress" / abi.NB_MAP_CT_CFG) as fd:
             write_ct_timeouts(fd, p.ct_timeouts)
     if p.lbs or p.lb_removed:
         lbt = LbTables.from_pins(pin_dir(p.key) / "ingress")

@@ -8,7 +8,6 @@ bpf/include/classify.h through netbpf/abi.py; knows nothing of policies or of at
 from __future__ import annotations
 
 import ctypes
-import struct
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +20,21 @@ from netbpf.errors import NetbpfError
 from netbpf.policy.ir import SetIR
 from netbpf.kernel import bpfsys
 
-FW_MAPS = ("nb_fw_gen", "nb_fw_cfg", "nb_fw_rules", "nb_fw_crules", "nb_fw_vecs",
-           "nb_fw_dir", "nb_fw_ports", "nb_fw_proto", "nb_fw_icmp",
-           "nb_fw_flags", "nb_set4", "nb_set6", "nb_seth4", "nb_seth6", "nb_fw_cnt", "nb_fw_stats", "nb_fw_rl")
+FW_MAPS = abi.FW_MAPS
 
 # Maps a program built before the address tables and hash sets lacks: its pins are still read
 # (counters carried over, stats) until the next apply replaces it.
-NEWER_MAPS = ("nb_fw_dir", "nb_seth4", "nb_seth6")
+NEWER_MAPS = (abi.NB_MAP_FW_DIR, abi.NB_MAP_SETH4, abi.NB_MAP_SETH6)
 
-_U32 = struct.Struct("<I")
+_U32 = abi.U32
 _ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
 _BATCH = 65536                  # entries per batch update: bounds one syscall's buffer
+# Per family: the prefix trie and its key, the hash map of full-length addresses and its key,
+# the setref flag that says which of the two a set's entries are in.
+_SETS = ((4, abi.NB_MAP_SET4, abi.LPM_KEY[4], abi.NB_MAP_SETH4, abi.SETH_KEY[4],
+          abi.NB_SETREF_HASH4),
+         (6, abi.NB_MAP_SET6, abi.LPM_KEY[6], abi.NB_MAP_SETH6, abi.SETH_KEY[6],
+          abi.NB_SETREF_HASH6))
 
 
 @dataclass
@@ -54,10 +57,10 @@ class FwTables:
         self.class_cap = class_cap
         self.rules_cap = words * 64
         # NB_DIR_CHUNKS of the program, read back from the map (2 generations of 4 roots + chunks)
-        self.dir_gen = maps["nb_fw_dir"].max_entries // 2 if "nb_fw_dir" in maps else 0
+        self.dir_gen = maps[abi.NB_MAP_FW_DIR].max_entries // 2 if abi.NB_MAP_FW_DIR in maps else 0
         self.chunk_cap = max(0, (self.dir_gen - 4 * dirtable.ROOT) // dirtable.CHUNK)
         vsz = ctypes.sizeof(abi.vec_struct(words))
-        if maps["nb_fw_vecs"].value_size != vsz:
+        if maps[abi.NB_MAP_FW_VECS].value_size != vsz:
             raise NetbpfError(f"nb_fw_vecs holds {maps['nb_fw_vecs'].value_size}-byte vectors, "
                               f"expected {vsz} for {words} words: program and state disagree")
 
@@ -66,8 +69,8 @@ class FwTables:
     def from_loaded(cls, loaded, words: int, class_cap: int) -> "FwTables":
         maps = {n: MapRef(n, m.fd, m.key_size, m.value_size, m.percpu)
                 for n, m in loaded.maps.items()}
-        if "nb_fw_dir" in maps:
-            maps["nb_fw_dir"].max_entries = bpfsys.map_info(maps["nb_fw_dir"].fd).max_entries
+        if abi.NB_MAP_FW_DIR in maps:
+            maps[abi.NB_MAP_FW_DIR].max_entries = bpfsys.map_info(maps[abi.NB_MAP_FW_DIR].fd).max_entries
         return cls(maps, words, class_cap)
 
     @classmethod
@@ -93,12 +96,12 @@ class FwTables:
 
     # ---- generation ----
     def active_gen(self) -> int:
-        raw = bpfsys.map_lookup(self.fd("nb_fw_gen"), _U32.pack(0), 4)
+        raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_GEN), _U32.pack(0), 4)
         return (_U32.unpack(raw)[0] & 1) if raw else 0
 
     def flip(self, gen: int) -> None:
         """The one write that switches every later packet to generation gen."""
-        bpfsys.map_update(self.fd("nb_fw_gen"), _U32.pack(0), _U32.pack(gen))
+        bpfsys.map_update(self.fd(abi.NB_MAP_FW_GEN), _U32.pack(0), _U32.pack(gen))
 
     def write_generation(self, gen: int, c: CompiledDirection, rule_slots: list[int],
                          count_slots: list[int], set_tags: dict[str, int],
@@ -128,7 +131,7 @@ class FwTables:
         items = [(0, ((1 << 64) - 1, ones))] + sorted(c.vecs.items())
         keys = b"".join(_U32.pack(gen * self.class_cap + i) for i, _ in items)
         vals = b"".join(abi.pack_vec(self.words, cnt, bits) for _, (cnt, bits) in items)
-        bpfsys.map_update_batch(self.fd("nb_fw_vecs"), keys, vals, len(items))
+        bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_VECS), keys, vals, len(items))
 
     def _write_dir(self, gen: int, c: CompiledDirection) -> None:
         """Roots of the looked-up address fields, then the chunks, in batches."""
@@ -143,7 +146,7 @@ class FwTables:
             for start, ids in group:
                 keys.extend(range(start, start + len(ids)))
                 vals.extend(ids)
-            bpfsys.map_update_batch(self.fd("nb_fw_dir"), keys.tobytes(), vals.tobytes(),
+            bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_DIR), keys.tobytes(), vals.tobytes(),
                                     len(keys))
 
     def memory_bytes(self) -> int:
@@ -162,13 +165,13 @@ class FwTables:
 
     def _write_arrays(self, gen: int, c: CompiledDirection) -> None:
         for which, ids in c.ports.items():
-            self._write_range("nb_fw_ports", abi.port_idx(gen, which, 0), ids)
+            self._write_range(abi.NB_MAP_FW_PORTS, abi.port_idx(gen, which, 0), ids)
         if c.proto is not None:
-            self._write_range("nb_fw_proto", abi.proto_idx(gen, 0), c.proto)
+            self._write_range(abi.NB_MAP_FW_PROTO, abi.proto_idx(gen, 0), c.proto)
         if c.icmp is not None:
-            self._write_range("nb_fw_icmp", abi.icmp_idx(gen, 0), c.icmp)
+            self._write_range(abi.NB_MAP_FW_ICMP, abi.icmp_idx(gen, 0), c.icmp)
         if c.flags is not None:
-            self._write_range("nb_fw_flags", abi.flags_idx(gen, 0), c.flags)
+            self._write_range(abi.NB_MAP_FW_FLAGS, abi.flags_idx(gen, 0), c.flags)
 
     def _write_range(self, name: str, first: int, ids) -> None:
         keys = array("I", range(first, first + len(ids))).tobytes()
@@ -182,12 +185,12 @@ class FwTables:
             vals = b"".join(bytes(abi.NbRule(r.action, slot, r.count_mask, r.rl_rate,
                                              r.rl_burst, r.rl_per, sample))
                             for r, slot, sample in zip(c.rules, rule_slots, samples))
-            bpfsys.map_update_batch(self.fd("nb_fw_rules"), keys, vals, len(c.rules))
+            bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_RULES), keys, vals, len(c.rules))
         if c.count_rules:
             keys = b"".join(_U32.pack(gen * abi.NB_MAX_COUNT_RULES + i)
                             for i in range(len(c.count_rules)))
             vals = b"".join(_U32.pack(s) for s in count_slots)
-            bpfsys.map_update_batch(self.fd("nb_fw_crules"), keys, vals, len(c.count_rules))
+            bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_CRULES), keys, vals, len(c.count_rules))
 
     def _write_cfg(self, gen: int, c: CompiledDirection, set_tags: dict[str, int],
                    default_sample: int) -> None:
@@ -202,7 +205,7 @@ class FwTables:
         for k, ref in enumerate(c.setrefs):
             cfg.setref[k] = abi.NbSetref(set_tags[ref.set_name], ref.field | ref.hashed,
                                          ref.member_id, ref.nonmember_id)
-        bpfsys.map_update(self.fd("nb_fw_cfg"), _U32.pack(gen), bytes(cfg))
+        bpfsys.map_update(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), bytes(cfg))
 
     # ---- sets ----
     def write_set(self, tag: int, s: SetIR) -> None:
@@ -211,35 +214,28 @@ class FwTables:
         to the prefix trie (LPM tries have no batch update: one call each)."""
         one = _U32.pack(1)
         hashed = set_hash_flags(s)
-        head = _U32.pack(tag)
-        for name, entries, width, flag in (("nb_seth4", s.v4, 4, abi.NB_SETREF_HASH4),
-                                           ("nb_seth6", s.v6, 16, abi.NB_SETREF_HASH6)):
-            if not hashed & flag:
-                continue
-            fd = self.fd(name)
-            for i in range(0, len(entries), _BATCH):
-                part = entries[i:i + _BATCH]
-                keys = b"".join(head + a.to_bytes(width, "big") for a, _ in part)
-                bpfsys.map_update_batch(fd, keys, one * len(part), len(part))
-        for name, entries, width, flag in (("nb_set4", s.v4, 4, abi.NB_SETREF_HASH4),
-                                           ("nb_set6", s.v6, 16, abi.NB_SETREF_HASH6)):
+        for fam, trie, lpm, hname, seth, flag in _SETS:
+            entries, width = (s.v4, 4) if fam == 4 else (s.v6, 16)
             if hashed & flag:
+                fd = self.fd(hname)
+                for i in range(0, len(entries), _BATCH):
+                    part = entries[i:i + _BATCH]
+                    keys = b"".join(seth.pack(tag, a.to_bytes(width, "big")) for a, _ in part)
+                    bpfsys.map_update_batch(fd, keys, one * len(part), len(part))
                 continue
-            fd = self.fd(name)
+            fd = self.fd(trie)
             for addr, plen in entries:
-                key = _U32.pack(32 + plen) + head + addr.to_bytes(width, "big")
-                bpfsys.map_update(fd, key, one)
+                bpfsys.map_update(fd, lpm.pack(32 + plen, tag, addr.to_bytes(width, "big")), one)
 
     def delete_set(self, tag: int) -> None:
-        for name, ksize in (("nb_set4", 12), ("nb_set6", 24)):
-            fd = self.fd(name)
-            for k in [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[4:8])[0] == tag]:
+        for _, trie, lpm, hname, seth, _ in _SETS:
+            fd = self.fd(trie)
+            for k in [k for k in bpfsys.map_keys(fd, lpm.size) if lpm.unpack(k)[1] == tag]:
                 bpfsys.map_delete(fd, k)
-        for name, ksize in (("nb_seth4", 8), ("nb_seth6", 20)):
-            if name not in self.maps:
+            if hname not in self.maps:
                 continue
-            fd = self.fd(name)
-            stale = [k for k in bpfsys.map_keys(fd, ksize) if _U32.unpack(k[:4])[0] == tag]
+            fd = self.fd(hname)
+            stale = [k for k in bpfsys.map_keys(fd, seth.size) if seth.unpack(k)[0] == tag]
             for i in range(0, len(stale), _BATCH):
                 part = stale[i:i + _BATCH]
                 bpfsys.map_delete_batch(fd, b"".join(part), len(part))
@@ -251,24 +247,24 @@ class FwTables:
     def zero_slots(self, slots: list[int]) -> None:
         if not slots:
             return
-        zero = self._percpu_zero("nb_fw_cnt")
+        zero = self._percpu_zero(abi.NB_MAP_FW_CNT)
         keys = b"".join(_U32.pack(s) for s in slots)
-        bpfsys.map_update_batch(self.fd("nb_fw_cnt"), keys, zero * len(slots), len(slots))
+        bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_CNT), keys, zero * len(slots), len(slots))
 
     def zero_slots_stats(self) -> None:
-        zero = self._percpu_zero("nb_fw_stats")
+        zero = self._percpu_zero(abi.NB_MAP_FW_STATS)
         keys = b"".join(_U32.pack(s) for s in range(abi.NB_STAT_MAX))
-        bpfsys.map_update_batch(self.fd("nb_fw_stats"), keys, zero * abi.NB_STAT_MAX,
+        bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_STATS), keys, zero * abi.NB_STAT_MAX,
                                 abi.NB_STAT_MAX)
 
-    def read_counters(self, name: str = "nb_fw_cnt") -> dict[int, tuple[int, int, int]]:
+    def read_counters(self, name: str = abi.NB_MAP_FW_CNT) -> dict[int, tuple[int, int, int]]:
         """Every slot's (packets, bytes, drops) summed over CPUs."""
         m = self.maps[name]
         out = {}
         for k, per_cpu in bpfsys.map_lookup_batch(m.fd, 4, m.value_size, percpu=True):
             p = b = d = 0
             for v in per_cpu:
-                cp, cb, cd = struct.unpack_from("<QQQ", v)
+                cp, cb, cd = abi.COUNTER.unpack_from(v)
                 p, b, d = p + cp, b + cb, d + cd
             if p or b or d:
                 out[_U32.unpack(k)[0]] = (p, b, d)
@@ -281,14 +277,14 @@ class FwTables:
         for k in keys:
             per_cpu = bpfsys.map_lookup_percpu(m.fd, _U32.pack(k), m.value_size)
             if per_cpu:
-                out[k] = [struct.unpack_from("<QQQ", v) for v in per_cpu]
+                out[k] = [abi.COUNTER.unpack_from(v) for v in per_cpu]
         return out
 
     def write_percpu(self, name: str, values: dict[int, list[tuple[int, int, int]]]) -> None:
         m = self.maps[name]
         stride = (m.value_size + 7) // 8 * 8
         for k, per_cpu in values.items():
-            blob = b"".join(struct.pack("<QQQ", *v).ljust(stride, b"\0") for v in per_cpu)
+            blob = b"".join(abi.COUNTER.pack(*v).ljust(stride, b"\0") for v in per_cpu)
             bpfsys.map_update(m.fd, _U32.pack(k), blob)
 
     # ---- reading back (the inverse of write_generation / write_set) ----
@@ -298,7 +294,7 @@ class FwTables:
     def read_generation(self, gen: int) -> "GenerationImage":
         """Generation gen as the kernel holds it: the CompiledDirection write_generation was
         given (set references name their tag as 'tag<N>'), with slots and sampling."""
-        raw = bpfsys.map_lookup(self.fd("nb_fw_cfg"), _U32.pack(gen), ctypes.sizeof(abi.NbFwCfg))
+        raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), ctypes.sizeof(abi.NbFwCfg))
         cfg = abi.NbFwCfg.from_buffer_copy(raw)
         rules, slots, samples = [], [], []
         if cfg.nrules:
@@ -306,16 +302,16 @@ class FwTables:
             size = ctypes.sizeof(abi.NbRule)
             for t in range(cfg.nrules):
                 r = abi.NbRule.from_buffer_copy(
-                    bpfsys.map_lookup(self.fd("nb_fw_rules"), _U32.pack(first + t), size))
+                    bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_RULES), _U32.pack(first + t), size))
                 rules.append(RuleEntry(f"#{t}", r.action, r.count_mask, r.rl_rate, r.rl_burst,
                                        r.rl_per, ""))
                 slots.append(r.slot)
                 samples.append(r.sample)
-        count_slots = list(self._read_range("nb_fw_crules", gen * abi.NB_MAX_COUNT_RULES,
+        count_slots = list(self._read_range(abi.NB_MAP_FW_CRULES, gen * abi.NB_MAX_COUNT_RULES,
                                             cfg.ncount)) if cfg.ncount else []
         vsz = ctypes.sizeof(abi.vec_struct(self.words))
         nsum = abi.nb_sum(self.words)
-        raw = bpfsys.array_lookup_range(self.fd("nb_fw_vecs"), gen * self.class_cap,
+        raw = bpfsys.array_lookup_range(self.fd(abi.NB_MAP_FW_VECS), gen * self.class_cap,
                                         self.class_cap, vsz)
 
         def vec(i: int) -> tuple[int, int]:
@@ -324,12 +320,12 @@ class FwTables:
 
         mask = cfg.field_mask
         dirt, lpm = self._read_dir(gen, mask, list(cfg.wild_id))
-        ports = {w: self._read_range("nb_fw_ports", abi.port_idx(gen, w, 0), 65536)
+        ports = {w: self._read_range(abi.NB_MAP_FW_PORTS, abi.port_idx(gen, w, 0), 65536)
                  for w, f in ((0, abi.NB_F_SPORT), (1, abi.NB_F_DPORT)) if mask >> f & 1}
         arr = {f: self._read_range(name, first, n) if mask >> f & 1 else None
-               for f, name, first, n in ((abi.NB_F_PROTO, "nb_fw_proto", abi.proto_idx(gen, 0), 256),
-                                         (abi.NB_F_ICMP, "nb_fw_icmp", abi.icmp_idx(gen, 0), 65536),
-                                         (abi.NB_F_FLAGS, "nb_fw_flags", abi.flags_idx(gen, 0), 256))}
+               for f, name, first, n in ((abi.NB_F_PROTO, abi.NB_MAP_FW_PROTO, abi.proto_idx(gen, 0), 256),
+                                         (abi.NB_F_ICMP, abi.NB_MAP_FW_ICMP, abi.icmp_idx(gen, 0), 65536),
+                                         (abi.NB_F_FLAGS, abi.NB_MAP_FW_FLAGS, abi.flags_idx(gen, 0), 256))}
         hash_bits = abi.NB_SETREF_HASH4 | abi.NB_SETREF_HASH6
         setrefs = [SetRef(f"tag{r.tag}", r.field & ~hash_bits, r.member_id, r.nonmember_id,
                           r.field & hash_bits)
@@ -358,7 +354,7 @@ class FwTables:
         chunk_of: dict[int, int] = {}           # kernel chunk index -> index in dirt.chunks
 
         def read(first: int, n: int) -> array:
-            return array("I", b"".join(bpfsys.array_lookup_range(self.fd("nb_fw_dir"), first,
+            return array("I", b"".join(bpfsys.array_lookup_range(self.fd(abi.NB_MAP_FW_DIR), first,
                                                                  n, 4)))
 
         def walk(tbl: array, prefix: int, depth: int, f: int, fam: int, width: int) -> None:
@@ -391,15 +387,12 @@ class FwTables:
     def read_set(self, tag: int) -> SetIR:
         """The entries written by write_set(tag, ...): the prefix trie's and the hash map's."""
         out = {}
-        head = _U32.pack(tag)
-        for fam, name, ksize, hname, width in ((4, "nb_set4", 12, "nb_seth4", 4),
-                                               (6, "nb_set6", 24, "nb_seth6", 16)):
-            entries = [(int.from_bytes(k[8:], "big"), _U32.unpack(k[:4])[0] - 32)
-                       for k in bpfsys.map_keys(self.fd(name), ksize) if k[4:8] == head]
+        for fam, trie, lpm, hname, seth, _ in _SETS:
+            keys = (lpm.unpack(k) for k in bpfsys.map_keys(self.fd(trie), lpm.size))
+            entries = [(int.from_bytes(a, "big"), plen - 32) for plen, t, a in keys if t == tag]
             if hname in self.maps:
-                entries += [(int.from_bytes(k[4:], "big"), width * 8)
-                            for k in bpfsys.map_keys(self.fd(hname), 4 + width)
-                            if k[:4] == head]
+                keys = (seth.unpack(k) for k in bpfsys.map_keys(self.fd(hname), seth.size))
+                entries += [(int.from_bytes(a, "big"), len(a) * 8) for t, a in keys if t == tag]
             out[fam] = tuple(sorted(entries))
         return SetIR(f"tag{tag}", v4=out[4], v6=out[6])
 
@@ -445,8 +438,8 @@ class CounterCarry:
     def __init__(self, old: FwTables, new: FwTables, slots: list[tuple[int, int]]):
         """slots: (old slot, new slot) of every rule that stays; totals keep their keys."""
         self.old, self.new = old, new
-        self.pairs = {"nb_fw_cnt": dict(slots),
-                      "nb_fw_stats": {k: k for k in range(abi.NB_STAT_MAX)}}
+        self.pairs = {abi.NB_MAP_FW_CNT: dict(slots),
+                      abi.NB_MAP_FW_STATS: {k: k for k in range(abi.NB_STAT_MAX)}}
         self.snap: dict[str, dict] = {}
 
     def copy(self) -> None:

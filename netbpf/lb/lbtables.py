@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import struct
 from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,16 +20,12 @@ from netbpf.policy.ir import LoadBalancerIR, addr_text
 from netbpf.kernel import bpfsys
 from netbpf.lb.maglev import NO_BACKEND, maglev_table
 
-NB_LB_MAX_VIPS = abi.NB_LB_MAX_VIPS
-NB_LB_MAX_BACKENDS = abi.NB_LB_MAX_BACKENDS
-NB_LB_NAT, NB_LB_DSR = abi.NB_LB_NAT, abi.NB_LB_DSR
-NB_BE_ACTIVE = abi.NB_BE_ACTIVE
 TOUCH_NS = 1_000_000_000      # a flow's last-seen time is rewritten at most once a second
-MIN_RING_CAP = 1 << 19
-LB_MAPS = ("nb_lb_vips", "nb_lb_ring", "nb_lb_backends", "nb_lb_flows", "nb_lb_nat", "nb_lb_cnt")
+MIN_RING_CAP = abi.NB_LB_RING_CAP
+LB_MAPS = abi.LB_MAPS
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 
-_U32 = struct.Struct("<I")
+_U32 = abi.U32
 
 
 def backend_identity(lb: str, family: int, addr: int, port: int) -> str:
@@ -95,7 +90,7 @@ def plan_lb(lbs: list[LoadBalancerIR], old: LbState | None, ring_cap: int,
     new = LbState(ring_cap=ring_cap)
     # Backend ids: kept by identity; new ones avoid every id the running tables may use.
     used_ids = set(old.backends.values())
-    free_ids = (i for i in range(NB_LB_MAX_BACKENDS) if i not in used_ids)
+    free_ids = (i for i in range(abi.NB_LB_MAX_BACKENDS) if i not in used_ids)
     for lb in lbs:
         for b in lb.backends:
             ident = backend_identity(lb.name, b.family, b.addr, b.port)
@@ -105,11 +100,11 @@ def plan_lb(lbs: list[LoadBalancerIR], old: LbState | None, ring_cap: int,
             if bid is None:
                 bid = next(free_ids, None)
                 if bid is None:
-                    raise NetbpfError(f"more than {NB_LB_MAX_BACKENDS} backends")
+                    raise NetbpfError(f"more than {abi.NB_LB_MAX_BACKENDS} backends")
             new.backends[ident] = bid
     # VIP indexes and ring regions: kept by name while the table size stays.
     used_idx = {v.index for v in old.vips.values()}
-    free_idx = (i for i in range(NB_LB_MAX_VIPS) if i not in used_idx)
+    free_idx = (i for i in range(abi.NB_LB_MAX_VIPS) if i not in used_idx)
     regions: list[tuple[int, int]] = []
     changed = []
     for lb in lbs:
@@ -126,7 +121,7 @@ def plan_lb(lbs: list[LoadBalancerIR], old: LbState | None, ring_cap: int,
         else:
             index = old.vips[lb.name].index if lb.name in old.vips else next(free_idx, None)
             if index is None:
-                raise NetbpfError(f"more than {NB_LB_MAX_VIPS} load balancers")
+                raise NetbpfError(f"more than {abi.NB_LB_MAX_VIPS} load balancers")
             v = VipState(lb.name, index, -1, lb.table_size, 0, lb.mode, lb.family, lb.vip,
                          lb.port, lb.proto, digest, idents)
             changed.append(lb.name)
@@ -169,7 +164,7 @@ def vip_value(v: VipState, lb: LoadBalancerIR, first: int) -> bytes:
     refreshed every TOUCH_NS (a quarter of shorter timeouts), so a flow is forgotten between
     idle_timeout - TOUCH_NS and idle_timeout after its last packet."""
     idle = int(lb.idle_s * 1e9)
-    return bytes(abi.NbVip(index=v.index, mode=NB_LB_NAT if v.mode == "nat" else NB_LB_DSR,
+    return bytes(abi.NbVip(index=v.index, mode=abi.NB_LB_NAT if v.mode == "nat" else abi.NB_LB_DSR,
                            ring_off=first, ring_size=v.size, idle_ns=idle,
                            touch_ns=min(TOUCH_NS, idle // 4)))
 
@@ -181,9 +176,9 @@ def backend_value(family: int, addr: int, port: int, flags: int) -> bytes:
 
 
 # The maps shared through pins across program changes, and the shapes this netbpf needs.
-SHARED_SHAPES = {"nb_lb_flows": (abi.NbFlowKey, abi.NbFlow),
-                 "nb_lb_nat": (abi.NbNatKey, abi.NbNatVal),
-                 "nb_lb_cnt": (ctypes.c_uint32, abi.NbLbCounter)}
+SHARED_SHAPES = {abi.NB_MAP_LB_FLOWS: (abi.NbFlowKey, abi.NbFlow),
+                 abi.NB_MAP_LB_NAT: (abi.NbNatKey, abi.NbNatVal),
+                 abi.NB_MAP_LB_CNT: (ctypes.c_uint32, abi.NbLbCounter)}
 
 
 def stale_shared_maps(directory: Path) -> list[str]:
@@ -201,15 +196,6 @@ def stale_shared_maps(directory: Path) -> list[str]:
         if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
             stale.append(name)
     return stale
-
-
-LB_ENTRY = "nb_lb_entry"      # the balancer's own XDP program, reached by tail call
-
-
-def link_lb_entry(loaded) -> None:
-    """Point the firewall's tail-call slot at the balancer program loaded beside it."""
-    fd = loaded.prog_fd(LB_ENTRY)
-    bpfsys.map_update(loaded.maps["nb_lb_jump"].fd, _U32.pack(0), _U32.pack(fd))
 
 
 class LbTables:
@@ -242,9 +228,9 @@ class LbTables:
             for b in lb.backends:
                 ident = backend_identity(lb.name, b.family, b.addr, b.port)
                 # a backend found down is inactive: its flows are dead, balance them again
-                flags = 0 if ident in down else NB_BE_ACTIVE
+                flags = 0 if ident in down else abi.NB_BE_ACTIVE
                 val = backend_value(b.family, b.addr, b.port, flags)
-                bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(new.backends[ident]), val)
+                bpfsys.map_update(self.fds[abi.NB_MAP_LB_BACKENDS], _U32.pack(new.backends[ident]), val)
         for name in changed:
             v, lb = new.vips[name], by_name[name]
             weights = [0 if backend_identity(name, b.family, b.addr, b.port) in down else b.weight
@@ -256,23 +242,23 @@ class LbTables:
             ring = array("I", (NO_BACKEND if i == NO_BACKEND else ids[i] for i in table))
             first = v.base + v.half * v.size
             keys = array("I", range(first, first + v.size)).tobytes()
-            bpfsys.map_update_batch(self.fds["nb_lb_ring"], keys, ring.tobytes(), v.size)
-            bpfsys.map_update(self.fds["nb_lb_vips"], _vip_key(v), vip_value(v, lb, first))
+            bpfsys.map_update_batch(self.fds[abi.NB_MAP_LB_RING], keys, ring.tobytes(), v.size)
+            bpfsys.map_update(self.fds[abi.NB_MAP_LB_VIPS], _vip_key(v), vip_value(v, lb, first))
         old = old or LbState()
         live_keys = {_vip_key(v) for v in new.vips.values()}
         for v in old.vips.values():
             if _vip_key(v) not in live_keys:
-                bpfsys.map_delete(self.fds["nb_lb_vips"], _vip_key(v))
+                bpfsys.map_delete(self.fds[abi.NB_MAP_LB_VIPS], _vip_key(v))
         # Removed backends: inactive, so their flows are balanced again (see docs/lb.md).
         gone = set(old.backends.values()) - set(new.backends.values())
         for bid in gone:
-            bpfsys.map_update(self.fds["nb_lb_backends"], _U32.pack(bid),
+            bpfsys.map_update(self.fds[abi.NB_MAP_LB_BACKENDS], _U32.pack(bid),
                               bytes(ctypes.sizeof(abi.NbBackend)))
 
     def counters(self) -> dict[int, tuple[int, int, int]]:
         out = {}
         size = ctypes.sizeof(abi.NbLbCounter)
-        for k, per_cpu in bpfsys.map_lookup_batch(self.fds["nb_lb_cnt"], 4, size, percpu=True):
+        for k, per_cpu in bpfsys.map_lookup_batch(self.fds[abi.NB_MAP_LB_CNT], 4, size, percpu=True):
             tot = [0, 0, 0]
             for v in per_cpu:
                 c = abi.NbLbCounter.from_buffer_copy(v[:size])
@@ -284,7 +270,7 @@ class LbTables:
 
     def flows(self):
         """(key, value) of every remembered flow, as abi.NbFlowKey / abi.NbFlow."""
-        for k, v in bpfsys.map_lookup_batch(self.fds["nb_lb_flows"],
+        for k, v in bpfsys.map_lookup_batch(self.fds[abi.NB_MAP_LB_FLOWS],
                                             ctypes.sizeof(abi.NbFlowKey),
                                             ctypes.sizeof(abi.NbFlow)):
             yield abi.NbFlowKey.from_buffer_copy(k), abi.NbFlow.from_buffer_copy(v)

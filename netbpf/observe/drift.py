@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import time
 
+from netbpf import abi
 from netbpf.errors import NetbpfError
 from netbpf.kernel import attach, link
 from netbpf.kernel.api import kernel
 from netbpf.store.progspec import PROG_PIN, PROGRAM_NAMES
 from netbpf.store.state import InterfaceState, Journal, PartState, load_journal, pin_dir
-
-_U32_ZERO = (0).to_bytes(4, "little")
 
 
 def netns_gone(netns: str | None) -> bool:
@@ -55,11 +54,11 @@ def attached_prog_id(st: InterfaceState, direction: str, part: PartState) -> int
 
 def active_gen(key: str, direction: str) -> int | None:
     try:
-        with kernel().obj_get(pin_dir(key) / direction / "nb_fw_gen") as fd:
-            raw = kernel().map_lookup(fd, _U32_ZERO, 4)
+        with kernel().obj_get(pin_dir(key) / direction / abi.NB_MAP_FW_GEN) as fd:
+            raw = kernel().map_lookup(fd, abi.U32.pack(0), abi.U32.size)
     except NetbpfError:
         return None
-    return int.from_bytes(raw, "little") & 1 if raw is not None else 0
+    return abi.U32.unpack(raw)[0] & 1 if raw is not None else 0
 
 
 def journal_progress(j: Journal) -> dict[str, bool]:

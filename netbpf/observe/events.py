@@ -80,7 +80,7 @@ def follow(ifname: str, netns: str | None, directions=("ingress", "egress"),
         part = st.parts.get(d)
         if part is None:
             continue
-        fd = bpfsys.obj_get(pin_dir(key) / d / "nb_fw_events")
+        fd = bpfsys.obj_get(pin_dir(key) / d / abi.NB_MAP_FW_EVENTS)
         sources.append(_Source(d, fd, {r.slot: r.name for r in part.rules}))
     if not sources:
         raise NetbpfError(f"{ifname}: no {'/'.join(directions)} program to read events from")

@@ -148,25 +148,21 @@ class ProgramCopy:
     slot_names: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        from netbpf.store.progspec import PROGRAMS
-        from netbpf.kernel.loader import load_program
-        from netbpf.fw.reject import REJECT_ENTRY, link_reject_entry
+        from netbpf.fw.program import build_program
+        from netbpf.store.progspec import ProgramSpec
 
         part = self.st.parts[self.direction]
-        source, self.func, prog_type = PROGRAMS[(self.direction, part.hook)]
-        defines = {"NB_WORDS": part.words, "NB_CLASS_CAP": part.class_cap,
-                   "NB_DIR_CHUNKS": part.dir_chunks, "NB_FIELDS": part.fields}
-        if self.st.conntrack:
-            defines["NB_CONNTRACK"] = 1      # its own, empty connection table
-        self.prog_type = prog_type
+        # conntrack: its own, empty connection table
+        spec = ProgramSpec.for_part(self.direction, part.hook, words=part.words,
+                                    class_cap=part.class_cap, chunks=part.dir_chunks,
+                                    fields=part.fields, conntrack=self.st.conntrack)
+        self.func, self.prog_type = spec.func, spec.prog_type
         # cached per process: explain/selftest of many interfaces compile each shape once;
         # every copy rewrites the generation, sets and counters it uses
-        self.loaded = load_program(source, defines, {self.func: prog_type,
-                                                     REJECT_ENTRY[prog_type]: prog_type},
-                                   cache=True)
+        built = build_program(spec, cache=True)
+        self.loaded = built.loaded
         try:
-            link_reject_entry(self.loaded, prog_type)
-            self.tables = FwTables.from_loaded(self.loaded, part.words, part.class_cap)
+            self.tables = built.tables
             live = open_tables(self.st, self.direction)
             try:
                 live.copy_to(self.tables, live.active_gen(), [s.tag for s in part.sets])

@@ -5,12 +5,11 @@ formats them. Not the exporter or the event reader, not any write.
 """
 from __future__ import annotations
 
-import struct
 import time
 
 from netbpf import abi
 from netbpf.observe.drift import drift
-from netbpf.lb.lbtables import NB_LB_MAX_VIPS, PROTO_NAMES, LbState, LbTables
+from netbpf.lb.lbtables import PROTO_NAMES, LbState, LbTables
 from netbpf.errors import NetbpfError
 from netbpf.fw.fwtables import FwTables
 from netbpf.policy.ir import addr_text
@@ -61,7 +60,7 @@ def _load_balancers(st: InterfaceState) -> list[dict]:
         backends = []
         for ident in v.backends:
             bid = lb.backends[ident]
-            bp, bb, bc = cnt.get(NB_LB_MAX_VIPS + bid, (0, 0, 0))
+            bp, bb, bc = cnt.get(abi.NB_LB_MAX_VIPS + bid, (0, 0, 0))
             _, addr, port = ident.rsplit("|", 2)
             backends.append({"address": addr, "port": int(port), "id": bid,
                              "state": "down" if ident in down else "up",
@@ -81,8 +80,8 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
         raise NetbpfError(f"{st.ifname}: pinned {part.direction} maps unreadable ({e}); "
                           "re-apply the policy") from e
     try:
-        counters = tables.read_counters("nb_fw_cnt")
-        totals = tables.read_counters("nb_fw_stats")
+        counters = tables.read_counters(abi.NB_MAP_FW_CNT)
+        totals = tables.read_counters(abi.NB_MAP_FW_STATS)
         gen = tables.active_gen()
         table_mem = tables.memory_bytes()
     finally:
@@ -112,13 +111,13 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
 
 
 def _conntrack(st: InterfaceState) -> dict:
-    path = pin_dir(st.key) / "ingress" / "nb_ct"
+    path = pin_dir(st.key) / "ingress" / abi.NB_MAP_CT
     states = {name: 0 for name in abi.CT_STATE_NAMES.values()}
     try:
         with bpfsys.obj_get(path) as fd:
             info = bpfsys.map_info(fd)
             for _, v in bpfsys.map_lookup_batch(fd, info.key_size, info.value_size):
-                state = struct.unpack_from("<QQI", v)[2]
+                state = abi.CT_VAL.unpack_from(v)[2]
                 name = abi.CT_STATE_NAMES.get(state)
                 if name:
                     states[name] += 1

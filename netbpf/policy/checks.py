@@ -272,16 +272,16 @@ def _load_balancer_checks(view: PolicyView, where: Callable[[Loc], str]
     backends = 0
     for n, (name, lb) in enumerate(view.load_balancers.items(), 1):
         loc = ("load_balancers", name)
-        if n == abi.NB_MAX_VIPS + 1:
-            errors.append((loc, f"more than {abi.NB_MAX_VIPS} load balancers: the data plane "
-                                "serves at most that many VIPs (NB_MAX_VIPS)"))
+        if n == abi.NB_LB_MAX_VIPS + 1:
+            errors.append((loc, f"more than {abi.NB_LB_MAX_VIPS} load balancers: the data plane "
+                                "serves at most that many VIPs (NB_LB_MAX_VIPS)"))
         before = backends
         backends += len(lb.backends)
-        if before <= abi.NB_MAX_BACKENDS < backends:
+        if before <= abi.NB_LB_MAX_BACKENDS < backends:
             errors.append((loc + ("backends",),
                            f"{backends} backends in load balancers up to and including '{name}'"
-                           f": the data plane holds at most {abi.NB_MAX_BACKENDS} over all load "
-                           "balancers (NB_MAX_BACKENDS)"))
+                           f": the data plane holds at most {abi.NB_LB_MAX_BACKENDS} over all load "
+                           "balancers (NB_LB_MAX_BACKENDS)"))
         key = (*lb.vip, lb.port, lb.proto)
         if key in vips:
             other = vips[key]

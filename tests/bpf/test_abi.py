@@ -1,110 +1,68 @@
-"""netbpf/abi.py against bpf/include/netbpf_abi.h: sizes and offsets of every shared struct.
-
-The header is compiled by the host compiler into a program printing sizeof/offsetof (the
-BPF target lays out these fixed-width structs the same way), and a real bcc load is checked
-for the key and value sizes the maps end up with. If either drifts, this fails.
+"""The loaded-map half of the contract: after a real bcc load, every map has the name, key
+size and value size netbpf/abi.py packs for. The header half (sizes, offsets, constants,
+names against the host compiler, no root) is tests/unit/test_abi_contract.py.
 """
 from __future__ import annotations
 
 import ctypes
-import subprocess
 
 import pytest
 
 from netbpf import abi
-from netbpf.lb.lbtables import LB_MAPS
+from netbpf.store.progspec import ProgramSpec
 
-STRUCTS = {  # C struct -> ctypes mirror (None: shape-dependent, checked through vec_struct)
-    "nb_gen": abi.NbGen, "nb_setref": abi.NbSetref, "nb_fw_cfg": abi.NbFwCfg,
-    "nb_rule": abi.NbRule, "nb_lpm4_key": abi.NbLpm4Key, "nb_lpm6_key": abi.NbLpm6Key,
-    "nb_counter": abi.NbCounter, "nb_rl_key": abi.NbRlKey, "nb_rl_state": abi.NbRlState,
-    "nb_ct_key": abi.NbCtKey, "nb_ct_val": abi.NbCtVal, "nb_ct_cfg": abi.NbCtCfg,
-    "nb_seth4_key": abi.NbSeth4Key, "nb_seth6_key": abi.NbSeth6Key,
-    "nb_vip_key": abi.NbVipKey, "nb_vip": abi.NbVip, "nb_backend": abi.NbBackend,
-    "nb_flow_key": abi.NbFlowKey, "nb_flow": abi.NbFlow, "nb_nat_key": abi.NbNatKey,
-    "nb_nat_val": abi.NbNatVal, "nb_lb_counter": abi.NbLbCounter,
-}
-CONSTANTS = ["NB_MAX_COUNT_RULES", "NB_MAX_SETREFS", "NB_PREFIX_CAP", "NB_SET_CAP",
-             "NB_RL_ENTRIES", "NB_ACT_ALLOW", "NB_ACT_DROP", "NB_ACT_RATE", "NB_ACT_REJECT", "NB_REJECT_PPS", "NB_REJECT_BURST", "NB_REJECT_QUOTE", "NB_STAT_REJECT", "NB_F_SRC",
-             "NB_F_DST", "NB_F_PROTO", "NB_F_SPORT", "NB_F_DPORT", "NB_F_ICMP", "NB_F_FLAGS",
-             "NB_F_SET0", "NB_NFIELDS", "NB_STAT_MAX", "NB_STAT_CT_REPLY", "NB_STAT_LB_DROP",
-             "NB_CT_ENTRIES", "NB_CT_NTIMEOUTS", "NB_SETREF_HASH4", "NB_SETREF_HASH6",
-             "NB_DIR_MAX_CHUNKS", "NB_DIR_ROOT", "NB_DIR_PTR", "NB_LB_MAX_VIPS",
-             "NB_LB_MAX_BACKENDS", "NB_LB_FLOWS", "NB_LB_NO_BACKEND", "NB_LB_NAT", "NB_LB_DSR",
-             "NB_BE_ACTIVE"]
+U32 = 4
+
+
+def expected(words: int) -> dict[str, tuple[int, int]]:
+    size = ctypes.sizeof
+    return {
+        abi.NB_MAP_FW_GEN: (U32, size(abi.NbGen)),
+        abi.NB_MAP_FW_CFG: (U32, size(abi.NbFwCfg)),
+        abi.NB_MAP_FW_RULES: (U32, size(abi.NbRule)),
+        abi.NB_MAP_FW_CRULES: (U32, U32),
+        abi.NB_MAP_FW_VECS: (U32, size(abi.vec_struct(words))),
+        abi.NB_MAP_FW_DIR: (U32, U32),
+        abi.NB_MAP_FW_PORTS: (U32, U32),
+        abi.NB_MAP_FW_PROTO: (U32, U32),
+        abi.NB_MAP_FW_ICMP: (U32, U32),
+        abi.NB_MAP_FW_FLAGS: (U32, U32),
+        abi.NB_MAP_SET4: (size(abi.NbLpm4Key), U32),
+        abi.NB_MAP_SET6: (size(abi.NbLpm6Key), U32),
+        abi.NB_MAP_SETH4: (size(abi.NbSeth4Key), U32),
+        abi.NB_MAP_SETH6: (size(abi.NbSeth6Key), U32),
+        abi.NB_MAP_FW_CNT: (U32, size(abi.NbCounter)),
+        abi.NB_MAP_FW_STATS: (U32, size(abi.NbCounter)),
+        abi.NB_MAP_FW_RL: (size(abi.NbRlKey), size(abi.NbRlState)),
+        abi.NB_MAP_FW_EVENTS: (0, 0),                   # ring buffer: records of nb_event
+        abi.NB_MAP_CT: (size(abi.NbCtKey), size(abi.NbCtVal)),
+        abi.NB_MAP_CT_CFG: (U32, size(abi.NbCtCfg)),
+        abi.NB_MAP_LB_VIPS: (size(abi.NbVipKey), size(abi.NbVip)),
+        abi.NB_MAP_LB_RING: (U32, U32),
+        abi.NB_MAP_LB_BACKENDS: (U32, size(abi.NbBackend)),
+        abi.NB_MAP_LB_FLOWS: (size(abi.NbFlowKey), size(abi.NbFlow)),
+        abi.NB_MAP_LB_NAT: (size(abi.NbNatKey), size(abi.NbNatVal)),
+        abi.NB_MAP_LB_CNT: (U32, size(abi.NbLbCounter)),
+        abi.NB_MAP_LB_JUMP: (U32, U32),
+        abi.NB_MAP_REJ_JUMP: (U32, U32),
+    }
 
 
 @pytest.fixture(scope="module")
-def c_layout(tmp_path_factory) -> dict[str, int]:
-    d = tmp_path_factory.mktemp("abi")
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include <linux/types.h>',
-             f'#include "{abi.ABI_HEADER}"', "int main(void) {"]
-    for name, mirror in STRUCTS.items():
-        lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
-        for fname, *_ in mirror._fields_:
-            lines.append(f'printf("{name}.{fname} %zu\\n", offsetof(struct {name}, {fname}));')
-    for c in CONSTANTS:
-        lines.append(f'printf("{c} %lld\\n", (long long)({c}));')
-    lines.append("return 0; }")
-    src = d / "layout.c"
-    src.write_text("\n".join(lines))
-    subprocess.run(["cc", "-o", str(d / "layout"), str(src)], check=True)
-    out = subprocess.run([str(d / "layout")], capture_output=True, text=True, check=True).stdout
-    vals = dict(line.split() for line in out.splitlines())
-    for words in abi.WORD_BUCKETS:
-        vec = d / f"vec{words}.c"
-        vec.write_text(f'#include <stdio.h>\n#include <linux/types.h>\n#define NB_WORDS {words}\n'
-                       f'#include "{abi.ABI_HEADER}"\nint main(void) '
-                       f'{{ printf("%zu\\n", sizeof(struct nb_vec)); return 0; }}\n')
-        subprocess.run(["cc", "-o", str(d / f"vec{words}"), str(vec)], check=True)
-        vals[f"nb_vec{words}"] = subprocess.run([str(d / f"vec{words}")], capture_output=True,
-                                                text=True, check=True).stdout.strip()
-    return {k: int(v) for k, v in vals.items()}
-
-
-@pytest.mark.parametrize("name", list(STRUCTS))
-def test_struct_size_and_offsets_match(c_layout, name):
-    mirror = STRUCTS[name]
-    assert ctypes.sizeof(mirror) == c_layout[name]
-    for fname, *_ in mirror._fields_:
-        assert getattr(mirror, fname).offset == c_layout[f"{name}.{fname}"], fname
-
-
-@pytest.mark.parametrize("words", abi.WORD_BUCKETS)
-def test_vector_size_matches_each_shape(c_layout, words):
-    assert ctypes.sizeof(abi.vec_struct(words)) == c_layout[f"nb_vec{words}"]
-    assert len(abi.pack_vec(words, 1, 1)) == c_layout[f"nb_vec{words}"]
-
-
-@pytest.mark.parametrize("const", CONSTANTS)
-def test_constants_match(c_layout, const):
-    assert getattr(abi, const) == c_layout[const]
-
-
-def test_loaded_maps_have_the_mirrored_sizes():
-    from netbpf.store.progspec import FW_PROG, FW_SOURCE
+def full_xdp():
+    """The XDP program with every feature compiled in, as the balancer + conntrack apply
+    builds it (cached: the other bpf tests share the compile)."""
     from netbpf.kernel.loader import load_program
+    spec = ProgramSpec.for_part("ingress", "xdp", words=4, class_cap=64, conntrack=True,
+                                lb_ring_cap=abi.NB_LB_RING_CAP)
+    return load_program(spec.source, spec.defines(), spec.functions(), cache=True)
 
-    loaded = load_program(FW_SOURCE, {"NB_WORDS": 4, "NB_CLASS_CAP": 64, "NB_CONNTRACK": 1,
-                                      "NB_LB": 1}, {FW_PROG: "xdp", "nb_lb_entry": "xdp"},
-                          cache=True)
-    m = loaded.maps
-    expect = {
-        "nb_fw_cfg": (4, ctypes.sizeof(abi.NbFwCfg)), "nb_fw_rules": (4, ctypes.sizeof(abi.NbRule)),
-        "nb_fw_vecs": (4, ctypes.sizeof(abi.vec_struct(4))),
-        "nb_fw_dir": (4, 4),
-        "nb_seth4": (ctypes.sizeof(abi.NbSeth4Key), 4),
-        "nb_seth6": (ctypes.sizeof(abi.NbSeth6Key), 4),
-        "nb_fw_cnt": (4, ctypes.sizeof(abi.NbCounter)), "nb_fw_rl": (ctypes.sizeof(abi.NbRlKey),
-                                                                     ctypes.sizeof(abi.NbRlState)),
-        "nb_ct": (ctypes.sizeof(abi.NbCtKey), ctypes.sizeof(abi.NbCtVal)),
-        "nb_ct_cfg": (4, ctypes.sizeof(abi.NbCtCfg)),
-        "nb_lb_vips": (ctypes.sizeof(abi.NbVipKey), ctypes.sizeof(abi.NbVip)),
-        "nb_lb_backends": (4, ctypes.sizeof(abi.NbBackend)),
-        "nb_lb_flows": (ctypes.sizeof(abi.NbFlowKey), ctypes.sizeof(abi.NbFlow)),
-        "nb_lb_nat": (ctypes.sizeof(abi.NbNatKey), ctypes.sizeof(abi.NbNatVal)),
-        "nb_lb_cnt": (4, ctypes.sizeof(abi.NbLbCounter)),
-    }
-    for name, sizes in expect.items():
+
+def test_loaded_maps_have_the_mirrored_sizes(full_xdp):
+    m = full_xdp.maps
+    for name, sizes in expected(4).items():
         assert (m[name].key_size, m[name].value_size) == sizes, name
-    assert set(LB_MAPS) <= set(m)
+
+
+def test_full_program_creates_exactly_the_contract_maps(full_xdp):
+    assert set(full_xdp.maps) == set(abi.MAP_NAMES)

@@ -23,9 +23,6 @@ from cases.firewall import CASES, eth, v4, v6
 from unit.fw_builders import direction, ip_set, rule
 
 from netbpf import abi
-from netbpf.store.progspec import TC_EGRESS_PROG, TC_SOURCE
-from netbpf.fw.fwtables import FwTables
-from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import (TC_ACT_UNSPEC, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
                                    tc_verdict_name, xdp_verdict_name)
 from netbpf.kernel.testrun import test_run as run_prog
@@ -71,17 +68,9 @@ FRAMES = list(dict.fromkeys(
     ]))
 
 
-class TcProg(FwProg):
+def TcProg(words: int, class_cap: int) -> FwProg:
     """FwProg for the TC egress program: same maps and install, run as SCHED_CLS."""
-
-    def __init__(self, words: int, class_cap: int):
-        self.loaded = load_program(TC_SOURCE, {"NB_WORDS": words, "NB_CLASS_CAP": class_cap},
-                                   {TC_EGRESS_PROG: "sched_cls"}, cache=True)
-        self.tables = FwTables.from_loaded(self.loaded, words, class_cap)
-        self.fd = self.loaded.prog_fd(TC_EGRESS_PROG)
-        self.compiled = None
-        self.slots = {}
-        self._tags = []
+    return FwProg(words, class_cap, direction="egress", hook="tc")
 
 
 def _skb_refused(frame: bytes) -> bool:

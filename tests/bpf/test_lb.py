@@ -22,15 +22,12 @@ from cases.firewall import eth
 from unit.fw_builders import direction
 
 from netbpf import abi
-from netbpf.store.progspec import FW_PROG, FW_SOURCE
-from netbpf.fw.compile import compile_direction
-from netbpf.fw.fwtables import FwTables
+from netbpf.fw.program import build_program
 from netbpf.policy.ir import BackendIR, LoadBalancerIR
 from netbpf.kernel import bpfsys
-from netbpf.kernel.loader import load_program
 from netbpf.kernel.testrun import test_run as run_prog
-from netbpf.lb.lbtables import (LB_ENTRY, LbState, LbTables, link_lb_entry, plan_lb,
-                             stale_shared_maps)
+from netbpf.lb.lbtables import LbState, LbTables, plan_lb, stale_shared_maps
+from netbpf.store.progspec import ProgramSpec
 
 VIP4, VIP6 = "10.20.0.100", "fd00:20::100"
 XDP_DROP, XDP_PASS = 1, 2
@@ -49,24 +46,20 @@ def lb_ir(vip: str, weights=(1, 1, 2), proto=6, mode="nat", idle=None,
 
 @pytest.fixture(scope="module")
 def prog():
-    loaded = load_program(FW_SOURCE, {"NB_WORDS": 1, "NB_CLASS_CAP": 64, "NB_LB": 1},
-                          {FW_PROG: "xdp", LB_ENTRY: "xdp"}, cache=True)
-    link_lb_entry(loaded)
-    fw = FwTables.from_loaded(loaded, 1, 64)
-    fw.write_generation(0, compile_direction(direction()), [], [], {})
-    fw.flip(0)
+    fw = build_program(ProgramSpec(lb_ring_cap=abi.NB_LB_RING_CAP), cache=True)
+    fw.install(direction())
     state = {"lb": LbState()}
 
     def install(*lbs: LoadBalancerIR, down=frozenset()):
-        new, changed = plan_lb(list(lbs), state["lb"], 1 << 19, set(down))
-        LbTables.from_loaded(loaded).write(list(lbs), new, changed, state["lb"], set(down))
+        new, changed = plan_lb(list(lbs), state["lb"], abi.NB_LB_RING_CAP, set(down))
+        LbTables.from_loaded(fw.loaded).write(list(lbs), new, changed, state["lb"], set(down))
         state["lb"] = new
 
     def run(frame: bytes):
-        r = run_prog(loaded.prog_fd(FW_PROG), frame)
+        r = run_prog(fw.fd, frame)
         return r.retval, Ether(r.data_out)
 
-    return install, run, LbTables.from_loaded(loaded), state
+    return install, run, LbTables.from_loaded(fw.loaded), state
 
 
 def valid_checksums(pkt) -> bool:
@@ -117,7 +110,7 @@ def age_flow(tables: LbTables, sport: int, seconds: float) -> None:
     """Make the flow from sport look idle for that long (as if its last packet were then)."""
     k, v = flow_of(tables, sport)
     v.last_ns = now_ns() - int(seconds * 1e9)
-    bpfsys.map_update(tables.fds["nb_lb_flows"], bytes(k), bytes(v))
+    bpfsys.map_update(tables.fds[abi.NB_MAP_LB_FLOWS], bytes(k), bytes(v))
 
 
 def test_nat_rewrites_destination_with_valid_checksums(prog):
@@ -216,7 +209,7 @@ def test_syn_ack_and_later_packets_use_the_flow_entry(prog):
     ids = {bid: ident for ident, bid in state["lb"].backends.items()}
     other = next(bid for bid in ids if bid != v.backend)
     v.backend = other                               # an entry naming another backend
-    bpfsys.map_update(tables.fds["nb_lb_flows"], bytes(k), bytes(v))
+    bpfsys.map_update(tables.fds[abi.NB_MAP_LB_FLOWS], bytes(k), bytes(v))
     moved = backend_of(run, ack(VIP4, 32000))
     assert moved != b and moved == ids[other].split("|")[1]
     assert backend_of(run, syn(VIP4, 32000, flags="SA")) == moved
@@ -292,7 +285,7 @@ def test_vip_entry_carries_the_idle_timeout(prog):
     install, _, tables, _ = prog
     install(lb_ir(VIP4, proto=17, idle=2))
     (k, v), = [(k, abi.NbVip.from_buffer_copy(v)) for k, v in
-               bpfsys.map_lookup_batch(tables.fds["nb_lb_vips"], ctypes.sizeof(abi.NbVipKey),
+               bpfsys.map_lookup_batch(tables.fds[abi.NB_MAP_LB_VIPS], ctypes.sizeof(abi.NbVipKey),
                                        ctypes.sizeof(abi.NbVip))]
     assert (v.idle_ns, v.touch_ns) == (2_000_000_000, 500_000_000)
 
@@ -313,12 +306,12 @@ def test_flow_table_pinned_by_an_older_layout_is_found_stale(pin_dir):
     verifier refuses 8-byte flow values now that they carry a last-seen time)."""
     lru_hash, percpu_array = 9, 6
     pin_dir.mkdir()
-    _pin_map(pin_dir / "nb_lb_flows", lru_hash, ctypes.sizeof(abi.NbFlowKey), 8)
-    _pin_map(pin_dir / "nb_lb_nat", lru_hash, ctypes.sizeof(abi.NbNatKey),
+    _pin_map(pin_dir / abi.NB_MAP_LB_FLOWS, lru_hash, ctypes.sizeof(abi.NbFlowKey), 8)
+    _pin_map(pin_dir / abi.NB_MAP_LB_NAT, lru_hash, ctypes.sizeof(abi.NbNatKey),
              ctypes.sizeof(abi.NbNatVal))
-    assert stale_shared_maps(pin_dir) == ["nb_lb_flows"]
-    (pin_dir / "nb_lb_flows").unlink()
-    _pin_map(pin_dir / "nb_lb_flows", lru_hash, ctypes.sizeof(abi.NbFlowKey),
+    assert stale_shared_maps(pin_dir) == [abi.NB_MAP_LB_FLOWS]
+    (pin_dir / abi.NB_MAP_LB_FLOWS).unlink()
+    _pin_map(pin_dir / abi.NB_MAP_LB_FLOWS, lru_hash, ctypes.sizeof(abi.NbFlowKey),
              ctypes.sizeof(abi.NbFlow))
-    _pin_map(pin_dir / "nb_lb_cnt", percpu_array, 4, ctypes.sizeof(abi.NbLbCounter))
+    _pin_map(pin_dir / abi.NB_MAP_LB_CNT, percpu_array, 4, ctypes.sizeof(abi.NbLbCounter))
     assert stale_shared_maps(pin_dir) == []

@@ -11,13 +11,13 @@ import itertools
 import pytest
 
 from netbpf import abi
-from netbpf.store.progspec import PROGRAMS
-from netbpf.kernel.loader import load_program
+from netbpf.fw.program import build_program
+from netbpf.store.progspec import PROGRAMS, ProgramSpec
 
 ALL_FIELDS = (1 << abi.NB_NFIELDS) - 1
 FIELD_SETS = {"none": 0, "dport": 1 << abi.NB_F_DPORT,
               "addresses": (1 << abi.NB_F_SRC) | (1 << abi.NB_F_DST), "all": ALL_FIELDS}
-FEATURES = {"plain": {}, "conntrack+lb": {"NB_CONNTRACK": 1, "NB_LB": 1}}
+FEATURES = {"plain": {}, "conntrack+lb": {"conntrack": True, "lb_ring_cap": abi.NB_LB_RING_CAP}}
 WORDS = (abi.WORD_BUCKETS[0], abi.WORD_BUCKETS[-1])
 
 
@@ -26,17 +26,12 @@ WORDS = (abi.WORD_BUCKETS[0], abi.WORD_BUCKETS[-1])
         sorted(PROGRAMS), WORDS, FIELD_SETS, FEATURES)
 ], ids=lambda v: "-".join(v) if isinstance(v, tuple) else str(v))
 def test_program_variant_loads(program, words, fields, features):
-    source, func, prog_type = PROGRAMS[program]
-    defines = {"NB_WORDS": words, "NB_CLASS_CAP": 64, "NB_FIELDS": FIELD_SETS[fields],
-               **FEATURES[features]}
-    functions = {func: prog_type}
-    if "NB_LB" in defines and prog_type == "xdp":
-        functions["nb_lb_entry"] = "xdp"       # the balancer, reached by tail call
-    loaded = load_program(source, defines, functions)
-    try:
-        assert loaded.prog_id(func) > 0
-    finally:
-        loaded.close()
+    spec = ProgramSpec.for_part(*program, words=words, fields=FIELD_SETS[fields],
+                                **FEATURES[features])
+    # built as apply builds it: the firewall and its tail-call targets (reject, balancer)
+    with build_program(spec) as prog:
+        for func in spec.functions():
+            assert prog.loaded.prog_id(func) > 0
 
 
 @pytest.mark.parametrize("program", sorted(PROGRAMS))
@@ -44,15 +39,9 @@ def test_program_variant_loads(program, words, fields, features):
 def test_address_table_extremes_load(program, chunks):
     """The address tables at their smallest and largest (NB_DIR_CHUNKS), with the most rule
     words, every field and every feature: the deepest IPv6 walk is verified at each."""
-    source, func, prog_type = PROGRAMS[program]
-    defines = {"NB_WORDS": WORDS[-1], "NB_CLASS_CAP": 64, "NB_DIR_CHUNKS": chunks,
-               "NB_FIELDS": ALL_FIELDS, **FEATURES["conntrack+lb"]}
-    functions = {func: prog_type}
-    if prog_type == "xdp":
-        functions["nb_lb_entry"] = "xdp"
-    loaded = load_program(source, defines, functions)
-    try:
-        assert loaded.prog_id(func) > 0
-        assert loaded.maps["nb_fw_dir"].fd is not None
-    finally:
-        loaded.close()
+    spec = ProgramSpec.for_part(*program, words=WORDS[-1], chunks=chunks, fields=ALL_FIELDS,
+                                **FEATURES["conntrack+lb"])
+    with build_program(spec) as prog:
+        for func in spec.functions():
+            assert prog.loaded.prog_id(func) > 0
+        assert prog.loaded.maps[abi.NB_MAP_FW_DIR].fd is not None

@@ -57,13 +57,13 @@ def program_maps(defines: dict, hook: str) -> dict[str, tuple[int, int, int, int
         m["nb_ct"] = (LRU_HASH, _size(abi.NbCtKey), _size(abi.NbCtVal), abi.NB_CT_ENTRIES)
         m["nb_ct_cfg"] = (ARRAY, 4, _size(abi.NbCtCfg), 1)
     if defines.get("NB_LB"):
-        m["nb_lb_vips"] = (HASH, _size(abi.NbVipKey), _size(abi.NbVip), abi.NB_MAX_VIPS * 2)
+        m["nb_lb_vips"] = (HASH, _size(abi.NbVipKey), _size(abi.NbVip), abi.NB_LB_MAX_VIPS * 2)
         m["nb_lb_ring"] = (ARRAY, 4, 4, defines["NB_LB_RING_CAP"])
-        m["nb_lb_backends"] = (ARRAY, 4, _size(abi.NbBackend), abi.NB_MAX_BACKENDS)
+        m["nb_lb_backends"] = (ARRAY, 4, _size(abi.NbBackend), abi.NB_LB_MAX_BACKENDS)
         m["nb_lb_flows"] = (LRU_HASH, _size(abi.NbFlowKey), _size(abi.NbFlow), 65536)
         m["nb_lb_nat"] = (LRU_HASH, _size(abi.NbNatKey), _size(abi.NbNatVal), 65536)
         m["nb_lb_cnt"] = (PERCPU_ARRAY, 4, _size(abi.NbLbCounter),
-                          abi.NB_MAX_VIPS + abi.NB_MAX_BACKENDS)
+                          abi.NB_LB_MAX_VIPS + abi.NB_LB_MAX_BACKENDS)
         if hook == "xdp":
             m["nb_lb_jump"] = (PROG_ARRAY, 4, 4, 1)
     return m

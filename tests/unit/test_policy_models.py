@@ -277,8 +277,8 @@ def test_set_capacity_counts_entries_per_family(tmp_path, monkeypatch):
 
 
 def test_load_balancer_limits(tmp_path, monkeypatch):
-    monkeypatch.setattr(abi, "NB_MAX_VIPS", 1)
-    monkeypatch.setattr(abi, "NB_MAX_BACKENDS", 2)
+    monkeypatch.setattr(abi, "NB_LB_MAX_VIPS", 1)
+    monkeypatch.setattr(abi, "NB_LB_MAX_BACKENDS", 2)
     text = ("version: 1\nload_balancers:\n"
             "  a: {interface: eth0, vip: 10.0.0.1, port: 80, proto: tcp, "
             "backends: [{address: 10.1.0.1}, {address: 10.1.0.2}]}\n"
@@ -287,9 +287,9 @@ def test_load_balancer_limits(tmp_path, monkeypatch):
     with pytest.raises(PolicyError) as info:
         load_policy(write(tmp_path, text))
     text = "\n".join(info.value.errors)
-    assert "more than 1 load balancers" in text and "(NB_MAX_VIPS)" in text
+    assert "more than 1 load balancers" in text and "(NB_LB_MAX_VIPS)" in text
     assert "3 backends in load balancers up to and including 'b'" in text
-    assert "(NB_MAX_BACKENDS)" in text
+    assert "(NB_LB_MAX_BACKENDS)" in text
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in POLICIES.glob("*.yaml")))

@@ -1,19 +1,16 @@
-"""What a part's program is and what an apply records: build flags and hash, rule and set
-digests, the state records. Pure (reads source files for the hash); no kernel calls.
-Not planning (plan.py), not loading (programs.py).
+"""What an apply records: rule and set digests, conntrack timeouts, the state records of a
+part and an interface, and the grace period before an old generation is cleared. Pure.
+Not what a program is (store/progspec.py ProgramSpec), not planning (plan.py).
 """
 from __future__ import annotations
 
 import hashlib
 import time
 from array import array
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netbpf import abi
-from netbpf.fw.compile import CompiledDirection, Shape
-from netbpf.fw.reject import REJECT_ENTRY
-from netbpf.lb.lbtables import LB_ENTRY
+from netbpf.fw.compile import CompiledDirection
 from netbpf.policy.ir import DirectionIR, InterfaceIR, SetIR
 from netbpf.store.state import InterfaceState, PartState, RuleState, SetState
 
@@ -23,40 +20,6 @@ if TYPE_CHECKING:
 # A packet being classified holds the old generation for microseconds (XDP and TC run under
 # RCU); the old generation's entries are removed only after this grace period.
 GRACE_S = 0.05
-
-
-def program_hash(source: Path, shape: Shape, conntrack: bool, lb_ring_cap: int = 0,
-                 fields: int = 0) -> str:
-    h = hashlib.sha256(source.read_bytes())
-    for hdr in sorted((abi.BPF_DIR / "include").glob("*.h")):
-        h.update(hdr.name.encode() + hdr.read_bytes())
-    h.update(f"words={shape.words} classes={shape.class_cap} chunks={shape.chunks} "
-             f"ct={int(conntrack)} "
-             f"lb={lb_ring_cap} fields={fields:#x}".encode())
-    return h.hexdigest()[:16]
-
-
-def program_defines(pp: "PartPlan", conntrack: bool, lb: bool, shared: Path) -> dict:
-    """The -D flags a part's program is built with (what program_hash names)."""
-    defines = {"NB_WORDS": pp.shape.words, "NB_CLASS_CAP": pp.shape.class_cap,
-               "NB_DIR_CHUNKS": pp.shape.chunks, "NB_FIELDS": pp.fields}
-    if conntrack:
-        defines["NB_CONNTRACK"] = 1
-    if lb:
-        defines["NB_LB"] = 1
-        defines["NB_LB_RING_CAP"] = pp.lb_ring_cap
-    if conntrack or lb:
-        defines["NB_SHARED_PIN"] = f'"{shared}"'
-    return defines
-
-
-def program_functions(pp: "PartPlan", lb: bool) -> dict[str, str]:
-    """The functions loaded from a part's source: the firewall, its reply builder and, on
-    the XDP hook of a balancing interface, the balancer."""
-    functions = {pp.func: pp.prog_type, REJECT_ENTRY[pp.prog_type]: pp.prog_type}
-    if lb and pp.hook == "xdp":
-        functions[LB_ENTRY] = "xdp"
-    return functions
 
 
 def rule_states(c: CompiledDirection, ir: DirectionIR) -> list[tuple[str, str, str, int]]:
