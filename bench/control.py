@@ -51,6 +51,16 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
     p1x.write_text(workload.policy_yaml(netlab.XF_IF, 1))
     ipt = row(f"control.iptables.{n_rules}", f"iptables-legacy-restore, {n_rules:,} rules")
     nft = row(f"control.nft.{n_rules}", f"nft -f, {n_rules:,} rules")
+    setadd = row("control.setadd.100", f"re-apply, 100 entries added to a {big}-entry set")
+    setdel = row("control.setdel.100", f"re-apply, those 100 entries removed again")
+    mupd = row(f"control.rss.update.{n_rules}",
+               f"max RSS of apply, 1 of {n_rules:,} rules changed", "MB", "control.rss.1")
+    nftset = row("control.nftset.load", f"nft -f, {big}-element set", floor=None)
+    nftadd = row("control.nftset.add100", f"nft add element, 100 to a {big}-element set",
+                 floor=None)
+    ips = row("control.ipset.load", f"ipset restore, {big} entries", floor=None)
+    ipsadd = row("control.ipset.add100", f"ipset restore, 100 added to {big} entries",
+                 floor=None)
     ld = row(f"control.load.{n_rules}", f"  of which load_policy(), {n_rules:,} rules")
     ldset = row("control.load.set", f"  of which load_policy(), {big}-entry set")
 
@@ -76,11 +86,20 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
         apply(pn, an, mn)
         apply(pn, noop)
         for path in (pn_b, pn):         # both directions: each is a one-rule edit
-            out = apply(path, one)
+            out = apply(path, one, mupd)
             if "unchanged)" not in out:     # the plan must say the program (and id) stayed
                 one.note = "a new program was loaded (expected a map rewrite only)"
         for _ in range(2):
             st.samples.append(run_timed(nb + ["stats", netlab.RX_IF, "--json"]).wall_s)
+
+    def big_set() -> None:
+        apply(pset, aset, mset)
+        base = (tmp / "big.txt").read_text()
+        extra = "".join(workload.set_src(set_entries + i) + "\n" for i in range(100))
+        for text, r in ((base + extra, setadd), (base, setdel)):
+            (tmp / "big.txt").write_text(text)
+            if "updated in place" not in apply(pset, r):
+                r.note = "not updated in place"
 
     def parallel() -> None:
         """rx0 and xf0 at once: with a lock per interface this takes about one apply."""
@@ -101,7 +120,12 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
                 guarded(a1, lambda: apply(p1, a1, m1))
             guarded(par, parallel)
             guarded(an, big_policy)
-            guarded(aset, lambda: apply(pset, aset, mset))
+            guarded(aset, big_set)
+            for r, fn in ((nftset, _nft_set_load), (ips, _ipset_load)):
+                try:
+                    r.samples.append(fn(set_entries, nftadd if r is nftset else ipsadd))
+                except Exception as e:
+                    r.note = f"failed: {last_line(str(e))}"
             for r, fn in ((ipt, _iptables_load), (nft, _nft_load)):
                 try:
                     r.samples.append(fn(n_rules))
@@ -129,6 +153,42 @@ def _nft_load(n: int) -> float:
     netlab.in_ns(netlab.RX_NS, "nft", "-f", "-", input=text)
     dt = time.perf_counter() - t0
     netlab.in_ns(netlab.RX_NS, "nft", "delete", "table", "ip", workload.NFT_TABLE)
+    return dt
+
+
+def _nft_set_load(n: int, add: Row) -> float:
+    """An nft set of n addresses in one `nft -f`, then 100 more in one `nft add element`."""
+    t = workload.NFT_TABLE
+    text = (f"table ip {t} {{\n  set big {{\n    type ipv4_addr\n    size {2 * n}\n"
+            f"    elements = {{ " + ", ".join(workload.set_src(i) for i in range(n)) + " }\n"
+            f"  }}\n}}\n")
+    t0 = time.perf_counter()
+    netlab.in_ns(netlab.RX_NS, "nft", "-f", "-", input=text)
+    dt = time.perf_counter() - t0
+    try:
+        more = ", ".join(workload.set_src(n + i) for i in range(100))
+        t0 = time.perf_counter()
+        netlab.in_ns(netlab.RX_NS, "nft", "add", "element", "ip", t, "big", f"{{ {more} }}")
+        add.samples.append(time.perf_counter() - t0)
+    finally:
+        netlab.in_ns(netlab.RX_NS, "nft", "delete", "table", "ip", t)
+    return dt
+
+
+def _ipset_load(n: int, add: Row) -> float:
+    """An ipset hash:ip of n addresses by `ipset restore`, then 100 more by another."""
+    text = f"create nbbench hash:ip maxelem {2 * n}\n" + \
+        "".join(f"add nbbench {workload.set_src(i)}\n" for i in range(n))
+    t0 = time.perf_counter()
+    netlab.in_ns(netlab.RX_NS, "ipset", "restore", input=text)
+    dt = time.perf_counter() - t0
+    try:
+        more = "".join(f"add nbbench {workload.set_src(n + i)}\n" for i in range(100))
+        t0 = time.perf_counter()
+        netlab.in_ns(netlab.RX_NS, "ipset", "restore", input=more)
+        add.samples.append(time.perf_counter() - t0)
+    finally:
+        netlab.in_ns(netlab.RX_NS, "ipset", "destroy", "nbbench")
     return dt
 
 

@@ -177,8 +177,28 @@ def judge(rows: dict[str, Row]) -> list[str]:
             behind.append(f"loading 10,000 rules: netbpf apply {an.median:.2f} s, "
                           f"{name} {p.median:.2f} s")
     one, ld = get("control.change1.10000"), get("control.load.10000")
-    if one and ld:
-        one.target = f"{ld.median / one.median:.0%} of it is parsing the YAML"
+    nft = get("control.nft.10000")
+    if one and nft:
+        x = one.median / nft.median
+        one.target = f"<=1.5x nft -f: {x:.1f}x {_mark(x <= 1.5)}"
+        if ld:
+            one.target += f"; {ld.median / one.median:.0%} of it is load_policy()"
+    for key, limit, unit in (("control.noop.10000", 0.15, "s"), ("control.setadd.100", 0.3, "s"),
+                             ("control.apply.10000", 1.0, "s"), ("control.apply.set", 2.5, "s"),
+                             ("control.rss.update.10000", 80, "MB")):
+        r = get(key)
+        if r:
+            note = f"<={limit} {unit}: {_mark(r.median <= limit)}"
+            r.target = note + (f"; {r.target}" if r.target else "")
+    for key, peers in (("control.setadd.100", ("control.nftset.add100", "control.ipset.add100")),
+                       ("control.apply.set", ("control.nftset.load", "control.ipset.load"))):
+        r = get(key)
+        got = [(k.split(".")[1], get(k)) for k in peers]
+        if r and any(p for _, p in got):
+            r.target += "; " + ", ".join(f"{n} {p.median:.2f} s" for n, p in got if p)
+    par, a1 = get("control.apply.parallel"), get("control.apply.1")
+    if par and a1:
+        par.target = f"{par.median / a1.median:.2f}x one apply (target: about 1x)"
     return behind
 
 

@@ -12,7 +12,7 @@ fi
 
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc clang llvm libbpf1 libbpf-dev bpftool
       linux-headers-amd64 iproute2 netsniff-ng iputils-ping nftables iptables
-      python3-venv python3-pip xdp-tools tcpdump make procps ethtool)
+      python3-venv python3-pip xdp-tools tcpdump make procps ethtool ipset)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -11,10 +11,12 @@ import signal
 ENV = "NETBPF_KILL_AT"
 
 # Every step an apply can be killed after, in the order a program-changing apply passes them
-# ("<d>" is a direction), then the steps of a rule-only apply. Tests iterate over these.
+# ("<d>" is a direction), then the steps of a rule-only apply, then those of a set-only one
+# (sets updated in place). Tests iterate over these.
 PROGRAM_STEPS = ("loaded", "journal", "attached-ingress", "attached-egress", "old-detached",
                  "pins-retired", "pins-renamed", "state-saved")
 UPDATE_STEPS = ("written", "journal", "flipped-ingress", "flipped-egress", "state-saved")
+SET_STEPS = ("journal", "added", "state-saved")      # a set-only change, in place
 
 
 def kill_point(step: str) -> None:

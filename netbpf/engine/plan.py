@@ -130,6 +130,12 @@ def _plan_part(direction: str, ir: DirectionIR, sets, old: InterfaceState | None
 
 
 def _part_unchanged(pp: PartPlan, sets) -> bool:
+    return rules_unchanged(pp) and \
+        set_digests(pp.compiled, sets) == {s.name: s.digest for s in pp.old.sets}
+
+
+def rules_unchanged(pp: PartPlan) -> bool:
+    """Everything but the sets' contents is as the running generation has it."""
     old = pp.old
     return (old is not None and not pp.changed_rules()
             and [r.name for r in old.rules] == [n for n, *_ in rule_states(pp.compiled, pp.ir)]
@@ -138,7 +144,7 @@ def _part_unchanged(pp: PartPlan, sets) -> bool:
             and [r.name for r in sorted(old.rules, key=lambda r: (r.pos, r.line))]
             == [r.name for r in pp.ir.rules]
             and old.default_action == pp.ir.default and old.sample == pp.ir.sample
-            and set_digests(pp.compiled, sets) == {s.name: s.digest for s in old.sets})
+            and {r.set_name for r in pp.compiled.setrefs} == {s.name for s in old.sets})
 
 
 def plan_apply(loaded_policy, policy_path: str, netns: str | None) -> Plan:

@@ -52,6 +52,12 @@ def recover(key: str, log: Log) -> None:
         remove_journal(key)
         log(f"{what}; its interface is gone, nothing to repair")
         return
+    if j.kind == "sets":
+        # a set updated in place: its state says 'partial', so this apply writes it again
+        save_state(j.state)
+        remove_journal(key)
+        log(f"{what} while updating sets in place; the rules in force are unchanged")
+        return
     progress = journal_progress(j)
     if not any(progress.values()):
         _roll_back(j, old)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from netbpf.observe.drift import drift
 from netbpf.policy.inputs import input_hash
-from netbpf.store.state import health_file, list_states, load_journal, staging_dirs
+from netbpf.store.state import (PARTIAL_SET, health_file, list_states, load_journal,
+                                staging_dirs)
 
 
 def input_unchanged(policy: str, netns: str | None) -> bool:
@@ -32,6 +33,9 @@ def input_unchanged(policy: str, netns: str | None) -> bool:
         return False
     # the health checker's findings also shape the tables, and leftovers of a killed apply
     # (staging pins) are for the full path to remove
+    # (a set left half-updated by a killed repair is also for the full path to finish)
     return not any(load_journal(st.key) or health_file(st.key).exists()
-                   or any(d.exists() for d in staging_dirs(st.key)) or drift(st)
+                   or any(d.exists() for d in staging_dirs(st.key))
+                   or any(s.digest == PARTIAL_SET for p in st.parts.values() for s in p.sets)
+                   or drift(st)
                    for st in states)

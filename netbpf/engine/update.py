@@ -8,7 +8,8 @@ from typing import Callable
 
 from netbpf import abi
 from netbpf.engine import faults, progress
-from netbpf.engine.plan import IfacePlan, PartPlan, Plan
+from netbpf.engine.plan import IfacePlan, PartPlan, Plan, rules_unchanged
+from netbpf.engine.setdelta import write_set_deltas
 from netbpf.engine.records import GRACE_S, iface_state, part_state, rule_states, set_digests
 from netbpf.errors import NetbpfError
 from netbpf.fw.compile import CompiledDirection, counter_key
@@ -86,10 +87,34 @@ def fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
                  {name: sets[name] for name in to_write}, samples, pp.ir.sample, announce)
 
 
+def _apply_sets_in_place(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState | None:
+    """Only sets' contents changed (no rule, balancer or timeout): update them in place under
+    their running tags (setdelta.py). None when that does not apply."""
+    if (p.old is None or p.lb_changed or p.lb_removed or p.ct_timeouts != p.old.ct_timeouts
+            or set(p.parts) != set(p.old.parts)
+            or not all(rules_unchanged(pp) for pp in p.parts.values())):
+        return None
+    parts = {}
+    for d, pp in p.parts.items():
+        old = pp.old
+        slots, _ = allocate_slots(rule_states(pp.compiled, pp.ir), old, abi.slot_cap(old.words))
+        was = {s.name: s for s in old.sets}
+        tags = {n: SetState(n, digest, was[n].tag, len(plan.sets[n].v4), len(plan.sets[n].v6))
+                for n, digest in set_digests(pp.compiled, plan.sets).items()}
+        parts[d] = part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots, tags=tags,
+                              gen=old.gen, attach=old.attach)
+    st = iface_state(plan, p, parts, p.old.created_clsact)
+    return write_set_deltas(p.old, st, plan.sets, log)
+
+
 def apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
     """Same programs: write every part's inactive generation, flip the parts back to back,
     record it, then clear the old generations. A kill between the two flips leaves the state
-    file at the old generations: drift() sees the mismatch and the next apply repairs it."""
+    file at the old generations: drift() sees the mismatch and the next apply repairs it.
+    A change of sets' contents only is written in place instead (setdelta.py)."""
+    st = _apply_sets_in_place(plan, p, log)
+    if st is not None:
+        return st
     parts, opened, olds = {}, {}, {}
     try:
         for d, pp in p.parts.items():

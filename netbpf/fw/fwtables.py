@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from netbpf import abi
@@ -29,12 +29,6 @@ NEWER_MAPS = (abi.NB_MAP_FW_DIR, abi.NB_MAP_SETH4, abi.NB_MAP_SETH6)
 _U32 = abi.U32
 _ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
 _BATCH = 65536                  # entries per batch update: bounds one syscall's buffer
-# Per family: the prefix trie and its key, the hash map of full-length addresses and its key,
-# the setref flag that says which of the two a set's entries are in.
-_SETS = ((4, abi.NB_MAP_SET4, abi.LPM_KEY[4], abi.NB_MAP_SETH4, abi.SETH_KEY[4],
-          abi.NB_SETREF_HASH4),
-         (6, abi.NB_MAP_SET6, abi.LPM_KEY[6], abi.NB_MAP_SETH6, abi.SETH_KEY[6],
-          abi.NB_SETREF_HASH6))
 
 
 @dataclass
@@ -208,37 +202,130 @@ class FwTables:
         bpfsys.map_update(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), bytes(cfg))
 
     # ---- sets ----
-    def write_set(self, tag: int, s: SetIR) -> None:
-        """A set's entries under its own tag: a family of full-length addresses goes to the
-        hash map in batches (set_hash_flags, which the compiled setref agrees with), any other
-        to the prefix trie (LPM tries have no batch update: one call each)."""
-        one = _U32.pack(1)
+    # A set's entries live under its tag: a family of full-length addresses in the hash map
+    # (set_hash_flags, which the compiled setref agrees with), any other in the prefix trie.
+    # (map, key size, offset of the tag in the key)
+    _SET_MAPS = ((abi.NB_MAP_SET4, abi.LPM_KEY[4].size, 4),
+                 (abi.NB_MAP_SET6, abi.LPM_KEY[6].size, 4),
+                 (abi.NB_MAP_SETH4, abi.SETH_KEY[4].size, 0),
+                 (abi.NB_MAP_SETH6, abi.SETH_KEY[6].size, 0))
+
+    def _set_keys(self, tag: int, s: SetIR) -> dict[str, bytes]:
+        """The keys write_set writes for s, concatenated per map."""
         hashed = set_hash_flags(s)
-        for fam, trie, lpm, hname, seth, flag in _SETS:
-            entries, width = (s.v4, 4) if fam == 4 else (s.v6, 16)
-            if hashed & flag:
-                fd = self.fd(hname)
-                for i in range(0, len(entries), _BATCH):
-                    part = entries[i:i + _BATCH]
-                    keys = b"".join(seth.pack(tag, a.to_bytes(width, "big")) for a, _ in part)
-                    bpfsys.map_update_batch(fd, keys, one * len(part), len(part))
+        head = _U32.pack(tag)
+        out = {}
+        for fam, entries, width, flag in ((4, s.v4, 4, abi.NB_SETREF_HASH4),
+                                          (6, s.v6, 16, abi.NB_SETREF_HASH6)):
+            if hashed & flag and fam == 4:
+                addrs = array("I", (a for a, _ in entries))
+                addrs.byteswap()                 # network order, as the program looks up
+                keys = array("I", bytes(8 * len(entries)))
+                keys[0::2] = array("I", [tag]) * len(entries)
+                keys[1::2] = addrs
+                out[abi.NB_MAP_SETH4] = keys.tobytes()
+            elif hashed & flag:
+                out[abi.NB_MAP_SETH6] = b"".join(head + a.to_bytes(16, "big") for a, _ in entries)
+            else:
+                trie = abi.NB_MAP_SET4 if fam == 4 else abi.NB_MAP_SET6
+                out[trie] = b"".join(_U32.pack(32 + plen) + head + a.to_bytes(width, "big")
+                                     for a, plen in entries)
+        return {n: k for n, k in out.items() if k}
+
+    def _kernel_set_keys(self, tag: int, raw: str = "") -> dict:
+        """The keys tag holds in the kernel now, per map (batch reads of the hash maps); map
+        raw's keys come as read, every tag's, concatenated."""
+        head = _U32.pack(tag)
+        out = {}
+        for name, ksize, at in self._SET_MAPS:
+            if name not in self.maps:
                 continue
-            fd = self.fd(trie)
-            for addr, plen in entries:
-                bpfsys.map_update(fd, lpm.pack(32 + plen, tag, addr.to_bytes(width, "big")), one)
+            blob = bpfsys.map_dump_keys(self.fd(name), ksize, 4)
+            out[name] = {k for k in (blob[i:i + ksize] for i in range(0, len(blob), ksize))
+                         if k[at:at + 4] == head} if raw != name else blob
+        return out
+
+    def _write_keys(self, name: str, keys: bytes) -> None:
+        """Batches of _BATCH keys (kernel 6.18 batch-updates lpm_trie too; older kernels get
+        one call per key from bpfsys)."""
+        ksize = dict((n, k) for n, k, _ in self._SET_MAPS)[name]
+        fd = self.fd(name)
+        step = _BATCH * ksize
+        for i in range(0, len(keys), step):
+            part = keys[i:i + step]
+            n = len(part) // ksize
+            bpfsys.map_update_batch(fd, part, _U32.pack(1) * n, n)
+
+    def _delete_keys(self, name: str, keys: list[bytes]) -> None:
+        fd = self.fd(name)
+        for i in range(0, len(keys), _BATCH):
+            part = keys[i:i + _BATCH]
+            bpfsys.map_delete_batch(fd, b"".join(part), len(part))
+
+    def write_set(self, tag: int, s: SetIR) -> None:
+        """A set's entries under its own tag, in batches."""
+        for name, keys in self._set_keys(tag, s).items():
+            self._write_keys(name, keys)
 
     def delete_set(self, tag: int) -> None:
-        for _, trie, lpm, hname, seth, _ in _SETS:
-            fd = self.fd(trie)
-            for k in [k for k in bpfsys.map_keys(fd, lpm.size) if lpm.unpack(k)[1] == tag]:
-                bpfsys.map_delete(fd, k)
-            if hname not in self.maps:
+        for name, keys in self._kernel_set_keys(tag).items():
+            self._delete_keys(name, sorted(keys))
+
+    def set_delta(self, tag: int, new: SetIR) -> "SetDelta | None":
+        """What turns the entries tag holds in the kernel into new: O(changes) writes. None
+        when a family would move between hash map and trie (the running generation's setref
+        says where to look, so that takes a new generation)."""
+        have = self._kernel_set_keys(tag, raw=abi.NB_MAP_SETH4)
+        want = self._set_keys(tag, new)
+        hashed = set_hash_flags(new)
+        for hname, flag in ((abi.NB_MAP_SETH4, abi.NB_SETREF_HASH4),
+                            (abi.NB_MAP_SETH6, abi.NB_SETREF_HASH6)):
+            if hname not in have:
+                return None
+            held = have[hname] if hname != abi.NB_MAP_SETH4 else \
+                any(t == tag for t in array("I", have[hname])[0::2])
+            if bool(held) != bool(hashed & flag):
+                return None
+        delta = SetDelta(tag)
+        for name, ksize, _ in self._SET_MAPS:
+            if name == abi.NB_MAP_SETH4:   # the big case (host blocklists): as u32 sets
+                self._delta_hosts4(tag, have[name], want.get(name, b""), delta)
                 continue
-            fd = self.fd(hname)
-            stale = [k for k in bpfsys.map_keys(fd, seth.size) if seth.unpack(k)[0] == tag]
-            for i in range(0, len(stale), _BATCH):
-                part = stale[i:i + _BATCH]
-                bpfsys.map_delete_batch(fd, b"".join(part), len(part))
+            blob = want.get(name, b"")
+            wanted = {blob[i:i + ksize] for i in range(0, len(blob), ksize)}
+            if wanted - have[name]:
+                delta.add[name] = sorted(wanted - have[name])
+            if have[name] - wanted:
+                delta.remove[name] = sorted(have[name] - wanted)
+        return delta
+
+    @staticmethod
+    def _delta_hosts4(tag: int, have: bytes, want: bytes, delta: "SetDelta") -> None:
+        """Set difference of (tag, address) keys compared as the address's u32 alone."""
+        def addrs(blob: bytes) -> set[int]:
+            words = array("I", blob)
+            tags, out = words[0::2], words[1::2]
+            if tags.count(tag) == len(tags):
+                return set(out)
+            return {a for t, a in zip(tags, out) if t == tag}
+
+        was, now = addrs(have), addrs(want)
+        for name, only in (("add", now - was), ("remove", was - now)):
+            if only:
+                keys = array("I", bytes(8 * len(only)))
+                keys[0::2] = array("I", [tag]) * len(only)
+                keys[1::2] = array("I", sorted(only))
+                blob = keys.tobytes()
+                getattr(delta, name)[abi.NB_MAP_SETH4] = [blob[i:i + 8]
+                                                    for i in range(0, len(blob), 8)]
+
+    def add_entries(self, delta: "SetDelta") -> None:
+        for name, keys in delta.add.items():
+            self._write_keys(name, b"".join(keys))
+
+    def remove_entries(self, delta: "SetDelta") -> None:
+        for name, keys in delta.remove.items():
+            self._delete_keys(name, keys)
 
     # ---- counters ----
     def _percpu_zero(self, name: str) -> bytes:
@@ -387,12 +474,12 @@ class FwTables:
     def read_set(self, tag: int) -> SetIR:
         """The entries written by write_set(tag, ...): the prefix trie's and the hash map's."""
         out = {}
-        for fam, trie, lpm, hname, seth, _ in _SETS:
-            keys = (lpm.unpack(k) for k in bpfsys.map_keys(self.fd(trie), lpm.size))
-            entries = [(int.from_bytes(a, "big"), plen - 32) for plen, t, a in keys if t == tag]
-            if hname in self.maps:
-                keys = (seth.unpack(k) for k in bpfsys.map_keys(self.fd(hname), seth.size))
-                entries += [(int.from_bytes(a, "big"), len(a) * 8) for t, a in keys if t == tag]
+        held = self._kernel_set_keys(tag)
+        for fam, name, hname, width in ((4, abi.NB_MAP_SET4, abi.NB_MAP_SETH4, 4),
+                                        (6, abi.NB_MAP_SET6, abi.NB_MAP_SETH6, 16)):
+            entries = [(int.from_bytes(k[8:], "big"), _U32.unpack(k[:4])[0] - 32)
+                       for k in held[name]]
+            entries += [(int.from_bytes(k[4:], "big"), width * 8) for k in held.get(hname, ())]
             out[fam] = tuple(sorted(entries))
         return SetIR(f"tag{tag}", v4=out[4], v6=out[6])
 
@@ -406,6 +493,17 @@ class FwTables:
             other.delete_set(tag)
             other.write_set(tag, self.read_set(tag))
         other.flip(gen)
+
+
+@dataclass
+class SetDelta:
+    """Keys to add to and remove from each set map so that a tag holds a set's new entries."""
+    tag: int
+    add: dict[str, list[bytes]] = field(default_factory=dict)
+    remove: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def counts(self) -> tuple[int, int]:
+        return (sum(map(len, self.add.values())), sum(map(len, self.remove.values())))
 
 
 @dataclass

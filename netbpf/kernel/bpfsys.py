@@ -396,8 +396,8 @@ def _split(blob: bytes, count: int, what: str) -> int:
 
 def map_update_batch(fd: FdLike, keys: bytes, values: bytes, count: int,
                      flags: int = BPF_ANY) -> None:
-    """Write count elements (keys and values concatenated). One syscall where the map type
-    supports it, one per element otherwise (lpm_trie). Not atomic either way."""
+    """Write count elements (keys and values concatenated). One syscall where the kernel
+    batches the map type (6.18 does lpm_trie too), one per element otherwise. Not atomic."""
     if count == 0:
         return
     ksz, vsz = _split(keys, count, "keys"), _split(values, count, "values")
@@ -436,15 +436,10 @@ def map_delete_batch(fd: FdLike, keys: bytes, count: int) -> int:
     return 0
 
 
-def map_lookup_batch(fd: FdLike, key_size: int, value_size: int, percpu: bool = False,
-                     chunk: int = 4096) -> Iterator[tuple[bytes, bytes | list[bytes]]]:
-    """Every (key, value) in few syscalls: the fast way to read big (per-CPU) counter maps.
-    value_size is one CPU's value; per-CPU maps yield a list with one value per CPU.
-    Map types without batch lookup fall back to get_next_key + lookup."""
+def _batches(fd: FdLike, key_size: int, vsz: int, chunk: int):
+    """The raw (keys, values) of each BPF_MAP_LOOKUP_BATCH call over the whole map; one None
+    and nothing else when the map type has no batch lookup."""
     lib = libbpf()
-    stride = (value_size + 7) // 8 * 8
-    ncpu = num_possible_cpus() if percpu else 1
-    vsz = stride * ncpu if percpu else value_size
     keys = ctypes.create_string_buffer(key_size * chunk)
     values = ctypes.create_string_buffer(vsz * chunk)
     # The batch cursor is opaque: a bucket index (u32) for hashes, a key for arrays.
@@ -456,21 +451,47 @@ def map_lookup_batch(fd: FdLike, key_size: int, value_size: int, percpu: bool = 
                                        ctypes.byref(n), ctypes.byref(_batch_opts()))
         err = _err(ret) if ret < 0 else 0
         if err in _NO_BATCH and in_batch is None and n.value == 0:
-            yield from _lookup_each(fd, key_size, value_size, percpu)
+            yield None
             return
         if err and err != _errno.ENOENT:
             raise_errno(f"read map {_label(fd)} in batches", err)
-        kraw, vraw = keys.raw, values.raw
-        for i in range(n.value):
+        yield keys.raw[:n.value * key_size], values.raw[:n.value * vsz]
+        if err == _errno.ENOENT:
+            return
+        in_batch = ctypes.create_string_buffer(out_batch.raw, token_size)
+
+
+def map_lookup_batch(fd: FdLike, key_size: int, value_size: int, percpu: bool = False,
+                     chunk: int = 4096) -> Iterator[tuple[bytes, bytes | list[bytes]]]:
+    """Every (key, value) in few syscalls: the fast way to read big (per-CPU) counter maps.
+    value_size is one CPU's value; per-CPU maps yield a list with one value per CPU.
+    Map types without batch lookup fall back to get_next_key + lookup."""
+    stride = (value_size + 7) // 8 * 8
+    ncpu = num_possible_cpus() if percpu else 1
+    vsz = stride * ncpu if percpu else value_size
+    for batch in _batches(fd, key_size, vsz, chunk):
+        if batch is None:
+            yield from _lookup_each(fd, key_size, value_size, percpu)
+            return
+        kraw, vraw = batch
+        for i in range(len(kraw) // key_size if key_size else 0):
             k = kraw[i * key_size:(i + 1) * key_size]
             v = vraw[i * vsz:(i + 1) * vsz]
             if percpu:
                 yield k, [v[c * stride:c * stride + value_size] for c in range(ncpu)]
             else:
                 yield k, v
-        if err == _errno.ENOENT:
-            return
-        in_batch = ctypes.create_string_buffer(out_batch.raw, token_size)
+
+
+def map_dump_keys(fd: FdLike, key_size: int, value_size: int, chunk: int = 65536) -> bytes:
+    """Every key of a (non-per-CPU) map, concatenated: a 1M-entry hash map in a few batch
+    syscalls. Map types without batch lookup (lpm_trie) are walked with get_next_key."""
+    parts: list[bytes] = []
+    for batch in _batches(fd, key_size, value_size, chunk):
+        if batch is None:
+            return b"".join(map_keys(fd, key_size))
+        parts.append(batch[0])
+    return b"".join(parts)
 
 
 def _lookup_each(fd: FdLike, key_size: int, value_size: int, percpu: bool):

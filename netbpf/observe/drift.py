@@ -82,7 +82,10 @@ def interrupted(j: Journal) -> str:
     progress = journal_progress(j)
     when = time.strftime("%H:%M:%S", time.localtime(j.started_at))
     what = "a program change" if j.kind == "programs" else "a rule update"
-    if all(progress.values()):
+    if j.kind == "sets":
+        what = "a set update in place"
+        force = "the rules in force are unchanged, some set entries are old and some new"
+    elif all(progress.values()):
         force = "its new policy is in force"
     elif any(progress.values()):
         force = ("in force: the new policy on " +

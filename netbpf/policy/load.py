@@ -3,6 +3,8 @@
 Each problem reads 'FILE:LINE:COL: path.to.field: message' (columns 1-based), pointing at the
 offending key or value; set file lines are reported in the set file. Also the policy hash and
 the one-line summary. Not the language itself (models.py) nor the checks (checks.py).
+A little over 400 lines: the two passes (without, then with positions) and the placing of
+pydantic's errors share the report and are clearer side by side.
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ from netbpf.errors import PolicyError
 from netbpf.policy.inputs import add_set_file
 from netbpf.policy.ir import PolicyIR
 from netbpf.policy import models
-from netbpf.policy.addr import parse_set_text
+from netbpf.policy.addr import parse_hosts_v4, parse_set_text
 from netbpf.policy.checks import PolicyView, check_policy, view_of_data, view_of_model
 from netbpf.policy.convert import policy_to_ir
 from netbpf.policy.models import Policy, SetFile, describe
 from netbpf.policy.shadow import covering_entries, find_shadowed
 from netbpf.policy.source import (MAX_POLICY_BYTES, MAX_SET_FILE_BYTES, Document, Loc,
-                                  read_stdin,
+                                  NeedPositions, read_stdin,
                                   SourceError, decode_utf8, format_path, parse_yaml, read_bytes)
 
 MAX_BAD_SET_LINES = 20  # per set file; a wrong file can have a million bad lines
@@ -126,7 +128,11 @@ STDIN = "-"
 def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     """Read, validate and convert a policy file ('-': standard input, set files relative to
     the working directory); PolicyError holds every problem found. root, when given, is where
-    absolute set-file paths are looked up (a saved copy of the file system, see persist.py)."""
+    absolute set-file paths are looked up (a saved copy of the file system, see persist.py).
+
+    A valid policy is read once without most positions (faster, less memory); when anything
+    is to be reported (an error or a warning) it is read again with every position, so each
+    message points at its exact line and column."""
     stdin = str(path) == STDIN
     display = "<stdin>" if stdin else str(path)
     path = Path(path)
@@ -134,7 +140,24 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     try:
         raw = read_stdin(MAX_POLICY_BYTES) if stdin else \
             read_bytes(path, MAX_POLICY_BYTES, "policy")
-        doc = parse_yaml(decode_utf8(raw))
+        text = decode_utf8(raw)
+    except SourceError as e:
+        for line, col, msg in e.problems:
+            report.in_file(display, line, col, msg)
+        raise report.error() from None
+    sets_read: dict[Path, tuple] = {}
+    try:
+        return _load(path, display, stdin, raw, text, root, sets_read, positions=False)
+    except NeedPositions:
+        return _load(path, display, stdin, raw, text, root, sets_read, positions=True)
+
+
+def _load(path: Path, display: str, stdin: bool, raw: bytes, text: str, root: Path | None,
+          sets_read: dict, positions: bool) -> LoadedPolicy:
+    """One pass of load_policy; without positions, NeedPositions instead of any message."""
+    report = _Report(display, None)
+    try:
+        doc = parse_yaml(text, positions=positions)
     except SourceError as e:
         for line, col, msg in e.problems:
             report.in_file(display, line, col, msg)
@@ -154,18 +177,24 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     try:
         model = Policy.model_validate(data, context={"netbpf_defer_checks": True})
     except ValidationError as e:
+        if not positions:
+            raise NeedPositions() from None
         _report_validation(report, e, data)
     view = view_of_model(model) if model is not None else view_of_data(data)
 
     digest = _Digest(raw)
     # set files are relative to the policy itself, also when it was reached through a symlink
     base_dir = Path.cwd() if stdin else path.resolve().parent
-    set_paths = _read_set_files(view, base_dir, display, report, digest, root)
+    set_paths = _read_set_files(view, base_dir, display, report, digest, root, sets_read)
+    if report.lines and not positions:
+        raise NeedPositions()
 
     def line_of(loc: Loc) -> int:
         return doc.position(loc)[0]
 
     errors, warnings = check_policy(view, line_of)
+    if (errors or warnings) and not positions:
+        raise NeedPositions()
     for loc, msg in errors:
         report.at(loc, msg)
     if report.lines or model is None:
@@ -179,6 +208,8 @@ def load_policy(path: str | Path, root: Path | None = None) -> LoadedPolicy:
     for loc, msg in warnings:
         notes.at(loc, msg)
     _shadow_warnings(ir, notes)
+    if notes.lines and not positions:
+        raise NeedPositions()
     return LoadedPolicy(path=path, display=display, model=model, ir=ir,
                         warnings=notes.sorted(), source_hash=digest.hexdigest(), raw=raw,
                         set_files=digest.files, set_paths=set_paths)
@@ -222,7 +253,8 @@ def _set_file_display(policy_display: str, file: str) -> str:
 
 
 def _read_set_files(view: PolicyView, base_dir: Path, display: str, report: _Report,
-                    digest: Any, root: Path | None = None) -> list[Path]:
+                    digest: Any, root: Path | None = None,
+                    read: dict | None = None) -> list[Path]:
     """Read every set file named by a valid set; entries land on the SetFile models.
     Returns the files read."""
     cache: dict[Path, tuple[list, list] | None] = {}
@@ -236,13 +268,19 @@ def _read_set_files(view: PolicyView, base_dir: Path, display: str, report: _Rep
             target = base_dir / spec.file
         spec._path = _set_file_display(display, spec.file)
         if target not in cache:   # two sets may share a file: read and report it once
-            cache[target] = _read_set_file(spec, target, s.loc, report, digest)
+            cache[target] = _read_set_file(spec, target, s.loc, report, digest, read)
         spec._entries = cache[target]
     return list(cache)
 
 
 def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
-                   digest: Any) -> tuple[list, list] | None:
+                   digest: Any, read: dict | None = None) -> tuple[list, list] | None:
+    """read: files an earlier pass of the same load read without a problem (bytes, entries)."""
+    if read is not None and target in read:
+        data, entries = read[target]
+        add_set_file(digest, spec.file, data)
+        digest.files.append(spec.file)
+        return entries
     try:
         data = read_bytes(target, MAX_SET_FILE_BYTES, f"set file '{spec.file}'")
         text = decode_utf8(data)
@@ -255,13 +293,15 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
         return None
     add_set_file(digest, spec.file, data)
     digest.files.append(spec.file)
-    v4, v6, bad = parse_set_text(text)
+    v4, v6, bad = parse_hosts_v4(text) or parse_set_text(text)
     where = format_path(loc)
     for lineno, msg in bad[:MAX_BAD_SET_LINES]:
         report.in_file(spec._path, lineno, 1, f"{where}: {msg}")
     if len(bad) > MAX_BAD_SET_LINES:
         report.in_file(spec._path, bad[MAX_BAD_SET_LINES][0], 1,
                        f"{where}: ... and {len(bad) - MAX_BAD_SET_LINES} more bad lines")
+    if read is not None and not bad:
+        read[target] = (data, (v4, v6))
     return v4, v6
 
 

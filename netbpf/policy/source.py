@@ -19,7 +19,7 @@ from ruamel.yaml import events as ev
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 try:
-    import _ruamel_yaml  # noqa: F401  (the C extension of ruamel.yaml.clib)
+    from _ruamel_yaml import CParser  # the C extension of ruamel.yaml.clib (libyaml)
     _HAVE_CLIB = True
 except ImportError:
     _HAVE_CLIB = False
@@ -33,6 +33,10 @@ Pos = tuple[int, int]          # (line, column), both 1-based
 Loc = tuple[Any, ...]          # path into the data: mapping keys (str) and list indexes (int)
 
 
+class NeedPositions(Exception):
+    """A position was asked of a Document parsed without them (parse_yaml(positions=False))."""
+
+
 class SourceError(Exception):
     """A file that cannot be read or parsed; .problems holds (line, col, message), line 0 = none."""
 
@@ -43,13 +47,18 @@ class SourceError(Exception):
 
 @dataclass
 class Document:
-    """A parsed YAML document: plain data plus where every value and mapping key starts."""
+    """A parsed YAML document: plain data plus where every value and mapping key starts
+    (complete=False: only where each mapping and list starts)."""
     data: Any
     value_pos: dict[Loc, Pos] = field(default_factory=dict)
     key_pos: dict[Loc, Pos] = field(default_factory=dict)
+    complete: bool = True
 
     def position(self, loc: Loc, key: bool = False) -> Pos:
-        """Position of loc, or of its nearest ancestor the file spells out (1, 1 at worst)."""
+        """Position of loc, or of its nearest ancestor the file spells out (1, 1 at worst).
+        NeedPositions when this document was parsed without the one asked for."""
+        if not self.complete and (key or loc not in self.value_pos):
+            raise NeedPositions(loc)
         if key and loc in self.key_pos:
             return self.key_pos[loc]
         while loc:
@@ -184,24 +193,38 @@ def top_key(stack: list[_Frame]) -> str | None:
     return None
 
 
-def parse_yaml(text: str) -> Document:
+class _Discard(dict):
+    """Where positions go that a Document parsed without them does not keep."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def setdefault(self, key, default=None):
+        return default
+
+
+def parse_yaml(text: str, positions: bool = True) -> Document:
     """Parse one YAML document into plain data with positions; SourceError lists what is wrong.
 
     Mapping keys are always strings: their text as written (so 'on:' and '80:' stay keys).
     libyaml parses when it is installed (about 10x faster on big policies); a document it
     rejects is parsed again by the pure-Python parser, whose messages say more (tabs...).
+    positions=False records only where mappings and lists start (the fast path for a valid
+    policy: fewer objects, less memory); errors are the same either way.
     """
     if _HAVE_CLIB:
         try:
-            return _parse_yaml(text, pure=False)
+            return _parse_yaml(text, pure=False, positions=positions)
         except SourceError:
             pass
-    return _parse_yaml(text, pure=True)
+    return _parse_yaml(text, pure=True, positions=positions)
 
 
-def _parse_yaml(text: str, pure: bool) -> Document:
+def _parse_yaml(text: str, pure: bool, positions: bool = True) -> Document:
     problems: list[tuple[int, int, str]] = []
-    doc = Document(data=None)
+    doc = Document(data=None, complete=positions)
+    key_pos = doc.key_pos if positions else _Discard()
+    scalar_pos = doc.value_pos if positions else _Discard()
     stack: list[_Frame] = []
     anchors: dict[str, tuple[Any, int]] = {}
     nodes = 0
@@ -246,8 +269,8 @@ def _parse_yaml(text: str, pure: bool) -> Document:
                 if k not in top.value:
                     top.value[k] = v
                     top.merged.add(k)
-                    doc.value_pos.setdefault(top.loc + (k,), pos)
-                    doc.key_pos.setdefault(top.loc + (k,), pos)
+                    scalar_pos.setdefault(top.loc + (k,), pos)
+                    key_pos.setdefault(top.loc + (k,), pos)
         return True
 
     def child_loc(pos: Pos, is_scalar: bool, text: str | None) -> Loc | None:
@@ -262,13 +285,13 @@ def _parse_yaml(text: str, pure: bool) -> Document:
                 raise fatal(pos, "mapping keys must be plain strings, not lists or mappings")
             key = text if text is not None else ""
             top.pending_key = (key, pos)
-            doc.key_pos.setdefault(top.loc + (key,), pos)
+            if positions:
+                key_pos.setdefault(top.loc + (key,), pos)
             return None
         return top.loc + (top.pending_key[0],)
 
-    loader = YAML(typ="safe", pure=pure)
     try:
-        for event in loader.parse(io.StringIO(text)):
+        for event in _events(text, pure):
             if isinstance(event, ev.DocumentStartEvent):
                 documents += 1
                 if documents > 1:
@@ -294,7 +317,7 @@ def _parse_yaml(text: str, pure: bool) -> Document:
                 if nodes > MAX_NODES:
                     raise fatal(pos, f"aliases expand to more than {MAX_NODES} values")
                 if loc is not None:
-                    doc.value_pos[loc] = pos
+                    scalar_pos[loc] = pos
                     attach(value, pos)
                 continue
             nodes += 1
@@ -312,7 +335,7 @@ def _parse_yaml(text: str, pure: bool) -> Document:
                     # 'dport:' with nothing after it: the parser marks where the next token
                     # starts (often the next line); the key is where the mistake is.
                     pos = stack[-1].pending_key[1]
-                doc.value_pos[loc] = pos
+                scalar_pos[loc] = pos
                 tag = event.tag
                 if tag is not None and tag != "!":
                     try:
@@ -361,6 +384,20 @@ def _parse_yaml(text: str, pure: bool) -> Document:
     if not root_set:
         raise SourceError([(1, 1, "the file is empty; a policy starts with 'version: 1'")])
     return doc
+
+
+def _events(text: str, pure: bool):
+    """YAML events. libyaml's parser is driven directly: ruamel's YAML.parse() wraps it in a
+    loader whose per-event cost is about twice the parsing itself."""
+    if pure:
+        yield from YAML(typ="safe", pure=True).parse(io.StringIO(text))
+        return
+    parser = CParser(io.StringIO(text))
+    try:
+        while parser.check_event():
+            yield parser.get_event()
+    finally:
+        parser.dispose()
 
 
 _SYNTAX_HINTS = (

@@ -52,7 +52,9 @@ def old_policy(key: str) -> PolicyIR | None:
     from netbpf.errors import NetbpfError
     from netbpf.policy import load_policy
 
-    ir = None
+    ir = snapshot.policy_ir(key)
+    if ir is not None:
+        return ir
     path = snapshot.policy_copy(key)
     if path is not None:
         try:
@@ -66,9 +68,12 @@ def _set_diff(name: str, new: SetIR, old: SetIR | None) -> SetDiff:
     total = len(new.v4) + len(new.v6)
     if old is None:
         return SetDiff(name, total, 0, total, known=False)
-    n = set(new.v4) | {(6, a, p) for a, p in new.v6}
-    o = set(old.v4) | {(6, a, p) for a, p in old.v6}
-    return SetDiff(name, len(n - o), len(o - n), total)
+    if old.v4 == new.v4 and old.v6 == new.v6:
+        return SetDiff(name, 0, 0, total)
+    added = removed = 0
+    for n, o in ((set(new.v4), set(old.v4)), (set(new.v6), set(old.v6))):
+        added, removed = added + len(n - o), removed + len(o - n)
+    return SetDiff(name, added, removed, total)
 
 
 def diff_direction(direction: str, new: DirectionIR, old: DirectionIR | None,

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 from netbpf.store import state
 
 POLICY_NAME = "policy.yaml"
+IR_NAME = "ir.pickle"
 
 
 def snapshot_root() -> Path:
@@ -75,6 +77,10 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
             (tmp / "files").mkdir(parents=True, exist_ok=True)
             (tmp / "files" / POLICY_NAME).write_bytes(loaded.raw)
         (tmp / "manifest.json").write_text(json.dumps(data, indent=1))
+        # the policy as the planner read it: the next apply's plan diff needs it, and
+        # reading it back is faster than parsing and validating the copy again
+        (tmp / IR_NAME).write_bytes(pickle.dumps((_ir_stamp(), loaded.ir),
+                                                 protocol=pickle.HIGHEST_PROTOCOL))
         prev, cur = base / "previous", base / "current"
         shutil.rmtree(prev, ignore_errors=True)
         if cur.exists():
@@ -96,6 +102,22 @@ def manifest(key: str, which: str = "current") -> dict | None:
         return json.loads((snapshot_dir(key, which) / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def policy_ir(key: str, which: str = "current"):
+    """The PolicyIR recorded with the copy; None when there is none or another netbpf's IR
+    classes wrote it (then the copy is read again)."""
+    try:
+        stamp, ir = pickle.loads((snapshot_dir(key, which) / IR_NAME).read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError,
+            ValueError, ImportError):
+        return None
+    return ir if stamp == _ir_stamp() else None
+
+
+def _ir_stamp() -> str:
+    from netbpf.policy import ir
+    return hashlib.sha256(Path(ir.__file__).read_bytes()).hexdigest()[:16]
 
 
 def policy_copy(key: str, which: str = "current") -> Path | None:

@@ -14,7 +14,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from glob import escape as glob_escape
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +25,9 @@ STATE_ROOT = Path(os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf"))
 LOCK_TIMEOUT_S = 60.0
 # prog_hash of a part whose program must be reloaded by the next apply (matches no build)
 REPAIR_HASH = "repair"
+# A set's digest while its entries are a mix of old and new (a set update in place was
+# killed, netbpf/engine/setdelta.py): it matches no policy, so the next apply writes the set.
+PARTIAL_SET = "partial"
 
 
 def iface_key(ifname: str, netns: str | None) -> str:
@@ -195,15 +198,18 @@ def load_state(key: str) -> InterfaceState | None:
 
 def save_state(state: InterfaceState) -> None:
     """Atomic (write, fsync, rename) and private to root: readers never see half a file."""
-    _write_private(state_file(state.key), asdict(state))
+    _write_private(state_file(state.key), state)
 
 
-def _write_private(path: Path, data: dict) -> None:
+def _write_private(path: Path, data) -> None:
+    """data: a dataclass (nested dataclasses, lists, dicts). One line of JSON by the C
+    encoder, dataclasses as their fields (as asdict, without its deep copy): a 10,000-rule
+    state in milliseconds rather than a second."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
+        f.write(json.dumps(data, default=vars, separators=(",", ":")))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -242,7 +248,7 @@ def journal_file(key: str) -> Path:
 
 
 def save_journal(journal: Journal) -> None:
-    _write_private(journal_file(journal.state.key), asdict(journal))
+    _write_private(journal_file(journal.state.key), journal)
 
 
 def load_journal(key: str) -> Journal | None:

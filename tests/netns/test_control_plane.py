@@ -123,3 +123,110 @@ def test_long_steps_show_progress_on_a_terminal_and_nothing_in_a_pipe(gw, tmp_pa
     netbpf(lab, "detach", "gw0")
     piped = netbpf(lab, "apply", str(p1)).stdout
     assert "compiling" not in piped and "\x1b" not in piped, piped
+
+
+# ---- sets updated in place ----
+
+SET_POLICY = """version: 1
+sets:
+  hosts: {file: hosts.txt}
+  nets: {file: nets.txt}
+interfaces:
+  gw0:
+    xdp: {mode: native}
+    ingress:
+      default: allow
+      rules:
+        - {name: hosts, src: "@hosts", action: drop}
+        - {name: nets, src: "@nets", action: drop}
+"""
+
+
+def _host(i: int) -> str:             # hash-map set: full-length addresses
+    return f"10.{1 + i // 65536}.{i // 256 % 256}.{i % 256}"
+
+
+def _net(i: int) -> str:              # prefix-trie set
+    return f"10.{100 + i // 256}.{i % 256}.0/24"
+
+
+def _write_sets(tmp_path, hosts: range, nets: range) -> None:
+    (tmp_path / "hosts.txt").write_text("".join(f"{_host(i)}\n" for i in hosts))
+    (tmp_path / "nets.txt").write_text("".join(f"{_net(i)}\n" for i in nets))
+
+
+def _verdicts_while(lab, sources: list[str], running: subprocess.Popen) -> dict[str, list[int]]:
+    """XDP verdict of a packet from each source, round after round (BPF_PROG_TEST_RUN on the
+    attached program, so on its live maps) until the process ends, then once more."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from netbpf.kernel import attach, bpfsys
+    from netbpf.kernel.testrun import test_run as run_prog
+
+    cur = attach.xdp_state("gw0", netns=lab.ns("gw"))
+    frames = {s: bytes(Ether(src=lab.mac("client", "client0"), dst=lab.mac("gw", "gw0")) /
+                       IP(src=s, dst=lab.addr("gw", "gw0")) / UDP(sport=40000, dport=9) /
+                       b"probe") for s in sources}
+    seen: dict[str, list[int]] = {s: [] for s in sources}
+    with bpfsys.prog_get_fd_by_id(cur.prog_id) as fd:
+        done = False
+        while not done:
+            done = running.poll() is not None
+            for s, frame in frames.items():
+                v = run_prog(fd, frame).retval
+                if not seen[s] or seen[s][-1] != v:
+                    seen[s].append(v)
+    return seen
+
+
+def test_a_set_delta_under_traffic_never_changes_the_verdict_of_untouched_entries(gw, tmp_path):
+    """hosts 0..29999 -> 3000..32999 and nets 0..1999 -> 500..2499, applied while packets are
+    classified in a loop: an untouched member stays dropped and an untouched non-member
+    passed throughout; an added or removed entry changes verdict once; the program stays."""
+    from netbpf.kernel import attach
+    from netbpf.kernel.testrun import XDP_DROP, XDP_PASS
+    from netbpf_cli import NETBPF
+    lab = gw
+    _write_sets(tmp_path, range(30000), range(2000))
+    p = write(tmp_path, "p.yaml", SET_POLICY)
+    netbpf(lab, "apply", str(p))
+    prog = attach.xdp_state("gw0", netns=lab.ns("gw")).prog_id
+    _write_sets(tmp_path, range(3000, 33000), range(500, 2500))
+    kept = [_host(i) for i in (3000, 9999, 29999)] + [_net(i).replace(".0/24", ".7")
+                                                     for i in (500, 1000, 1999)]
+    outside = ["10.9.0.1", "192.0.2.1", _host(40000), _net(3000).replace(".0/24", ".7")]
+    added = [_host(i) for i in (30000, 32999)] + [_net(i).replace(".0/24", ".7")
+                                                   for i in (2000, 2499)]
+    removed = [_host(i) for i in (0, 2999)] + [_net(i).replace(".0/24", ".7") for i in (0, 499)]
+    running = subprocess.Popen([NETBPF, "-n", lab.ns("gw"), "apply", str(p)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = _verdicts_while(lab, kept + outside + added + removed, running)
+    out, err = running.communicate()
+    assert running.returncode == 0, out + err
+    assert "ingress set hosts updated in place: +3000 -3000 entries" in out, out
+    assert "ingress set nets updated in place: +500 -500 entries" in out, out
+    assert attach.xdp_state("gw0", netns=lab.ns("gw")).prog_id == prog
+    assert {s: seen[s] for s in kept} == {s: [XDP_DROP] for s in kept}
+    assert {s: seen[s] for s in outside} == {s: [XDP_PASS] for s in outside}
+    assert {s: seen[s] for s in added} == {s: [XDP_PASS, XDP_DROP] for s in added}
+    assert {s: seen[s] for s in removed} == {s: [XDP_DROP, XDP_PASS] for s in removed}
+    assert UNCHANGED in netbpf(lab, "apply", str(p)).stdout
+
+
+def test_a_set_that_changes_storage_takes_a_new_generation(gw, tmp_path):
+    """A host set gaining a /16 moves from the hash map to the prefix trie: the running
+    generation looks elsewhere, so the update writes a new one (and still drops both)."""
+    from netbpf.kernel import attach
+    from netbpf.kernel.testrun import XDP_DROP, XDP_PASS
+    lab = gw
+    _write_sets(tmp_path, range(100), range(10))
+    p = write(tmp_path, "p.yaml", SET_POLICY)
+    netbpf(lab, "apply", str(p))
+    (tmp_path / "hosts.txt").write_text("".join(f"{_host(i)}\n" for i in range(50, 100))
+                                        + "10.50.0.0/16\n")
+    out = netbpf(lab, "apply", str(p)).stdout
+    assert "in place" not in out and "generation 1 active" in out, out
+    done = subprocess.Popen(["true"])
+    done.wait()                           # one round of verdicts
+    seen = _verdicts_while(lab, [_host(0), _host(60), "10.50.3.4"], done)
+    assert seen == {_host(0): [XDP_PASS], _host(60): [XDP_DROP], "10.50.3.4": [XDP_DROP]}

@@ -22,7 +22,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from netbpf import abi
-from netbpf.engine.faults import ENV, PROGRAM_STEPS, UPDATE_STEPS
+from netbpf.engine.faults import ENV, PROGRAM_STEPS, SET_STEPS, UPDATE_STEPS
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.testrun import XDP_DROP
 from netbpf.kernel.testrun import test_run as run_prog
@@ -112,6 +112,7 @@ UPDATE_CASES = {
 def test_every_step_has_a_case():
     assert set(PROGRAM_CASES) == {f"program:{s}" for s in PROGRAM_STEPS}
     assert set(UPDATE_CASES) == {f"update:{s}" for s in UPDATE_STEPS}
+    assert set(SET_CASES) == {f"sets:{s}" for s in SET_STEPS}
 
 
 # Detach straight after the kill, at the steps where the kernel runs a program no state names.
@@ -152,6 +153,61 @@ def test_kill_at_each_step_is_named_by_status_and_repaired(gw, tmp_path, step, t
     assert (code, row["health"]) == (0, "ok"), row
     assert not any(d.exists() for d in staging_dirs(key(lab)))
     assert "nothing to do" in netbpf(lab, "apply", str(p_new)).stdout
+
+
+# ---- a set updated in place (only its entries change) ----
+
+SET_OLD, SET_NEW = "192.0.2.10", "192.0.2.20"
+# step -> the set entries the running program holds after the kill
+SET_CASES = {
+    "sets:journal": {SET_OLD},
+    "sets:added": {SET_OLD, SET_NEW},       # additions first, then removals
+    "sets:state-saved": {SET_NEW},
+}
+
+
+def set_members(lab) -> set[str]:
+    """Which of the two addresses the running program drops (rule to-set: dst in dst-set)."""
+    ns = lab.ns("gw")
+    cur = attach.xdp_state("gw0", netns=ns)
+    out = set()
+    with bpfsys.prog_get_fd_by_id(cur.prog_id) as fd:
+        for addr in (SET_OLD, SET_NEW):
+            frame = bytes(Ether(src=lab.mac("client", "client0"), dst=lab.mac("gw", "gw0")) /
+                          IP(src=lab.addr("client", "client0"), dst=addr) /
+                          UDP(sport=40000, dport=53) / b"probe")
+            if run_prog(fd, frame).retval == XDP_DROP:
+                out.add(addr)
+    return out
+
+
+@pytest.mark.parametrize("step,then", [(s, "new") for s in SET_CASES] +
+                         [("sets:added", "old"), ("sets:added", "detach")])
+def test_kill_during_a_set_update_in_place_is_named_and_repaired(gw, tmp_path, step, then):
+    """The set of policy 1 changes from SET_OLD to SET_NEW (rules the same: an update in
+    place), killed at `step`; then the new policy, the old one again, or a detach."""
+    lab = gw
+    p_old = write(tmp_path, "old.yaml", policy(1, set_addr=SET_OLD))
+    p_new = write(tmp_path, "new.yaml", policy(1, set_addr=SET_NEW))
+    netbpf(lab, "apply", str(p_old))
+    prog = attach.xdp_state("gw0", netns=lab.ns("gw")).prog_id
+    killed_apply(lab, p_new, step)
+    assert set_members(lab) == SET_CASES[step]
+    assert in_force(lab) == ({1}, {1})                  # the rules never changed
+    code, row = status(lab)
+    if step.endswith("state-saved"):
+        assert (code, row["health"]) == (0, "ok"), row
+    else:
+        assert code == 1 and "a set update in place" in row["health"], row
+    if then == "detach":
+        netbpf(lab, "detach", "gw0")
+        return
+    path, want = (p_new, {SET_NEW}) if then == "new" else (p_old, {SET_OLD})
+    out = netbpf(lab, "apply", str(path))
+    assert set_members(lab) == want, out.stdout
+    assert attach.xdp_state("gw0", netns=lab.ns("gw")).prog_id == prog, out.stdout
+    assert status(lab)[1]["health"] == "ok"
+    assert "nothing to do" in netbpf(lab, "apply", str(path)).stdout
 
 
 def test_detach_removes_a_netbpf_program_the_state_does_not_record(gw, tmp_path):
