@@ -26,7 +26,8 @@ from workload import rules_label        # noqa: E402
 HERE = Path(__file__).resolve().parent
 SECTIONS = {"cost": "1. ns per packet (BPF_PROG_TEST_RUN)",
             "live": "2. live drop, Mpps (trafgen -> veth)",
-            "control": "3. control plane (s, MB)"}
+            "control": "3. control plane (s, MB)",
+            "selftest": "4. selftest after an apply (s)"}
 err = Console(stderr=True)
 
 
@@ -70,6 +71,10 @@ def main() -> int:
             log("3. control plane")
             control.run(rows, rounds=1 if quick else 3, n_rules=10_000,
                         set_entries=1_000_000, log=log)
+        if "selftest" in only:
+            import selftest
+            log("4. selftest")
+            selftest.run(rows, rounds=1 if quick else 3, n_rules=10_000, log=log)
         note_load("end")
     finally:
         netlab.down()
@@ -176,6 +181,9 @@ def judge(rows: dict[str, Row]) -> list[str]:
             p.target = f"netbpf apply is {an.median / p.median:.0f}x slower"
             behind.append(f"loading 10,000 rules: netbpf apply {an.median:.2f} s, "
                           f"{name} {p.median:.2f} s")
+    st, ap = get("selftest.10000"), get("selftest.apply.10000")
+    if st and ap:
+        st.target = f"a few s (#15); {st.median / ap.median:.1f}x the apply it follows"
     one, ld = get("control.change1.10000"), get("control.load.10000")
     nft = get("control.nft.10000")
     if one and nft:

@@ -16,8 +16,23 @@ import pytest
 # tests/ on the path: the case tables (tests/cases) and builders (tests/unit) are shared by tiers.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Parallel workers (pytest-xdist, `make test`) each get their own pin, state and saved-policy
+# roots, so one worker's `restore`, `status` or cleanup never sees another's interfaces. Labs
+# stay shared (/run/netbpf/lab): their names are unique and cleanup spares a live owner's lab.
+# Set before any netbpf module reads them; inherited by every CLI the tests run.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    os.environ["NETBPF_PIN_ROOT"] = os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf") + f"-{_WORKER}"
+    os.environ["NETBPF_STATE_ROOT"] = os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf") + f"-{_WORKER}"
+# Programs compiled once in this run load from one object cache (netbpf/kernel/objcache.py)
+# shared by the workers and removed at the end, never the machine's /var/cache/netbpf.
+if not os.environ.get("NETBPF_OBJ_CACHE"):
+    os.environ["NETBPF_OBJ_CACHE"] = f"/run/netbpf-objcache-{os.getpid()}"
+    _OWN_OBJ_CACHE = os.environ["NETBPF_OBJ_CACHE"]
+else:
+    _OWN_OBJ_CACHE = None
 # Saved policies for `netbpf restore` go beside the runtime state, never into the machine's
-# /var/lib/netbpf (set before any netbpf module reads it; inherited by the CLI we run).
+# /var/lib/netbpf.
 os.environ.setdefault("NETBPF_LIB_ROOT",
                       os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf") + "-lib")
 
@@ -30,6 +45,20 @@ def pytest_collection_modifyitems(config, items):
         for tier in TIERS:
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_OBJ_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(_OWN_OBJ_CACHE, ignore_errors=True)
+    if _WORKER:
+        # a worker's own roots: runtime state (locks, verifier logs) and saved policies go;
+        # the pin root only if empty (a pin left behind is a leak the lab checks report)
+        for root in ("NETBPF_STATE_ROOT", "NETBPF_LIB_ROOT"):
+            shutil.rmtree(os.environ[root], ignore_errors=True)
+        try:
+            os.rmdir(os.environ["NETBPF_PIN_ROOT"])
+        except OSError:
+            pass
 
 
 def _missing_privileges() -> str | None:

@@ -26,7 +26,7 @@ def detach_key(key: str, log: Log = print) -> bool:
     programs are known by what they are (their name, or an id the state, the journal or the
     pins record), so a program left by an interrupted apply goes too."""
     netns, ifname = split_key(key)
-    known = load_state(key) is not None or load_journal(key) is not None or \
+    known = load_state(key, not_loaded=True) is not None or load_journal(key) is not None or \
         any(d.exists() for d in (pin_dir(key), *staging_dirs(key)))
     if not known:
         return False

@@ -1,8 +1,8 @@
 """What survives a reboot: a copy of each applied policy and its set files, under
 /var/lib/netbpf (NETBPF_LIB_ROOT), and `netbpf restore`, which applies them again.
 
-Pins (bpffs) and the runtime state (/run/netbpf) are gone after a reboot; these copies are
-not. Not the apply engine (netbpf/engine/apply.py) and not the systemd unit (scripts/).
+Pins (bpffs) and the runtime files (/run/netbpf) are gone after a reboot; these copies and
+the state records (netbpf/store/state.py) are not. Not the apply engine (netbpf/engine/apply.py) and not the systemd unit (scripts/).
 
 Layout: applied/<id>/record.json (where the policy came from, its namespace, the interfaces
 it names, those detached since) and applied/<id>/root/<original absolute paths>, a mirror
@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Callable
 
 from netbpf.errors import NetbpfError
+from netbpf.store import state
+from netbpf.store.state import LIB_ROOT  # noqa: F401 - messages name it
 
-LIB_ROOT = Path(os.environ.get("NETBPF_LIB_ROOT", "/var/lib/netbpf"))
 STDIN_NAME = "stdin.yaml"
 
 Log = Callable[[str], None]
 
 
 def applied_dir() -> Path:
-    return LIB_ROOT / "applied"
+    return state.LIB_ROOT / "applied"
 
 
 def _policy_path(loaded) -> Path:

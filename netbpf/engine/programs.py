@@ -45,7 +45,7 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
         kernel().check_offload(p.ifname, netns=p.netns)
         built = build_program(spec, device=p.ifname, load=load)
     else:
-        built = build_program(spec, load=load)
+        built = build_program(spec, load=load, stored=True)
     loaded, tables = built.loaded, built.tables
     try:
         # Fresh counter maps: rules take slots 0..n-1 whatever the old program used, and the

@@ -19,7 +19,8 @@ from netbpf.kernel.bpfsys import FdLike
 class Kernel(Protocol):
     # ---- programs and pinned objects ----
     def load_program(self, source: Path, defines: dict, functions: dict,
-                     device: str | None = None, netns: str | None = None): ...
+                     device: str | None = None, netns: str | None = None,
+                     stored: bool = False): ...
     def obj_get(self, path: Path): ...
     def obj_pin(self, fd: FdLike, path: Path) -> None: ...
     def prog_fd_by_id(self, prog_id: int): ...
@@ -61,13 +62,13 @@ class Kernel(Protocol):
 class RealKernel:
     """bcc (loading only), libbpf through ctypes, pyroute2: imported on first use."""
 
-    def load_program(self, source, defines, functions, device=None, netns=None):
+    def load_program(self, source, defines, functions, device=None, netns=None, stored=False):
         from netbpf.kernel.loader import load_program
         from netbpf.kernel.netns import enter_netns
         if device is None:
-            return load_program(source, defines, functions)
+            return load_program(source, defines, functions, stored=stored)
         with enter_netns(netns):     # bcc resolves the device name in this namespace
-            return load_program(source, defines, functions, device=device)
+            return load_program(source, defines, functions, device=device, stored=stored)
 
     def obj_get(self, path):
         from netbpf.kernel import bpfsys

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from netbpf.abi import BPF_DIR
 from netbpf.errors import NetbpfError
-from netbpf.kernel import bpfsys
+from netbpf.kernel import bpfsys, objcache
 from netbpf.kernel.bpfsys import Fd, KernelError
 
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -142,7 +142,7 @@ _cache_lock = threading.Lock()
 
 def load_program(source: str | os.PathLike, cflags: dict[str, int | str] | None = None,
                  functions: dict[str, int | str] | None = None, *, cache: bool = False,
-                 device: str | None = None) -> Loaded:
+                 device: str | None = None, stored: bool = False) -> Loaded:
     """Compile source with bcc (-DNAME=VALUE per cflag, -I bpf/include) and load functions
     ({name: 'xdp' | 'sched_cls' | prog type number}).
 
@@ -150,6 +150,8 @@ def load_program(source: str | os.PathLike, cflags: dict[str, int | str] | None 
     headers, cflags and functions: tests use it to compile once per session. It is off by
     default because two users of one Loaded share its maps.
     device binds the load to an interface (XDP offload); bcc takes the name.
+    stored=True loads a program compiled before from the object cache (objcache.py) without
+    the compiler, and stores what it compiles; the result has fds only (Loaded.bpf is None).
     """
     source = Path(source)
     cflags = dict(cflags or {})
@@ -165,9 +167,10 @@ def load_program(source: str | os.PathLike, cflags: dict[str, int | str] | None 
                tuple(sorted(functions.items())), device)
         with _cache_lock:
             hit = _cache.get(key)
-            if hit is not None and hit.bpf is not None:
+            if hit is not None:
                 return hit
-    loaded = _compile_and_load(source, text, cflags, functions, device)
+    loaded = _compile_and_load(source, text, cflags, functions, device,
+                               stored=stored and device is None)
     if key is not None:
         loaded.cache_key = key
         with _cache_lock:
@@ -184,13 +187,22 @@ def clear_cache() -> None:
 
 
 def _compile_and_load(source: Path, text: bytes, cflags: dict, functions: dict,
-                      device: str | None) -> Loaded:
-    import bcc
-
+                      device: str | None, stored: bool = False) -> Loaded:
     for name in functions:
         _check_name(source, "program", name)
     args = [f"-I{BPF_DIR / 'include'}"] + [_define(source, k, v) for k, v in cflags.items()]
     text = _inline_includes(source, text)
+    shared_pin = str(cflags.get("NB_SHARED_PIN", "")).strip('"') or None
+    store_key = objcache.key(text, args, functions) if stored else None
+    if store_key is not None:
+        hit = objcache.load(store_key, shared_pin)
+        if hit is not None:
+            progs, maps, warnings = hit
+            return Loaded(source=source, bpf=None, progs=progs, warnings=warnings, maps={
+                name: LoadedMap(name=name, fd=fd, type=t, key_size=ks, value_size=vs,
+                                max_entries=n) for name, fd, t, ks, vs, n in maps})
+    import bcc
+
     with _captured_stderr() as err:
         try:
             bpf = bcc.BPF(text=text, cflags=args, device=device.encode() if device else None)
@@ -206,7 +218,30 @@ def _compile_and_load(source: Path, text: bytes, cflags: dict, functions: dict,
     except BaseException:
         loaded.close()
         raise
+    if store_key is not None:
+        _store(store_key, loaded, functions, shared_pin)
     return loaded
+
+
+def _store(store_key: str, loaded: Loaded, functions: dict, shared_pin: str | None) -> None:
+    """Keep the instructions bcc just loaded and the attributes of its maps (objcache.py)."""
+    lib, module = _libbcc(), loaded.bpf.module
+    progs = {}
+    for name, prog_type in functions.items():
+        start = lib.bpf_function_start(module, name.encode())
+        size = lib.bpf_function_size(module, name.encode())
+        if not start or not size:
+            return
+        progs[name] = (prog_type, ctypes.string_at(start, size))
+    maps = []
+    for i in range(lib.bpf_num_tables(module)):
+        m = loaded.maps[lib.bpf_table_name(module, i).decode()]
+        maps.append({"name": m.name, "old_fd": int(m.fd), "type": m.type,
+                     "key_size": m.key_size, "value_size": m.value_size,
+                     "max_entries": m.max_entries, "flags": int(lib.bpf_table_flags_id(module, i)),
+                     "pinned": objcache.pinned(m.name, m.fd, shared_pin)})
+    objcache.store(store_key, progs, maps, lib.bpf_module_license(module).decode(),
+                   loaded.warnings)
 
 
 def _load_function(source: Path, bpf, name: str, prog_type: int, device: str | None) -> Fd:
@@ -267,10 +302,15 @@ def _libbcc() -> ctypes.CDLL:
                         ("bpf_table_fd_id", ctypes.c_int), ("bpf_table_type_id", ctypes.c_int),
                         ("bpf_table_key_size_id", ctypes.c_size_t),
                         ("bpf_table_leaf_size_id", ctypes.c_size_t),
-                        ("bpf_table_max_entries_id", u64)):
+                        ("bpf_table_max_entries_id", u64),
+                        ("bpf_table_flags_id", ctypes.c_int)):
             f = getattr(lib, fn)
             f.restype = res
             f.argtypes = [vp] if fn == "bpf_num_tables" else [vp, u64]
+        for fn, res in (("bpf_function_start", vp), ("bpf_function_size", ctypes.c_size_t)):
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = res, [vp, ctypes.c_char_p]
+        lib.bpf_module_license.restype, lib.bpf_module_license.argtypes = ctypes.c_char_p, [vp]
         _bcc_lib = lib
     return _bcc_lib
 

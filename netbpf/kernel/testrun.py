@@ -137,6 +137,36 @@ def _run(prog_fd: FdLike, data: bytes, repeat: int, ctx: bytes | None,
                          ctx_out=ctx_out.raw[:opts.ctx_size_out] if ctx is not None else None)
 
 
+class VerdictRunner:
+    """Many single-packet runs of one program, verdicts only: one options block and one input
+    buffer reused, no output copied back (data_out NULL), so a run costs the syscall and little
+    Python (selftest sends tens of thousands of probes)."""
+
+    def __init__(self, prog_fd: FdLike, max_size: int = 256):
+        self.fd = int(prog_fd)
+        self.label = _label(prog_fd)
+        self.max_size = max_size
+        self.buf = ctypes.create_string_buffer(max_size)
+        self.opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), repeat=1)
+        self.opts.data_in = ctypes.cast(self.buf, ctypes.c_void_p)
+        self.ref = ctypes.byref(self.opts)
+        self.call = _fn()
+
+    def retval(self, data: bytes) -> int:
+        """The program's return value for one frame (14..max_size bytes)."""
+        n = len(data)
+        if not 14 <= n <= self.max_size:
+            raise ValueError(f"test frames are 14-{self.max_size} bytes (got {n})")
+        ctypes.memmove(self.buf, data, n)
+        self.opts.data_size_in = n
+        self.opts.data_size_out = 0          # libbpf writes the last run's size back here
+        ret = self.call(self.fd, self.ref)
+        if ret < 0:
+            bpfsys.raise_errno(f"test run of {self.label} on a {n}-byte packet", -ret,
+                               _hint(-ret, n))
+        return ctypes.c_int32(self.opts.retval).value
+
+
 def _label(fd: FdLike) -> str:
     return fd.label if isinstance(fd, bpfsys.Fd) else f"program fd {fd}"
 

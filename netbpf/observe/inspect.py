@@ -15,6 +15,7 @@ from netbpf import abi
 from netbpf.fw.compile import decompile, merge_prefixes, rule_digest
 from netbpf.errors import NetbpfError
 from netbpf.fw.fwtables import FwTables
+from netbpf.kernel import testrun
 from netbpf.policy.ir import AddrMatch, DirectionIR, InterfaceIR, PolicyIR, RuleIR, SetIR
 from netbpf.store.state import InterfaceState, PartState, load_state, pin_dir
 
@@ -138,6 +139,12 @@ def differences(enforced: PolicyIR, applied: PolicyIR, ifname: str) -> list[str]
 
 # ---- a private copy of an attached program ----
 
+# a program's return value -> what it did (the reply builder's XDP_TX / redirect: 'reject');
+# TC codes not listed pass the packet on
+_VERDICTS = {"xdp": {testrun.XDP_DROP: "drop", testrun.XDP_PASS: "pass", testrun.XDP_TX: "reject"},
+             "sched_cls": {testrun.TC_ACT_SHOT: "drop", testrun.TC_ACT_REDIRECT: "reject"}}
+
+
 @dataclass
 class ProgramCopy:
     """The program of one part, loaded again and filled from the live maps."""
@@ -146,20 +153,12 @@ class ProgramCopy:
     loaded: object = None
     tables: FwTables | None = None
     slot_names: dict[int, str] = field(default_factory=dict)
+    runner: object = None
 
     def __post_init__(self):
-        from netbpf.fw.program import build_program
-        from netbpf.store.progspec import ProgramSpec
-
         part = self.st.parts[self.direction]
-        # conntrack: its own, empty connection table
-        spec = ProgramSpec.for_part(self.direction, part.hook, words=part.words,
-                                    class_cap=part.class_cap, chunks=part.dir_chunks,
-                                    fields=part.fields, conntrack=self.st.conntrack)
-        self.func, self.prog_type = spec.func, spec.prog_type
-        # cached per process: explain/selftest of many interfaces compile each shape once;
-        # every copy rewrites the generation, sets and counters it uses
-        built = build_program(spec, cache=True)
+        built = self.compile(self.st, self.direction)
+        self.func, self.prog_type = built.spec.func, built.spec.prog_type
         self.loaded = built.loaded
         try:
             self.tables = built.tables
@@ -174,32 +173,40 @@ class ProgramCopy:
             raise
         self.slot_names = {r.slot: r.name for r in part.rules}
 
+    @staticmethod
+    def compile(st: InterfaceState, direction: str):
+        """The part's program (fw/program.py's Program), compiled once per process: explain/
+        selftest of many interfaces compile each shape once, and every copy rewrites the
+        generation, sets and counters it uses. Safe on a worker thread: bcc compiles outside
+        the GIL, so selftest builds its probes meanwhile."""
+        from netbpf.fw.program import build_program
+        from netbpf.store.progspec import ProgramSpec
+
+        part = st.parts[direction]
+        # conntrack: its own, empty connection table
+        spec = ProgramSpec.for_part(direction, part.hook, words=part.words,
+                                    class_cap=part.class_cap, chunks=part.dir_chunks,
+                                    fields=part.fields, conntrack=st.conntrack)
+        return build_program(spec, cache=True, stored=True)
+
     @property
     def fd(self) -> int:
         return self.loaded.prog_fd(self.func)
 
     def verdict(self, frame: bytes) -> str:
         """'pass', 'drop' or 'reject' (an answer sent back) for one frame."""
-        from netbpf.kernel.testrun import (TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
-                                           XDP_TX, test_run)
-
-        ret = test_run(self.fd, frame).retval
-        if self.prog_type == "xdp":
-            if ret == XDP_TX:
-                return "reject"
-            if ret not in (XDP_DROP, XDP_PASS):
-                return f"xdp verdict {ret}"
-            return "drop" if ret == XDP_DROP else "pass"
-        if ret == TC_ACT_REDIRECT:
-            return "reject"
-        return "drop" if ret == TC_ACT_SHOT else "pass"
+        if self.runner is None:
+            self.runner = testrun.VerdictRunner(self.fd)
+        ret = self.runner.retval(frame)
+        return _VERDICTS[self.prog_type].get(ret) or \
+            (f"xdp verdict {ret}" if self.prog_type == "xdp" else "pass")
 
     def counters(self) -> dict[int, int]:
         return {s: v[0] for s, v in self.tables.read_counters().items()}
 
     def close(self) -> None:
         """The cached program stays loaded for the next copy (loader.clear_cache frees it)."""
-        self.loaded = None
+        self.loaded = self.runner = None
 
     def __enter__(self) -> "ProgramCopy":
         return self

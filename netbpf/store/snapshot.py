@@ -3,7 +3,8 @@
 Per interface key: current/ is what the last apply used, previous/ what ran before it. They let
 a commit-confirmed apply roll back (netbpf/safety/confirm.py), `status` say when the named file
 changed or disappeared, and `show` compare the kernel with the last applied file. Plain files
-only; not the apply engine's state (netbpf/store/state.py).
+only, under the lib root (they outlive a reboot); not the apply engine's state
+(netbpf/store/state.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ IR_NAME = "ir.pickle"
 
 
 def snapshot_root() -> Path:
-    return state.STATE_ROOT / "policies"
+    return state.policies_root()
 
 
 def snapshot_dir(key: str, which: str = "current") -> Path:

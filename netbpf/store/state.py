@@ -1,8 +1,16 @@
-"""Where netbpf keeps what it made: pin directories, per-interface state files, the apply lock.
+"""Where netbpf keeps what it made: pin directories, per-interface state files, journals, locks.
 
-Pins live in bpffs (/sys/fs/bpf/netbpf/<key>/) and state in tmpfs (/run/netbpf/state/), so a
-reboot forgets both together. <key> is the interface name, or NETNS:IFNAME inside a namespace
-(':' cannot appear in an interface name). No kernel calls here: plain files only.
+Three roots. Pins live in bpffs (/sys/fs/bpf/netbpf/<key>/, NETBPF_PIN_ROOT) and go with a
+reboot. What must outlive one is under /var/lib/netbpf (NETBPF_LIB_ROOT): the state records
+(state/<key>.json: what was applied, so `status` can say it is not loaded and `netbpf restore`
+re-applies it), the copies of applied policies (policies/, netbpf/store/snapshot.py) and the
+restore records (applied/, netbpf/engine/persist.py). What describes this boot only stays in
+/run/netbpf (NETBPF_STATE_ROOT): apply journals (they speak of pins; a reboot leaves nothing to
+finish or undo), locks, health and event-reader files, the confirm timer, verifier logs.
+
+<key> is the interface name, or NETNS:IFNAME inside a namespace (':' cannot appear in an
+interface name). No kernel calls here: plain files only. Longer than 400 lines on purpose:
+every file netbpf keeps, and which root it lives under, reads in one place.
 """
 from __future__ import annotations
 
@@ -22,6 +30,11 @@ from netbpf.errors import NetbpfError
 
 PIN_ROOT = Path(os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf"))
 STATE_ROOT = Path(os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf"))
+# A private NETBPF_STATE_ROOT (tests, developers sharing a machine) gets a private lib root
+# beside it unless NETBPF_LIB_ROOT says otherwise: never the machine's /var/lib/netbpf.
+LIB_ROOT = Path(os.environ.get("NETBPF_LIB_ROOT") or (
+    f"{os.environ['NETBPF_STATE_ROOT']}-lib" if os.environ.get("NETBPF_STATE_ROOT")
+    else "/var/lib/netbpf"))
 LOCK_TIMEOUT_S = 60.0
 # prog_hash of a part whose program must be reloaded by the next apply (matches no build)
 REPAIR_HASH = "repair"
@@ -87,8 +100,22 @@ def rename_pins(src: Path, dst: Path) -> None:
                 raise
 
 
+def state_dir() -> Path:
+    """State records: durable (a reboot keeps them; the pins they describe do not)."""
+    return LIB_ROOT / "state"
+
+
 def state_file(key: str) -> Path:
-    return STATE_ROOT / "state" / f"{key}.json"
+    return state_dir() / f"{key}.json"
+
+
+def kernel_gone(key: str) -> bool:
+    """Nothing of key is left in the kernel's view: no pins, no staging pins, no journal of
+    an apply in progress. With a state record, that is a reboot (or a wiped bpffs): the
+    record says what to restore, and nothing runs. Staging trees and the journal cover the
+    moments an apply moves the pin directory."""
+    return not any(d.exists() for d in (pin_dir(key), *staging_dirs(key))) and \
+        not journal_file(key).exists()
 
 
 @dataclass
@@ -186,8 +213,14 @@ def health_down(key: str) -> set[str]:
         return set()
 
 
-def load_state(key: str) -> InterfaceState | None:
+def load_state(key: str, not_loaded: bool = False) -> InterfaceState | None:
+    """The state of what netbpf runs on key; None if nothing runs there. A record whose
+    kernel objects are gone (kernel_gone) counts only with not_loaded=True (status, detach):
+    the apply engine and the readers of maps see nothing there, so an apply loads afresh."""
+    _migrate_legacy()
     path = state_file(key)
+    if not not_loaded and path.exists() and kernel_gone(key):
+        return None
     try:
         return InterfaceState.from_json(json.loads(path.read_text()))
     except FileNotFoundError:
@@ -244,7 +277,7 @@ class Journal:
 
 
 def journal_file(key: str) -> Path:
-    return STATE_ROOT / "state" / f"{key}.journal"
+    return STATE_ROOT / "state" / f"{key}.journal"       # runtime: see the module's notes
 
 
 def save_journal(journal: Journal) -> None:
@@ -272,19 +305,42 @@ def list_journal_keys() -> list[str]:
     return sorted(p.stem for p in d.glob("*.journal")) if d.is_dir() else []
 
 
-def list_states() -> list[InterfaceState]:
-    d = STATE_ROOT / "state"
+def list_states(not_loaded: bool = False) -> list[InterfaceState]:
+    """Every interface netbpf runs something on; with not_loaded=True also the records whose
+    kernel objects are gone (after a reboot: what `netbpf restore` brings back)."""
+    _migrate_legacy()
+    d = state_dir()
     if not d.is_dir():
         return []
     out = []
     for p in sorted(d.glob("*.json")):
         try:
-            st = load_state(p.stem)
+            st = load_state(p.stem, not_loaded=not_loaded)
         except NetbpfError:
             continue
         if st:
             out.append(st)
     return out
+
+
+_migrated = False
+
+
+def _migrate_legacy() -> None:
+    """Records a netbpf kept under STATE_ROOT (state/*.json, policies/) move to the lib root,
+    once per process: an upgrade without a reboot keeps managing what runs."""
+    global _migrated
+    if _migrated or STATE_ROOT == LIB_ROOT:
+        return
+    _migrated = True
+    for old in [*(STATE_ROOT / "state").glob("*.json"), *(STATE_ROOT / "policies").glob("*")]:
+        target = LIB_ROOT / old.parent.name / old.name
+        try:
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                shutil.move(str(old), target)
+        except OSError:
+            pass                     # not root: read-only users see the lib root only
 
 
 def unpin_tree(d: Path) -> None:
@@ -300,16 +356,17 @@ def unpin_tree(d: Path) -> None:
 
 def forget_netns(netns: str) -> list[str]:
     """Drop pins, state and health files of every interface key in netns (the namespace is
-    gone, so its programs are detached already). Returns the keys forgotten. Files only."""
+    gone, so its programs are detached already), in the runtime and the lib root alike.
+    Returns the keys forgotten. Files only."""
     ns = glob_escape(netns)
-    keys = {p.stem for p in (STATE_ROOT / "state").glob(f"{ns}:*.json")}
+    keys = {p.stem for p in state_dir().glob(f"{ns}:*.json")}
     keys |= {p.stem for p in (STATE_ROOT / "state").glob(f"{ns}:*.journal")}
     keys |= {p.name for p in PIN_ROOT.glob(f"{ns}:*")} if PIN_ROOT.is_dir() else set()
     # files other parts keep per interface: the health checker's, event readers', the
     # saved copies of applied policies, and locks nobody holds any more
     for sub, suffix in (("health", ".json"), ("locks", ".lock"), ("events", ".lock")):
         keys |= {p.name[:-len(suffix)] for p in (STATE_ROOT / sub).glob(f"{ns}:*{suffix}")}
-    keys |= {p.name for p in (STATE_ROOT / "policies").glob(f"{ns}:*")}
+    keys |= {p.name for p in policies_root().glob(f"{ns}:*")}
     with apply_lock(keys):
         for key in keys:
             for d in (pin_dir(key), *staging_dirs(key)):
@@ -321,10 +378,15 @@ def forget_netns(netns: str) -> list[str]:
             remove_journal(key)
             health_file(key).unlink(missing_ok=True)
             (STATE_ROOT / "events" / f"{key}.lock").unlink(missing_ok=True)
-            shutil.rmtree(STATE_ROOT / "policies" / key, ignore_errors=True)
+            shutil.rmtree(policies_root() / key, ignore_errors=True)
             remove_lock(key)
         prune_pin_roots()
     return sorted(keys)
+
+
+def policies_root() -> Path:
+    """Copies of applied policy files, per key (netbpf/store/snapshot.py): durable."""
+    return LIB_ROOT / "policies"
 
 
 def list_pin_keys() -> list[str]:

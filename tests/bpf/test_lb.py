@@ -113,6 +113,12 @@ def age_flow(tables: LbTables, sport: int, seconds: float) -> None:
     bpfsys.map_update(tables.fds[abi.NB_MAP_LB_FLOWS], bytes(k), bytes(v))
 
 
+def aged(tables: LbTables, run, sport: int, seconds: float, pkt) -> str:
+    """The backend pkt goes to when its flow has just been made `seconds` idle."""
+    age_flow(tables, sport, seconds)
+    return backend_of(run, pkt)
+
+
 def test_nat_rewrites_destination_with_valid_checksums(prog):
     install, run, *_ = prog
     install(lb_ir(VIP4))
@@ -228,9 +234,8 @@ def test_idle_udp_flow_expires_and_is_balanced_again(prog):
     on_b3 = [sp for sp, b in first.items() if b == B3]
     assert on_b3
     install(lb_ir(VIP4, weights=(1, 1, 0), proto=17))
-    for sp in on_b3:
-        age_flow(tables, sp, 29)                    # idle, but not for 30 s yet
-    assert all(backend_of(run, udp(VIP4, sp)) == B3 for sp in on_b3)
+    # idle, but not for 30 s yet (aged right before its packet, with room for a slow machine)
+    assert all(aged(tables, run, sp, 25, udp(VIP4, sp)) == B3 for sp in on_b3)
     for sp in on_b3:
         age_flow(tables, sp, 31)
     assert B3 not in {backend_of(run, udp(VIP4, sp)) for sp in on_b3}
@@ -239,16 +244,14 @@ def test_idle_udp_flow_expires_and_is_balanced_again(prog):
 
 def test_idle_tcp_flow_expires_after_the_policy_timeout(prog):
     install, run, tables, _ = prog
-    install(lb_ir(VIP4, idle=5))
+    install(lb_ir(VIP4, idle=20))
     sports = range(34000, 34060)
     first = {sp: backend_of(run, syn(VIP4, sp)) for sp in sports}
     on_b3 = [sp for sp, b in first.items() if b == B3]
-    install(lb_ir(VIP4, weights=(1, 1, 0), idle=5))
+    install(lb_ir(VIP4, weights=(1, 1, 0), idle=20))
+    assert all(aged(tables, run, sp, 15, ack(VIP4, sp)) == B3 for sp in on_b3)
     for sp in on_b3:
-        age_flow(tables, sp, 4)
-    assert all(backend_of(run, ack(VIP4, sp)) == B3 for sp in on_b3)
-    for sp in on_b3:
-        age_flow(tables, sp, 6)
+        age_flow(tables, sp, 21)
     assert B3 not in {backend_of(run, ack(VIP4, sp)) for sp in on_b3}
 
 
@@ -258,9 +261,7 @@ def test_default_tcp_timeout_keeps_a_flow_idle_for_minutes(prog):
     first = {sp: backend_of(run, syn(VIP4, sp)) for sp in range(35000, 35060)}
     on_b3 = [sp for sp, b in first.items() if b == B3]
     install(lb_ir(VIP4, weights=(1, 1, 0)))
-    for sp in on_b3:
-        age_flow(tables, sp, 890)
-    assert all(backend_of(run, ack(VIP4, sp)) == B3 for sp in on_b3)
+    assert all(aged(tables, run, sp, 880, ack(VIP4, sp)) == B3 for sp in on_b3)
     for sp in on_b3:
         age_flow(tables, sp, 910)
     assert B3 not in {backend_of(run, ack(VIP4, sp)) for sp in on_b3}

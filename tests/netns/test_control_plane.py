@@ -8,6 +8,7 @@ Timing is for bench/ (control rows); here only which path was taken.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -86,9 +87,11 @@ def test_a_rule_only_change_does_not_import_the_compiler(gw, tmp_path):
     assert "update maps only" in r.stdout, r.stdout
     assert r.stdout.strip().endswith("bcc not imported"), r.stdout
     # and a change that needs a new program does compile (the check above can fail)
+    # (with an empty object cache: a program compiled before loads without bcc, objcache.py)
     p3 = write(tmp_path, "p3.yaml", policy(3, pad=100))
     r = subprocess.run([sys.executable, "-c", RULE_ONLY, lab.ns("gw"), str(p3)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "NETBPF_OBJ_CACHE": str(tmp_path / "objcache")})
     assert r.returncode == 0 and r.stdout.strip().endswith("bcc imported"), r.stdout + r.stderr
 
 

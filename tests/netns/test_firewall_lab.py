@@ -17,6 +17,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw
 
 
+from netbpf.store.state import PIN_ROOT
 from netbpf_cli import netbpf
 
 POLICY = """\
@@ -106,7 +107,7 @@ def test_detach_removes_program_and_pins(two_hosts, tmp_path):
     netbpf(two_hosts, "detach", "gw0")
     link = two_hosts.run("gw", ["ip", "link", "show", "gw0"]).stdout
     assert "xdp" not in link
-    assert not list(Path("/sys/fs/bpf/netbpf").glob(f"{two_hosts.ns('gw')}:*"))
+    assert not list(PIN_ROOT.glob(f"{two_hosts.ns('gw')}:*"))
     gone = netbpf(two_hosts, "stats", "gw0", check=False)
     assert gone.returncode == 1 and "not managed by netbpf" in gone.stderr
 

@@ -10,6 +10,9 @@ a "host" reached with the local connection and the module's netns option.
 Verdicts are pings from the client: closed.yaml drops ICMP echo requests, open.yaml lets them
 through (deaf.yaml drops echo replies, so the gateways' own self-check pings fail). The tests
 run in file order; each checks the state it starts from.
+
+The commit-confirmed runs use `serial: 1`: netbpf keeps one pending confirm per machine, and
+the four "hosts" here share this one (on a real fleet each host has its own).
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from netbpf.lab import TOPOLOGY_DIR, Lab
+from netbpf.safety import confirm
 
 from netbpf_cli import NETBPF
 
@@ -233,3 +238,73 @@ def test_batch_rollout_stops_at_the_first_failing_self_check(fleet):
     _same_programs({h: before[h] for h in ("gw2", "gw3", "gw4")},
                    {h: after[h] for h in ("gw2", "gw3", "gw4")})
     assert fleet.verdicts() == {"gw1": True, "gw2": False, "gw3": True, "gw4": True}
+
+
+def _our_timers() -> list[int]:
+    """Rollback timer processes (python -m netbpf.safety.confirm ID) of this test run's
+    state root: other checkouts on the machine have their own."""
+    root = os.environ.get("NETBPF_STATE_ROOT")
+    mine = (lambda env: f"NETBPF_STATE_ROOT={root}".encode() in env) if root else \
+        (lambda env: not any(e.startswith(b"NETBPF_STATE_ROOT=") for e in env))
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"netbpf.safety.confirm" in cmd and mine(env):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _hashes(status: dict) -> dict[str, str]:
+    return {h: status[h]["policy_hash"] for h in HOSTS}
+
+
+def test_confirm_window_then_check_then_confirm_keeps_the_new_policy(fleet):
+    """apply --confirm 60 on each gateway, its self-checks, `netbpf confirm`: the new policy
+    stays, no rollback timer is left and nothing is pending."""
+    before = fleet.status()
+    assert fleet.verdicts() == {"gw1": True, "gw2": False, "gw3": True, "gw4": True}
+    assert confirm.read_pending() is None
+
+    rc, out, recap = fleet.playbook("closed2.yaml", "-e", "netbpf_confirm_seconds=60", batch=1)
+    assert rc == 0, out
+    # changed twice per host: the apply, then the confirm
+    assert {h: recap[h][1:] for h in HOSTS} == {h: (2, 0) for h in HOSTS}, out
+    assert "Confirm the apply" in out and "FAILED" not in out, out
+    assert confirm.read_pending() is None, "every host's apply was confirmed"
+    assert _our_timers() == [], "confirm stops the rollback timers: nothing will roll back"
+    after = fleet.status()
+    assert len(set(_hashes(after).values())) == 1
+    assert all(_hashes(after)[h] != before[h]["policy_hash"] for h in HOSTS)
+    assert fleet.verdicts() == {h: False for h in HOSTS}, "closed2.yaml drops pings everywhere"
+
+
+def test_confirm_window_without_confirm_rolls_every_host_back(fleet):
+    """The controller never confirms (its confirm task skipped, as when it dies): within the
+    window + 1 s of the playbook's end every gateway runs its previous policy again."""
+    window = 6
+    before = fleet.status()
+    assert fleet.verdicts() == {h: False for h in HOSTS}, "starts on closed2.yaml"
+
+    rc, out, recap = fleet.playbook("open.yaml", "-e", f"netbpf_confirm_seconds={window}",
+                                    "--skip-tags", "netbpf_confirm", batch=1)
+    ended = time.monotonic()
+    assert rc == 0, out
+    assert {h: recap[h][1:] for h in HOSTS} == {h: (1, 0) for h in HOSTS}, out
+    assert "Confirm the apply" not in out
+    back: dict[str, float] = {}
+    while len(back) < len(HOSTS) and time.monotonic() < ended + window + 30:
+        now = fleet.status()
+        for h in HOSTS:
+            if h not in back and now[h]["policy_hash"] == before[h]["policy_hash"]:
+                back[h] = time.monotonic() - ended
+        time.sleep(0.2)
+    assert set(back) == set(HOSTS), f"rolled back: {back}; log: " + \
+        confirm.rollback_log().read_text()[-2000:]
+    late = {h: round(t, 1) for h, t in back.items() if t > window + 1}
+    assert not late, f"rolled back later than {window} + 1 s after the playbook: {late}"
+    assert confirm.read_pending() is None
+    assert fleet.verdicts() == {h: False for h in HOSTS}, "closed2.yaml is back everywhere"

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from netbpf.lab import Lab, LabError, RemoteTraceback, TopologyError, cleanup, list_netns, parse_topology
+from netbpf.lab.records import STATE_DIR as LAB_RECORDS
 from netbpf.lab.records import forget, watched_prefixes
 from netbpf.lab.topology import TOPOLOGY_DIR
 
@@ -234,7 +235,7 @@ def test_exception_inside_with_block_leaves_no_namespace():
             raise RuntimeError("test failed here")
     assert ours(lab) == []
     assert server.poll() is not None  # the lab ended what it started
-    assert not os.path.exists(f"/run/netbpf/lab/{lab.prefix}.json")
+    assert not (LAB_RECORDS / f"{lab.prefix}.json").exists()
 
 
 def test_failed_up_removes_what_it_created(tmp_path):
@@ -258,7 +259,7 @@ def test_ctrl_c_during_up_removes_what_it_created(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lab.up()
     assert ours(lab) == []
-    assert not os.path.exists(f"/run/netbpf/lab/{lab.prefix}.json")
+    assert not (LAB_RECORDS / f"{lab.prefix}.json").exists()
 
 
 def test_killed_owner_is_cleaned_up_by_the_reaper():

@@ -23,6 +23,8 @@ from scapy.layers.l2 import Ether
 from netbpf.kernel import attach, bpfsys
 from netbpf.kernel.testrun import XDP_DROP, XDP_PASS
 from netbpf.kernel.testrun import test_run as run_prog
+from netbpf.procs import pid_alive
+from netbpf.safety.confirm import read_pending
 from netbpf.store.state import STATE_ROOT, load_state
 
 from netbpf_cli import NETBPF, netbpf
@@ -149,10 +151,15 @@ def test_rollback_happens_when_the_apply_is_sigkilled_right_after_applying(gw, m
 def test_confirm_keeps_the_new_policy(gw, monkeypatch):
     lab, d = gw
     netbpf(lab, "apply", str(d / "ok.yaml"))
-    netbpf(lab, "apply", str(d / "bad.yaml"), "--confirm", "3")
+    # a window no busy machine misses before `confirm` runs; after the confirm the timer is
+    # gone, so no rollback can come at the deadline
+    netbpf(lab, "apply", str(d / "bad.yaml"), "--confirm", "60")
+    timer = read_pending()["timer_pid"]
+    assert pid_alive(timer)
     out = netbpf(lab, "confirm").stdout
     assert "confirmed" in out
-    time.sleep(3.5)
+    assert wait_for(lambda: not pid_alive(timer), 10), "the confirm timer is still running"
+    assert read_pending() is None
     assert rule_names(lab) == ["drop-blocklist", "web"] and ssh_verdict(lab) == XDP_DROP
     again = netbpf(lab, "confirm", check=False)
     assert again.returncode == 1 and "nothing to confirm" in again.stderr

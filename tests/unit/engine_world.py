@@ -32,6 +32,7 @@ def fake_world(tmp_path: Path, monkeypatch, links: bool = True) -> FakeKernel:
     monkeypatch.setattr(state, "STAGING_ROOT", staging)
     monkeypatch.setattr(state, "STAGING_DIRS", (staging / "new", staging / "old"))
     monkeypatch.setattr(state, "STATE_ROOT", root / "run")
+    monkeypatch.setattr(state, "LIB_ROOT", root / "lib")
     k = FakeKernel(root, links=links)
     if base != tmp_path:
         weakref.finalize(k, shutil.rmtree, base, True)

@@ -273,7 +273,7 @@ class FakeKernel(MapCalls):
         return [self.objs[lid].prog_id for lid in self.tcx.get((index, d), [])]
 
     # ---- programs and objects (Kernel and bpfsys) ----
-    def load_program(self, source, defines, functions, device=None, netns=None):
+    def load_program(self, source, defines, functions, device=None, netns=None, stored=False):
         self._call("load_program")
         self.loads.append(dict(defines))
         hook = "xdp" if any(t == "xdp" for t in functions.values()) else "tc"

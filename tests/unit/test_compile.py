@@ -5,7 +5,6 @@ table layout itself is the point, the tables. Random coverage is in test_compile
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -417,23 +416,15 @@ def test_shape_keeps_current_while_it_fits():
         choose_shape(abi.NB_MAX_RULES + 1, 10)
 
 
-# ---------------------------------------------------------------- speed
+# ---------------------------------------------------------------- size (speed is in bench/)
 
-def _timed(d):
-    t0 = time.perf_counter()
-    c = compile_direction(d)
-    return c, time.perf_counter() - t0
-
-
-def test_10000_distinct_src_hosts_compile_fast():
+def test_10000_distinct_src_hosts_compile():
     rules = [rule(f"h{i}", "drop", src=f"10.{i >> 8 & 255}.{i & 255}.1/32") for i in range(10000)]
-    c, secs = _timed(direction(*rules))
+    c = compile_direction(direction(*rules))
     assert c.nrules == 10000 and len(c.lpm4) == 10000
-    assert secs < 2.0, f"{secs:.2f}s"
 
 
-def test_10000_distinct_dports_compile_fast():
+def test_10000_distinct_dports_compile():
     rules = [rule(f"p{i}", "drop", dport=i + 1) for i in range(10000)]
-    c, secs = _timed(direction(*rules))
+    c = compile_direction(direction(*rules))
     assert c.nclasses == 10002
-    assert secs < 2.0, f"{secs:.2f}s"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from netbpf.engine import persist
+from netbpf.store import state
 from netbpf.policy import load_policy
 
 POLICY = """\
@@ -27,7 +28,7 @@ IFACE = """\
 
 @pytest.fixture(autouse=True)
 def lib(tmp_path, monkeypatch):
-    monkeypatch.setattr(persist, "LIB_ROOT", tmp_path / "lib")
+    monkeypatch.setattr(state, "LIB_ROOT", tmp_path / "lib")
     return tmp_path / "lib"
 
 

@@ -26,6 +26,7 @@ interfaces:
 @pytest.fixture
 def applied(tmp_path, monkeypatch):
     monkeypatch.setattr(state, "STATE_ROOT", tmp_path / "state")
+    monkeypatch.setattr(state, "LIB_ROOT", tmp_path / "lib")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "bad.txt").write_text("192.0.2.0/24\n")
     policy = tmp_path / "gw.yaml"
