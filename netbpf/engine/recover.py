@@ -10,16 +10,19 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from netbpf.observe.drift import is_netbpf_program, journal_progress, netns_gone, tc_filter
+from netbpf.engine.records import GRACE_S
 from netbpf.errors import NetbpfError
-from netbpf.kernel import attach, bpfsys, link
+from netbpf.fw.fwtables import FwTables
+from netbpf.kernel import link
+from netbpf.kernel.api import kernel
+from netbpf.kernel.netns import interface_is
+from netbpf.observe.drift import is_netbpf_program, journal_progress, netns_gone, tc_filter
 from netbpf.store.progspec import PROG_PIN, PROGRAMS
-from netbpf.store.state import (REPAIR_HASH, InterfaceState, Journal, list_journal_keys, load_journal,
-                          load_state, pin_dir, remove_journal, rename_pins, save_state,
-                          staging_dirs, unpin_tree)
+from netbpf.store.state import (REPAIR_HASH, InterfaceState, Journal, list_journal_keys,
+                                load_journal, load_state, pin_dir, remove_journal, rename_pins,
+                                save_state, staging_dirs, unpin_tree)
 
 Log = Callable[[str], None]
-GRACE_S = 0.05     # see apply.GRACE_S: packets still classifying on the old generation
 
 
 def recover_all(log: Log, keys) -> frozenset[str]:
@@ -42,7 +45,8 @@ def recover(key: str, log: Log) -> None:
     old = load_state(key)
     when = time.strftime("%H:%M:%S", time.localtime(j.started_at))
     what = f"{key}: the apply of {j.state.policy_path} started {when} was interrupted"
-    if netns_gone(j.state.netns) or not _interface_is(j.state):
+    st = j.state
+    if netns_gone(st.netns) or not interface_is(st.ifname, st.netns, st.ifindex):
         for d in staging_dirs(key):
             unpin_tree(d)
         remove_journal(key)
@@ -68,16 +72,6 @@ def recover(key: str, log: Log) -> None:
         f"{', '.join(d for d, v in progress.items() if v)}; finished it")
 
 
-def _interface_is(st: InterfaceState) -> bool:
-    from netbpf.kernel.netns import enter_netns
-    import socket
-    try:
-        with enter_netns(st.netns):
-            return socket.if_nametoindex(st.ifname) == st.ifindex
-    except (NetbpfError, OSError):
-        return False
-
-
 def _roll_back(j: Journal, old: InterfaceState | None) -> None:
     key = j.state.key
     if j.kind == "programs":
@@ -85,7 +79,6 @@ def _roll_back(j: Journal, old: InterfaceState | None) -> None:
             unpin_tree(d)
     else:
         # sets the journal wrote under new tags: nobody refers to them
-        from netbpf.fw.fwtables import FwTables
         for d, part in j.state.parts.items():
             was = {s.tag for s in old.parts[d].sets} if old and d in old.parts else set()
             stale = [s.tag for s in part.sets if s.tag not in was]
@@ -107,15 +100,15 @@ def _forward_programs(j: Journal, old: InterfaceState | None, progress: dict) ->
     for d, part in st.parts.items():
         # the journal was written before attaching: how each part is attached is read back
         mine = [lk for lk in (staging / d / link.LINK_PIN, final / d / link.LINK_PIN)
-                if (info := _live(lk)) is not None and info.prog_id == part.prog_id]
+                if (info := link.live_link(lk)) is not None and info.prog_id == part.prog_id]
         if progress[d]:
             part.attach = "link" if mine else "netlink"
             continue
         old_link = final / d / link.LINK_PIN
         was = old.parts.get(d) if old else None
-        with bpfsys.obj_get(src / d / PROG_PIN) as fd:
-            if was is not None and was.hook == part.hook and (info := _live(old_link)):
-                link.update_pinned(old_link, fd, info.prog_id,
+        with kernel().obj_get(src / d / PROG_PIN) as fd:
+            if was is not None and was.hook == part.hook and (info := link.live_link(old_link)):
+                kernel().update_pinned(old_link, fd, info.prog_id,
                                    also_pin=staging / d / link.LINK_PIN if staging.is_dir()
                                    else None)
                 part.attach = "link"
@@ -123,19 +116,19 @@ def _forward_programs(j: Journal, old: InterfaceState | None, progress: dict) ->
                 part.mode = _replace_xdp(st, fd, old)
                 part.attach = "netlink"
             else:
-                attach.ensure_clsact(st.ifname, netns=st.netns)
-                attach.attach_tc(st.ifname, d, fd, PROGRAMS[(d, "tc")][1], netns=st.netns)
+                kernel().ensure_clsact(st.ifname, netns=st.netns)
+                kernel().attach_tc(st.ifname, d, fd, PROGRAMS[(d, "tc")][1], netns=st.netns)
                 part.attach = "netlink"
     for d, part in (old.parts.items() if old else ()):
         new = st.parts.get(d)
         if new is not None and new.hook == part.hook:
             continue
         if part.attach == "link":
-            link.detach_pinned(final / d / link.LINK_PIN)
+            kernel().detach_pinned(final / d / link.LINK_PIN)
         elif part.hook == "xdp":
-            attach.detach_xdp(st.ifname, None, prog_id=part.prog_id, netns=st.netns)
+            kernel().detach_xdp(st.ifname, None, prog_id=part.prog_id, netns=st.netns)
         elif (f := tc_filter(st, d)) is not None and f.prog_id == part.prog_id:
-            attach.detach_tc(st.ifname, d, netns=st.netns)
+            kernel().detach_tc(st.ifname, d, netns=st.netns)
     if staging.is_dir():
         if final.is_dir():
             unpin_tree(retired)
@@ -144,35 +137,26 @@ def _forward_programs(j: Journal, old: InterfaceState | None, progress: dict) ->
     unpin_tree(retired)
     ing = st.parts.get("ingress")
     if ing is not None and ing.hook == "xdp":
-        cur = attach.xdp_state(st.ifname, netns=st.netns)
+        cur = kernel().xdp_state(st.ifname, netns=st.netns)
         if cur is not None:
             ing.mode = cur.mode
     save_state(st)
 
 
-def _live(path) -> "link.LinkInfo | None":
-    try:
-        info = link.pinned_link_info(path)
-    except NetbpfError:
-        return None
-    return info if info is not None and info.ifindex else None
-
-
 def _replace_xdp(st: InterfaceState, prog_fd, old: InterfaceState | None) -> str:
-    cur = attach.xdp_state(st.ifname, netns=st.netns)
+    cur = kernel().xdp_state(st.ifname, netns=st.netns)
     if cur is None:
-        return attach.attach_xdp(st.ifname, prog_fd, st.requested_mode, netns=st.netns)
+        return kernel().attach_xdp(st.ifname, prog_fd, st.requested_mode, netns=st.netns)
     was = old.parts.get("ingress") if old else None
     if not ((was and cur.prog_id == was.prog_id) or is_netbpf_program(cur.prog_id)):
         raise NetbpfError(f"repair {st.key}: another XDP program (id {cur.prog_id}) is attached, "
                           "not netbpf's; detach it first")
-    with bpfsys.prog_get_fd_by_id(cur.prog_id) as old_fd:
-        return attach.attach_xdp(st.ifname, prog_fd, cur.mode, replace_prog_fd=old_fd,
-                                 netns=st.netns)
+    with kernel().prog_fd_by_id(cur.prog_id) as old_fd:
+        return kernel().attach_xdp(st.ifname, prog_fd, cur.mode, replace_prog_fd=old_fd,
+                                   netns=st.netns)
 
 
 def _forward_update(j: Journal, old: InterfaceState | None, progress: dict) -> None:
-    from netbpf.fw.fwtables import FwTables
     st = j.state
     opened = {d: FwTables.from_pins(pin_dir(st.key) / d, p.words, p.class_cap)
               for d, p in st.parts.items()}

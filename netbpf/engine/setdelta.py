@@ -4,14 +4,14 @@ loses deleted under its running tag — O(changes) map writes, no generation, no
 
 What a packet sees meanwhile is in docs/policy.md ("While a set changes"); a kill half-way
 is repaired by the next apply (docs/engine.md, journal kind "sets"). Not the decision that a
-change is set-only (apply.py), not the map layout (netbpf/fw/fwtables.py).
+change is set-only (update.py), not the map layout (netbpf/fw/fwtables.py).
 """
 from __future__ import annotations
 
 import copy
 from typing import Callable
 
-from netbpf.engine.faults import kill_point
+from netbpf.engine import faults
 from netbpf.fw.fwtables import FwTables, SetDelta
 from netbpf.policy.ir import SetIR
 from netbpf.store.state import (PARTIAL_SET, InterfaceState, Journal, pin_dir, remove_journal,
@@ -48,11 +48,11 @@ def write_set_deltas(old: InterfaceState, new: InterfaceState, sets: dict[str, S
                 if s.name in names:
                     s.digest = PARTIAL_SET
         save_journal(Journal("sets", marked))
-        kill_point("sets:journal")
+        faults.kill_point("sets:journal")
         # every addition before any removal: an address changes membership at most once
         for d, _, delta in work:
             opened[d].add_entries(delta)
-        kill_point("sets:added")
+        faults.kill_point("sets:added")
         for d, _, delta in work:
             opened[d].remove_entries(delta)
     finally:
@@ -60,7 +60,7 @@ def write_set_deltas(old: InterfaceState, new: InterfaceState, sets: dict[str, S
             t.close()
     save_state(new)
     remove_journal(new.key)
-    kill_point("sets:state-saved")
+    faults.kill_point("sets:state-saved")
     for d, name, delta in work:
         added, removed = delta.counts()
         log(f"{new.key}: {d} set {name} updated in place: +{added} -{removed} entries")

@@ -68,15 +68,21 @@ class Program:
         self.close()
 
 
-def build_program(spec: ProgramSpec, *, cache: bool = False,
-                  device: str | None = None, stored: bool = False) -> Program:
+def build_program(spec: ProgramSpec, *, cache: bool = False, device: str | None = None,
+                  stored: bool = False, load: Callable | None = None) -> Program:
     """Compile and load spec's source with its defines, point the tail-call slots at the
     reply builder and the balancer loaded beside it (until then a reject only drops and a
     VIP packet passes), open the tables.
     cache=True shares one load per identical spec in this process (tests, explain);
-    stored=True loads a spec compiled before from the object cache (kernel/objcache.py)."""
-    loaded = load_program(spec.source, spec.defines(), spec.functions(), cache=cache,
-                          device=device, stored=stored)
+    stored=True loads a spec compiled before from the object cache (kernel/objcache.py).
+    load: the loader instead of bcc's (the apply engine passes its kernel's,
+    netbpf/kernel/api.py)."""
+    if load is None:
+        loaded = load_program(spec.source, spec.defines(), spec.functions(), cache=cache,
+                              device=device, stored=stored)
+    else:
+        loaded = load(spec.source, spec.defines(), spec.functions(), device=device,
+                      stored=stored)
     try:
         for jump, func in spec.tail_calls().items():
             bpfsys.map_update(loaded.maps[jump].fd, abi.U32.pack(0),

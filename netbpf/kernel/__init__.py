@@ -2,7 +2,8 @@
 
 bpfsys (pins, map I/O), loader (bcc compile + load), testrun (BPF_PROG_TEST_RUN), link (XDP
 and TCX bpf_links), attach (XDP and TC clsact via netlink, the fallback), reach (can clients
-reach a VIP), netns (enter a network namespace only). No policy logic here.
+reach a VIP), netns (enter a network namespace only), api (the Kernel protocol the apply
+engine calls, and the real implementation). No policy logic here.
 """
 from netbpf.kernel.attach import (NB_TC_HANDLE, NB_TC_PRIO, XDP_MODES, TcFilter, XdpState,
                                   attach_tc, attach_xdp, detach_tc, detach_xdp, driver_name,

@@ -4,7 +4,7 @@ attached after the CLI exits, and nobody can replace or remove it through netlin
 (`ip link set dev X xdp off` gets EBUSY); swaps go through bpf_link_update, atomically.
 
 Not netlink XDP or cls_bpf (attach.py, the fallback for kernels without these links) and not
-the choice between the two (netbpf/engine/apply.py). NETBPF_ATTACH=netlink forces the fallback.
+the choice between the two (netbpf/engine/hooks.py). NETBPF_ATTACH=netlink forces the fallback.
 """
 from __future__ import annotations
 
@@ -197,6 +197,17 @@ def pinned_link_info(path: Path) -> LinkInfo | None:
         return link_info(fd)
 
 
+def live_link(path: Path) -> LinkInfo | None:
+    """The link pinned at path if it still holds a hook (not detached, device not gone).
+    Asks the kernel the engine talks to (netbpf/kernel/api.py)."""
+    from netbpf.kernel.api import kernel
+    try:
+        info = kernel().pinned_link_info(path)
+    except NetbpfError:
+        return None
+    return info if info is not None and info.ifindex else None
+
+
 def detach_pinned(path: Path) -> LinkInfo | None:
     """Detach the link pinned at path (the pin stays until its tree is removed)."""
     if not path.exists():
@@ -223,4 +234,5 @@ def update_pinned(path: Path, new_prog_fd: FdLike, old_prog_id: int | None,
 
 __all__ = ["BPF_XDP", "BPF_TCX_INGRESS", "BPF_TCX_EGRESS", "LINK_PIN", "FORCE_ENV", "LinkInfo",
            "LinkUnsupported", "create_link", "update_link", "detach_link", "link_info",
-           "pinned_link_info", "detach_pinned", "tcx_prog_ids", "update_pinned", "forced_netlink"]
+           "pinned_link_info", "live_link", "detach_pinned", "tcx_prog_ids", "update_pinned",
+           "forced_netlink"]

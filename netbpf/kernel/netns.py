@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 from contextlib import contextmanager
 from typing import Iterator
 
+from netbpf.errors import NetbpfError
 from netbpf.kernel.bpfsys import raise_errno
 
 CLONE_NEWNET = 0x40000000
@@ -103,3 +105,24 @@ def enter_netns(name: str | None) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(home)
+
+
+def ifindex(ifname: str, netns: str | None = None) -> int | None:
+    """The interface's index in namespace netns, None if it has no such interface (a missing
+    namespace raises, naming it)."""
+    with enter_netns(netns):
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            return None
+
+
+def interface_is(ifname: str, netns: str | None, index: int | None = None) -> bool:
+    """The interface exists (with this index, if one is given: not re-created since). Asks
+    the kernel the engine talks to (netbpf/kernel/api.py)."""
+    from netbpf.kernel.api import kernel
+    try:
+        now = kernel().ifindex(ifname, netns)
+    except NetbpfError:
+        return False
+    return now is not None and (index is None or now == index)

@@ -3,7 +3,7 @@ the VIP must be an address of this host, or lie off the interface's subnets (a r
 it here), or a neighbour must answer ARP/ND for it. Otherwise clients on the subnet get no
 answer for the VIP and every connection fails, though the data plane is fine.
 
-Not the balancer (netbpf/lb/lbtables.py) and not forwarding (checked by netbpf/engine/apply.py).
+Not the balancer (netbpf/lb/lbtables.py) and not forwarding (checked by netbpf/engine/plan.py).
 """
 from __future__ import annotations
 

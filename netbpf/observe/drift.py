@@ -5,26 +5,23 @@ engine before it plans. Repairs nothing (netbpf/engine/recover.py and a re-apply
 """
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 from netbpf import abi
 from netbpf.errors import NetbpfError
-from netbpf.kernel import attach, bpfsys, link
-from netbpf.kernel.netns import enter_netns, netns_path
+from netbpf.kernel import attach, link
+from netbpf.kernel.api import kernel
 from netbpf.store.progspec import PROG_PIN, PROGRAM_NAMES
 from netbpf.store.state import InterfaceState, Journal, PartState, load_journal, pin_dir
 
 
-
 def netns_gone(netns: str | None) -> bool:
-    return bool(netns) and not os.path.exists(netns_path(netns))
+    return bool(netns) and not kernel().netns_exists(netns)
 
 
 def tc_filter(st: InterfaceState, direction: str):
     """netbpf's filter (our prio/handle) on the interface's clsact hook, or None."""
-    for f in attach.list_tc_filters(st.ifname, direction, netns=st.netns):
+    for f in kernel().list_tc_filters(st.ifname, direction, netns=st.netns):
         if f.kind == "bpf" and f.prio == attach.NB_TC_PRIO and f.handle == attach.NB_TC_HANDLE:
             return f
     return None
@@ -33,11 +30,11 @@ def tc_filter(st: InterfaceState, direction: str):
 def is_netbpf_program(prog_id: int) -> bool:
     """A program is netbpf's by what it is (its name), whatever id a state file recorded."""
     try:
-        fd = bpfsys.prog_get_fd_by_id(prog_id)
+        fd = kernel().prog_fd_by_id(prog_id)
     except NetbpfError:
         return False
     try:
-        return bpfsys.prog_info(fd).name in PROGRAM_NAMES
+        return kernel().prog_info(fd).name in PROGRAM_NAMES
     finally:
         fd.close()
 
@@ -45,20 +42,20 @@ def is_netbpf_program(prog_id: int) -> bool:
 def attached_prog_id(st: InterfaceState, direction: str, part: PartState) -> int | None:
     """The id of the program on the hook this part uses (None: nothing there)."""
     if part.hook == "xdp":
-        cur = attach.xdp_state(st.ifname, netns=st.netns)
+        cur = kernel().xdp_state(st.ifname, netns=st.netns)
         return cur.prog_id if cur else None
     f = tc_filter(st, direction)
     if f is not None:
         return f.prog_id
     # a TCX link: netbpf's program is the one the part names, if the hook runs it
-    ids = link.tcx_prog_ids(st.ifname, direction, netns=st.netns)
+    ids = kernel().tcx_prog_ids(st.ifname, direction, netns=st.netns)
     return part.prog_id if part.prog_id in ids else (ids[-1] if ids else None)
 
 
 def active_gen(key: str, direction: str) -> int | None:
     try:
-        with bpfsys.obj_get(pin_dir(key) / direction / abi.NB_MAP_FW_GEN) as fd:
-            raw = bpfsys.map_lookup(fd, abi.U32.pack(0), abi.U32.size)
+        with kernel().obj_get(pin_dir(key) / direction / abi.NB_MAP_FW_GEN) as fd:
+            raw = kernel().map_lookup(fd, abi.U32.pack(0), abi.U32.size)
     except NetbpfError:
         return None
     return abi.U32.unpack(raw)[0] & 1 if raw is not None else 0
@@ -112,10 +109,11 @@ def drift(st: InterfaceState) -> str | None:
         if not (pin_dir(st.key) / d / PROG_PIN).exists():
             return "pins are missing"
     try:
-        cur = attach.xdp_state(st.ifname, netns=st.netns)
-        with enter_netns(st.netns):
-            ifindex = socket.if_nametoindex(st.ifname)
-    except (NetbpfError, OSError):
+        cur = kernel().xdp_state(st.ifname, netns=st.netns)
+        ifindex = kernel().ifindex(st.ifname, st.netns)
+    except NetbpfError:
+        return "the interface is gone"
+    if ifindex is None:
         return "the interface is gone"
     if ifindex != st.ifindex:
         return f"the interface was re-created (ifindex {st.ifindex} -> {ifindex})"
@@ -147,7 +145,7 @@ def drift(st: InterfaceState) -> str | None:
 
 def _link_drift(st: InterfaceState, d: str, part: PartState) -> str | None:
     try:
-        info = link.pinned_link_info(pin_dir(st.key) / d / link.LINK_PIN)
+        info = kernel().pinned_link_info(pin_dir(st.key) / d / link.LINK_PIN)
     except NetbpfError:
         info = None
     if info is None:

@@ -2,7 +2,7 @@
 names. load_policy computes it while parsing; `apply` recomputes it from the files alone, so
 an unchanged input is recognised before any parsing, validation or compiling.
 
-Not validation (netbpf/policy) and not the plan (netbpf/engine/apply.py): files and hashes only.
+Not validation (netbpf/policy) and not the plan (netbpf/engine/plan.py): files and hashes only.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The plan as a real diff: per rule the fields that changed, +N/-M per set, direction settings.
 
-The apply engine decides what changes by digests (netbpf/engine/apply.py); this module says how,
+The apply engine decides what changes by digests (netbpf/engine/plan.py); this module says how,
 comparing the new IR with the copy of the policy last applied (netbpf/store/snapshot.py). Pure
 apart from reading that copy. Long plans are summarised; text lines and JSON come from the
 same diff. Not the planner and not the CLI.

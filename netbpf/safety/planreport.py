@@ -1,6 +1,6 @@
 """The plan and the outcome of an apply as plain dicts, for `netbpf apply --json` and tools
 driving it (the Ansible collection in ansible/). Reads the plan and the state files only;
-not the engine (netbpf/engine/apply.py) and not the people's text (netbpf/cli/dataplane.py).
+not the engine (netbpf/engine/) and not the people's text (netbpf/cli/dataplane.py).
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 of long plans, JSON; and a sampling-only change keeps the rule's counter slot. Pure."""
 from __future__ import annotations
 
-from netbpf.engine.apply import RuleChange, _allocate_slots
+from netbpf.engine.plan import RuleChange
+from netbpf.engine.update import allocate_slots
 from netbpf.fw.compile import counter_key, rule_digest
 from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
 from netbpf.safety.plandiff import diff_direction, direction_lines
@@ -35,9 +36,9 @@ def test_sampling_change_reuses_the_counter_slot_and_a_match_change_does_not():
     old = PartState("ingress", "xdp", "generic", 1, "h", 1, 64, "allow",
                     rules=[RuleState("web", "allow", rule_digest(before), 5)])
     sampled = [("web", "allow", rule_digest(web(((80, 80),), sample=3)), 1)]
-    assert _allocate_slots(sampled, old, 256) == ([5], [])
+    assert allocate_slots(sampled, old, 256) == ([5], [])
     widened = [("web", "allow", rule_digest(web(((80, 81),))), 1)]
-    slots, fresh = _allocate_slots(widened, old, 256)
+    slots, fresh = allocate_slots(widened, old, 256)
     assert slots != [5] and fresh == slots
 
 
