@@ -57,11 +57,16 @@ def program_maps(defines: dict, hook: str) -> dict[str, tuple[int, int, int, int
         m["nb_ct"] = (LRU_HASH, _size(abi.NbCtKey), _size(abi.NbCtVal), abi.NB_CT_ENTRIES)
         m["nb_ct_cfg"] = (ARRAY, 4, _size(abi.NbCtCfg), 1)
     if defines.get("NB_LB"):
-        m["nb_lb_vips"] = (HASH, _size(abi.NbVipKey), _size(abi.NbVip), abi.NB_LB_MAX_VIPS * 2)
-        m["nb_lb_ring"] = (ARRAY, 4, 4, defines["NB_LB_RING_CAP"])
-        m["nb_lb_backends"] = (ARRAY, 4, _size(abi.NbBackend), abi.NB_LB_MAX_BACKENDS)
-        m["nb_lb_flows"] = (LRU_HASH, _size(abi.NbFlowKey), _size(abi.NbFlow), 65536)
-        m["nb_lb_nat"] = (LRU_HASH, _size(abi.NbNatKey), _size(abi.NbNatVal), 65536)
+        if hook == "xdp":       # the TC programs build with NB_LB_REVERSE_ONLY (lb.h)
+            m["nb_lb_vips"] = (HASH, _size(abi.NbVipKey), _size(abi.NbVip),
+                               abi.NB_LB_MAX_VIPS * 2)
+            m["nb_lb_ring"] = (ARRAY, 4, 4, defines["NB_LB_RING_CAP"])
+            m["nb_lb_backends"] = (ARRAY, 4, _size(abi.NbBackend), abi.NB_LB_MAX_BACKENDS)
+            m["nb_lb_vlive"] = (ARRAY, 4, _size(abi.NbVipLive), abi.NB_LB_MAX_VIPS)
+            m["nb_lb_ports"] = (ARRAY, 4, 8, abi.NB_LB_PORT_WORDS)
+            m["nb_lb_nh"] = (PERCPU_ARRAY, 4, _size(abi.NbLbNh), abi.NB_LB_MAX_BACKENDS)
+        m["nb_lb_flows"] = (LRU_HASH, _size(abi.NbFlowKey), _size(abi.NbFlow), abi.NB_LB_FLOWS)
+        m["nb_lb_nat"] = (LRU_HASH, _size(abi.NbNatKey), _size(abi.NbNatVal), abi.NB_LB_FLOWS)
         m["nb_lb_cnt"] = (PERCPU_ARRAY, 4, _size(abi.NbLbCounter),
                           abi.NB_LB_MAX_VIPS + abi.NB_LB_MAX_BACKENDS)
         if hook == "xdp":
