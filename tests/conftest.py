@@ -24,6 +24,9 @@ _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER:
     os.environ["NETBPF_PIN_ROOT"] = os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf") + f"-{_WORKER}"
     os.environ["NETBPF_STATE_ROOT"] = os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf") + f"-{_WORKER}"
+    # not inherited from the controller (its conftest set one for itself): state records and
+    # saved policies live there, and a worker removes its own at the end
+    os.environ["NETBPF_LIB_ROOT"] = os.environ["NETBPF_STATE_ROOT"] + "-lib"
 # Programs compiled once in this run load from one object cache (netbpf/kernel/objcache.py)
 # shared by the workers and removed at the end, never the machine's /var/cache/netbpf.
 if not os.environ.get("NETBPF_OBJ_CACHE"):

@@ -100,7 +100,7 @@ def up(topology: str, prefix: str, as_json: bool) -> None:
 def down(topology: str | None, prefix: str | None, all_: bool) -> None:
     """Remove a lab made by 'lab up' (and leftovers of killed test runs)."""
     from netbpf.lab import cleanup, load_topology, records
-    from netbpf.lab.records import remove_lab
+    from netbpf.lab.registry import remove_lab
 
     if all_ and (topology or prefix):
         raise InputError("--all removes every lab: give it without TOPOLOGY or --prefix")

@@ -8,7 +8,7 @@ Light to import (no scapy, no bcc): the CLI and the reaper import it too.
 """
 from netbpf.lab.lab import Lab, run_prefixes
 from netbpf.lab.iproute import LabCommandError, LabError, RemoteTraceback, call_in_netns, list_netns
-from netbpf.lab.records import RANDOM_PREFIX_RE, cleanup, orphans, records
+from netbpf.lab.registry import RANDOM_PREFIX_RE, cleanup, orphans, records
 from netbpf.lab.topology import TOPOLOGY_DIR, Topology, TopologyError, load_topology, parse_topology
 
 __all__ = [

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from netbpf.lab import records as state
+from netbpf.lab import registry as state
 from netbpf.lab.iproute import (
     INHERITED_FDS_TO_CLOSE,
     Child,

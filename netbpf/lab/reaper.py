@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
         data += chunk
     if b"done" in data:
         return 0
-    from netbpf.lab.records import cleanup
+    from netbpf.lab.registry import cleanup
 
     try:
         cleanup(prefix)

@@ -36,7 +36,7 @@ PREFIX_TAG = "e"   # own_lab's namespaces: nbi<pid>e-
 @pytest.fixture(scope="module")
 def own_lab(_no_lab_left_behind):
     """two-hosts under a prefix of this module's own: the leftover sweep of a concurrent run
-    with another lab state dir (netbpf.lab.records.cleanup) removes random-prefix namespaces it
+    with another lab state dir (netbpf.lab.registry.cleanup) removes random-prefix namespaces it
     has no record of, live ones included."""
     _require_lab()
     with Lab.from_file(TWO_HOSTS, prefix=f"nbi{os.getpid() % 100000:05d}{PREFIX_TAG}-") as lab:

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from netbpf.lab import Lab, LabError, RemoteTraceback, TopologyError, cleanup, list_netns, parse_topology
-from netbpf.lab.records import STATE_DIR as LAB_RECORDS
-from netbpf.lab.records import forget, watched_prefixes
+from netbpf.lab.registry import STATE_DIR as LAB_RECORDS
+from netbpf.lab.registry import forget, watched_prefixes
 from netbpf.lab.topology import TOPOLOGY_DIR
 
 NETBPF = os.path.join(os.path.dirname(sys.executable), "netbpf")
@@ -411,8 +411,7 @@ def test_a_live_runs_lab_is_no_leftover_even_without_its_record(two_hosts, monke
                                                                  tmp_path):
     """Another user of the machine, with another lab state directory, sees our lab's
     namespaces but not its record: the pid in the prefix says its owner is alive."""
-    from netbpf.lab import records as state
-
+    from netbpf.lab import registry as state
     monkeypatch.setattr(state, "STATE_DIR", tmp_path / "other-lab-state")
     # orphans() only (read-only): cleanup() here would remove other runs' old-style labs
     assert not any(n.startswith(two_hosts.prefix) for n in state.orphans())
