@@ -32,6 +32,14 @@ def _require_lab() -> None:
         pytest.skip(why)
 
 
+def own_two_hosts(tag: str):
+    """two-hosts under a prefix of the caller's own (nbi<pid><tag>-), for a module fixture: the
+    leftover sweep of a concurrent run with another lab state dir (netbpf.lab.registry.cleanup)
+    removes random-prefix namespaces it has no record of, live ones included."""
+    _require_lab()
+    return Lab.from_file(TWO_HOSTS, prefix=f"nbi{os.getpid() % 100000:05d}{tag}-")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_lab_left_behind():
     """Fail loudly if a lab made by this test run is still there at the end."""

@@ -14,7 +14,6 @@ sources exercise negation and sets.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,21 +24,13 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from netbpf.lab import Lab
 
-from conftest import TWO_HOSTS, _require_lab
+from conftest import own_two_hosts
 from netbpf_cli import NETBPF, netbpf
-
-PREFIX_TAG = "e"   # own_lab's namespaces: nbi<pid>e-
-
 
 @pytest.fixture(scope="module")
 def own_lab(_no_lab_left_behind):
-    """two-hosts under a prefix of this module's own: the leftover sweep of a concurrent run
-    with another lab state dir (netbpf.lab.registry.cleanup) removes random-prefix namespaces it
-    has no record of, live ones included."""
-    _require_lab()
-    with Lab.from_file(TWO_HOSTS, prefix=f"nbi{os.getpid() % 100000:05d}{PREFIX_TAG}-") as lab:
+    with own_two_hosts("e") as lab:        # namespaces nbi<pid>e-
         yield lab
 
 

@@ -9,26 +9,17 @@ are right) and its sockets see 'connection refused' at once, where a drop would 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 
 import pytest
 
-from netbpf.lab import Lab
 
-from conftest import TWO_HOSTS, _require_lab
+from conftest import own_two_hosts
 from netbpf_cli import netbpf
-
-PREFIX_TAG = "r"   # own_lab's namespaces: nbi<pid>r-
-
 
 @pytest.fixture(scope="module")
 def own_lab(_no_lab_left_behind):
-    """two-hosts under a prefix of this module's own: the leftover sweep of a concurrent run
-    with another lab state dir (netbpf.lab.registry.cleanup) removes random-prefix namespaces it
-    has no record of, live ones included."""
-    _require_lab()
-    with Lab.from_file(TWO_HOSTS, prefix=f"nbi{os.getpid() % 100000:05d}{PREFIX_TAG}-") as lab:
+    with own_two_hosts("r") as lab:        # namespaces nbi<pid>r-
         yield lab
 
 
