@@ -6,12 +6,14 @@ and beside iptables-restore / nft -f loading the same 10,000 rules. Not the data
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from netbpf.kernel import objcache
 from netbpf.policy import load_policy
 
 import netlab
@@ -36,8 +38,17 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
     (tmp / "big.txt").write_text(workload.set_file_text(set_entries))
     pset.write_text(workload.set_policy_yaml(netlab.RX_IF, tmp / "big.txt"))
 
+    # the object cache (netbpf/kernel/objcache.py) in a directory of the bench's own: emptied
+    # before each "first" apply (they compile), kept for the "from the object cache" rows
+    cache = tmp / "objcache"
+    os.environ[objcache.ENV] = str(cache)
     a1 = row("control.apply.1", "apply, 1 rule, first (floor)", floor=None)
+    a1c = row("control.apply.1.cached", "apply, 1 rule, first, program compiled before (cache)")
+    m1c = row("control.rss.1.cached", "max RSS of apply, 1 rule, program from the cache", "MB",
+              "control.rss.1")
     an = row(f"control.apply.{n_rules}", f"apply, {n_rules:,} rules, first")
+    anc = row(f"control.apply.{n_rules}.cached",
+              f"apply, {n_rules:,} rules, first, program compiled before (cache)")
     noop = row(f"control.noop.{n_rules}", f"re-apply, {n_rules:,} rules unchanged")
     one = row(f"control.change1.{n_rules}", f"re-apply, 1 of {n_rules:,} rules changed")
     st = row(f"control.stats.{n_rules}", f"stats --json, {n_rules:,} rules")
@@ -64,7 +75,10 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
     ld = row(f"control.load.{n_rules}", f"  of which load_policy(), {n_rules:,} rules")
     ldset = row("control.load.set", f"  of which load_policy(), {big}-entry set")
 
-    def apply(path: Path, r: Row | None = None, rss: Row | None = None) -> str:
+    def apply(path: Path, r: Row | None = None, rss: Row | None = None,
+              compile: bool = False) -> str:
+        if compile:
+            shutil.rmtree(cache, ignore_errors=True)
         t = run_timed(nb + ["apply", str(path)])
         if r is not None:
             r.samples.append(t.wall_s)
@@ -82,8 +96,15 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
         finally:
             netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
 
+    def cached(path: Path, r: Row, rss: Row | None = None) -> None:
+        """The same first apply again, after a detach: its program now from the cache."""
+        netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
+        if "loaded new programs" not in apply(path, r, rss):
+            r.note = "no program was loaded"
+
     def big_policy() -> None:
-        apply(pn, an, mn)
+        apply(pn, an, mn, compile=True)
+        cached(pn, anc)
         apply(pn, noop)
         for path in (pn_b, pn):         # both directions: each is a one-rule edit
             out = apply(path, one, mupd)
@@ -117,7 +138,8 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
         for k in range(rounds):
             log(f"  round {k + 1}/{rounds}")
             for _ in range(2):      # the floor twice: every other row is divided by it
-                guarded(a1, lambda: apply(p1, a1, m1))
+                guarded(a1, lambda: apply(p1, a1, m1, compile=True))
+            guarded(a1c, lambda: (apply(p1, compile=True), cached(p1, a1c, m1c)))
             guarded(par, parallel)
             guarded(an, big_policy)
             guarded(aset, big_set)
@@ -135,6 +157,7 @@ def run(rows: dict[str, Row], *, rounds: int, n_rules: int, set_entries: int, lo
             ldset.samples.append(_load_time(pset))
     finally:
         netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
+        os.environ.pop(objcache.ENV, None)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
