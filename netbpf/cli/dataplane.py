@@ -1,6 +1,9 @@
 """CLI for the data plane: apply, detach, stats, status. Thin: formats what netbpf.engine.apply and
 netbpf.observe.stats return (tables for people, --json for programs); errors map to exit codes in
 netbpf/cli/__init__.py.
+
+Over 400 lines because it holds four commands (apply, detach, stats, status) with their
+options, tables and --json; each is parsing and formatting only.
 """
 from __future__ import annotations
 

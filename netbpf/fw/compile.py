@@ -8,6 +8,9 @@ How the tables work (bpf/include/classify.h): each field maps a packet value to 
 id names a vector (count bitmap, terminal-rule bitmap); the program ANDs one vector per field and
 the lowest set rule bit wins. Internally a vector is ONE Python int: count bits in bits 0-63,
 terminal rule t at bit 64 + t, so every OR/XOR/AND below is a single big-int operation.
+
+Over 400 lines because the compiler and the reference model it is property-tested against
+(simulate) must change together.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ the inverse of the writer (read_generation, read_set), so what the kernel holds 
 
 Works on freshly loaded maps or on pins alike (both are just fds). Knows the map layout of
 bpf/include/classify.h through netbpf/abi.py; knows nothing of policies or of attach.
+
+Over 400 lines because each table's writer and its reader sit side by side (show, drift and
+explain read back what apply wrote), so the two halves of one layout cannot drift apart.
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ Replacing: the kernel swaps programs in one step whenever XDP_FLAGS_UPDATE_IF_NO
 (no instant without a program). We add XDP_FLAGS_REPLACE + IFLA_XDP_EXPECTED_FD so the swap is
 also a compare-and-swap: if someone changed the program meanwhile, EEXIST and nothing changes.
 A fresh attach uses UPDATE_IF_NOEXIST so we never silently replace someone else's program.
+
+Over 400 lines because XDP (every mode) and clsact/cls_bpf share one netlink handle, one
+namespace switch and one error translation; a file each would repeat those.
 """
 from __future__ import annotations
 

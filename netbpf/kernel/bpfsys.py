@@ -8,6 +8,9 @@ Batch operations, by map type (kernel 6.18, checked by tests/bpf/test_bpfsys.py)
   array, percpu_array: update and lookup batches (arrays cannot delete: ENOTSUPP, 524).
   lpm_trie batches are recent (older kernels answer ENOTSUPP): on ENOTSUPP/EOPNOTSUPP/EINVAL
   before any element is written, map_*_batch fall back to one bpf(2) call per element.
+
+Over 400 lines because every bpf(2) call netbpf makes is declared here once (ctypes
+prototypes, errno translation, batch fallbacks); nothing else talks to libbpf directly.
 """
 from __future__ import annotations
 

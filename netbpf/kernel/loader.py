@@ -2,6 +2,9 @@
 
 Not attach (attach.py) and not map contents (bpfsys.py). Compiler and verifier output go to
 fd 2 from inside libbcc, so it is captured there and turned into errors people can act on.
+
+Over 400 lines because most of it is turning compiler and verifier output into messages that
+name the file, line and reason; the object cache itself is kernel/objcache.py.
 """
 from __future__ import annotations
 

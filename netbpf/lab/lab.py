@@ -4,6 +4,9 @@ per-run name prefix, run things inside it, and always tear it down.
 Not the file format (topology.py), not traffic generation (traffic.py), not the CLI (netbpf/cli/lab.py).
 Teardown layers: __exit__ / down(); an atexit hook and SIGTERM/SIGHUP handlers for this process;
 a reaper process for SIGKILL; cleanup() / 'netbpf lab down --all' for anything else.
+
+Over 400 lines because the Lab API (up, run, popen, send, capture) and its four teardown
+layers must be read together: a resource each layer misses is a leaked namespace.
 """
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 Strict: unknown keys, wrong types and nulls are errors, values are normalised (ports to ranges,
 addresses to integers). Checks across objects live in checks.py, YAML and file I/O in load.py.
 Custom errors carry ctx 'at' (a sub-path) or 'problems' (several sub-paths) for load.py to place.
+
+Over 400 lines because every model of the language is here with its field documentation:
+`netbpf schema` and editors' completion are generated from this one file.
 """
 from __future__ import annotations
 

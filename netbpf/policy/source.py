@@ -3,6 +3,9 @@
 Builds plain dicts/lists/scalars from ruamel.yaml's event stream with a loop, not recursion,
 so deep nesting, alias bombs, duplicate keys and odd tags become messages, never tracebacks.
 YAML 1.2 core schema only ('yes' is a string). Not the place for policy semantics (models.py).
+
+Over 400 lines because the reader with positions and the one without must agree event for
+event (load.py reads a valid file once, then again with positions only to report errors).
 """
 from __future__ import annotations
 
