@@ -549,13 +549,17 @@ class CounterCarry:
             self.new.write_percpu(name, {pairs[k]: v for k, v in self.snap[name].items()})
 
     def catch_up(self) -> None:
+        """Add what the old program counted after the copy. The new program is live here, and
+        a user-space write of a per-CPU value replaces what the data plane counted between our
+        read and our write: so only counters that moved are written, each read right before
+        its write (a window of microseconds, not the whole map's)."""
         for name, pairs in self.pairs.items():
             later = self.old.read_percpu(name, pairs)
-            now = self.new.read_percpu(name, pairs.values())
-            out = {}
             for k, per_cpu in later.items():
                 before = self.snap[name].get(k, [(0, 0, 0)] * len(per_cpu))
-                cur = now.get(pairs[k], [(0, 0, 0)] * len(per_cpu))
-                out[pairs[k]] = [tuple(c + l - b for c, l, b in zip(cv, lv, bv))
-                                 for cv, lv, bv in zip(cur, per_cpu, before)]
-            self.new.write_percpu(name, out)
+                if list(per_cpu) == list(before):
+                    continue                    # nothing counted since the copy
+                nk = pairs[k]
+                cur = self.new.read_percpu(name, [nk]).get(nk, [(0, 0, 0)] * len(per_cpu))
+                self.new.write_percpu(name, {nk: [tuple(c + l - b for c, l, b in zip(cv, lv, bv))
+                                                  for cv, lv, bv in zip(cur, per_cpu, before)]})
