@@ -68,8 +68,9 @@ def cache_dir() -> Path | None:
 def key(text: bytes, args: list[str], functions: dict[str, int]) -> str:
     h = hashlib.sha256()
     try:
-        lib = os.stat(os.path.realpath(_LIBBCC))
-        build = f"{os.path.realpath(_LIBBCC)}:{lib.st_size}:{lib.st_mtime_ns}"
+        path = os.path.realpath(_LIBBCC)
+        lib = os.stat(path)
+        build = f"{path}:{lib.st_size}:{lib.st_mtime_ns}"
     except OSError:
         build = "no-libbcc"
     for part in (str(FORMAT), os.uname().release, build, json.dumps(args),
@@ -143,10 +144,6 @@ def store(k: str, progs: dict[str, tuple[int, bytes]], maps: list[dict], license
             old.unlink(missing_ok=True)
     except OSError:
         pass
-
-
-def map_flags(bcc_lib, module, i: int) -> int:
-    return int(bcc_lib.bpf_table_flags_id(module, i))
 
 
 def pinned(name: str, fd: int, shared_pin: str | None) -> bool:
