@@ -66,7 +66,8 @@ def _load_part(plan: Plan, p: IfacePlan, pp: PartPlan, staging: Path, shared: Pa
                      if (n, counter_key(d)) in was]
             old_tables = FwTables.from_pins(pin_dir(p.key) / pp.direction, pp.old.words,
                                             pp.old.class_cap)
-            carry = CounterCarry(old_tables, tables, pairs)
+            carry = CounterCarry(old_tables, tables, pairs,
+                                 {n: pp.old.carried_counts(n) for n in pp.old.carried})
         # bcc pins a BPF_TABLE_PINNED map itself when it creates one: skip what is there
         names = [n for n in loaded.maps if (pp.direction == "ingress" or n not in SHARED_MAPS)
                  and not (staging / pp.direction / n).exists()]
@@ -95,7 +96,7 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         log(f"{p.key}: the pinned flow tables are an older netbpf's layout: new ones are made "
             "(open flows are balanced again)")
         shared = staging / "ingress"
-    loaded, parts, attached, carries, hows = {}, {}, [], [], {}
+    loaded, parts, attached, carries, hows = {}, {}, [], {}, {}
     for d in (staging, retired):
         unpin_tree(d)
     try:
@@ -107,7 +108,7 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             loaded[d], slots, tags, carry = _load_part(plan, p, pp, staging, shared)
             parts[d] = (pp, slots, tags)
             if carry:
-                carries.append(carry)
+                carries[d] = carry
         if p.conntrack:
             write_ct_timeouts(loaded["ingress"].maps[abi.NB_MAP_CT_CFG].fd, p.ct_timeouts)
         if p.lbs:
@@ -122,7 +123,7 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
                   for d, (pp, slots, tags) in parts.items()}
         save_journal(Journal("programs", iface_state(plan, p, states, created_clsact)))
         faults.kill_point("program:journal")
-        for carry in carries:       # as late as possible: see CounterCarry
+        for carry in carries.values():      # as late as possible: see CounterCarry
             carry.copy()
         for d, (pp, slots, tags) in parts.items():
             fd = loaded[d].prog_fd(pp.func)
@@ -152,8 +153,8 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             if kernel().remove_clsact_if_unused(p.ifname, netns=p.netns):
                 created_clsact = False
 
-        for carry in carries:
-            carry.catch_up()
+        for d, carry in carries.items():
+            states[d].carried = carry.catch_up()
         if final.exists():
             rename_pins(final, retired)
             faults.kill_point("program:pins-retired")
@@ -170,7 +171,7 @@ def apply_new_programs(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
         remove_journal(p.key)
         raise
     finally:
-        for carry in carries:
+        for carry in carries.values():
             carry.old.close()
         for l in loaded.values():
             l.close()

@@ -74,6 +74,17 @@ def write_ct_timeouts(fd, timeouts: dict) -> None:
     kernel().map_update(fd, abi.U32.pack(0), bytes(cfg))
 
 
+def kept_carried(old: PartState, slots: list[int], fresh: list[int]) -> dict:
+    """The remainders of the last counter carry (PartState.carried) that still belong to a
+    rule: a slot now fresh is zeroed, so its remainder goes with it; totals keep theirs."""
+    keep = {str(s) for s in set(slots) - set(fresh)}
+    out = {n: dict(v) for n, v in old.carried.items() if n != abi.NB_MAP_FW_CNT}
+    cnt = {k: v for k, v in old.carried.get(abi.NB_MAP_FW_CNT, {}).items() if k in keep}
+    if cnt:
+        out[abi.NB_MAP_FW_CNT] = cnt
+    return out
+
+
 def fill(tables: FwTables, pp: PartPlan, sets, gen: int, slots: list[int],
           tags: dict[str, SetState], to_write: list[str]) -> None:
     def announce(name: str, s: SetIR) -> None:
@@ -97,12 +108,14 @@ def _apply_sets_in_place(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState |
     parts = {}
     for d, pp in p.parts.items():
         old = pp.old
-        slots, _ = allocate_slots(rule_states(pp.compiled, pp.ir), old, abi.slot_cap(old.words))
+        slots, fresh = allocate_slots(rule_states(pp.compiled, pp.ir), old,
+                                      abi.slot_cap(old.words))
         was = {s.name: s for s in old.sets}
         tags = {n: SetState(n, digest, was[n].tag, len(plan.sets[n].v4), len(plan.sets[n].v6))
                 for n, digest in set_digests(pp.compiled, plan.sets).items()}
         parts[d] = part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots, tags=tags,
                               gen=old.gen, attach=old.attach)
+        parts[d].carried = kept_carried(old, slots, fresh)
     st = iface_state(plan, p, parts, p.old.created_clsact)
     return write_set_deltas(p.old, st, plan.sets, log)
 
@@ -131,6 +144,7 @@ def apply_update(plan: Plan, p: IfacePlan, log: Log) -> InterfaceState:
             olds[d] = active
             parts[d] = part_state(pp, mode=old.mode, prog_id=old.prog_id, slots=slots,
                                    tags=tags, gen=1 - active, attach=old.attach)
+            parts[d].carried = kept_carried(old, slots, fresh)
         faults.kill_point("update:written")
         st = iface_state(plan, p, parts, p.old.created_clsact)
         # Balancer tables and conntrack timeouts are written after the flip; a kill there

@@ -532,34 +532,43 @@ def table_bytes(words: int, class_cap: int, chunks: int) -> int:
 
 
 class CounterCarry:
-    """Carry counters from a running program to its replacement: copy just before the swap,
-    then add what the old program counted between the copy and the swap, so a program change
-    loses (almost) nothing."""
+    """Carry counters from a running program to its replacement: copy just before the swap
+    (the new program is not running yet, so the copy is exact), then measure what the old
+    program counted between the copy and the swap. That remainder is returned, not written:
+    a user-space write of a per-CPU value would replace whatever the now live program counted
+    between our read and our write. The caller keeps it in the state (PartState.carried)."""
 
-    def __init__(self, old: FwTables, new: FwTables, slots: list[tuple[int, int]]):
-        """slots: (old slot, new slot) of every rule that stays; totals keep their keys."""
+    def __init__(self, old: FwTables, new: FwTables, slots: list[tuple[int, int]],
+                 carried: dict[str, dict[int, tuple[int, int, int]]] | None = None):
+        """slots: (old slot, new slot) of every rule that stays; totals keep their keys.
+        carried: the old program's own remainder (its PartState.carried), folded into the copy."""
         self.old, self.new = old, new
         self.pairs = {abi.NB_MAP_FW_CNT: dict(slots),
                       abi.NB_MAP_FW_STATS: {k: k for k in range(abi.NB_STAT_MAX)}}
+        self.carried = carried or {}
         self.snap: dict[str, dict] = {}
 
     def copy(self) -> None:
         for name, pairs in self.pairs.items():
             self.snap[name] = self.old.read_percpu(name, pairs)
-            self.new.write_percpu(name, {pairs[k]: v for k, v in self.snap[name].items()})
+            extra = self.carried.get(name, {})
+            out = {}
+            for k, per_cpu in self.snap[name].items():
+                per_cpu = list(per_cpu)
+                if k in extra:      # the remainder goes on CPU 0: only sums are ever read
+                    per_cpu[0] = tuple(a + b for a, b in zip(per_cpu[0], extra[k]))
+                out[pairs[k]] = per_cpu
+            self.new.write_percpu(name, out)
 
-    def catch_up(self) -> None:
-        """Add what the old program counted after the copy. The new program is live here, and
-        a user-space write of a per-CPU value replaces what the data plane counted between our
-        read and our write: so only counters that moved are written, each read right before
-        its write (a window of microseconds, not the whole map's)."""
+    def catch_up(self) -> dict[str, dict[str, list[int]]]:
+        """What the old program counted after the copy, summed over CPUs, by new key: the
+        value for PartState.carried."""
+        out: dict[str, dict[str, list[int]]] = {}
         for name, pairs in self.pairs.items():
             later = self.old.read_percpu(name, pairs)
             for k, per_cpu in later.items():
                 before = self.snap[name].get(k, [(0, 0, 0)] * len(per_cpu))
-                if list(per_cpu) == list(before):
-                    continue                    # nothing counted since the copy
-                nk = pairs[k]
-                cur = self.new.read_percpu(name, [nk]).get(nk, [(0, 0, 0)] * len(per_cpu))
-                self.new.write_percpu(name, {nk: [tuple(c + l - b for c, l, b in zip(cv, lv, bv))
-                                                  for cv, lv, bv in zip(cur, per_cpu, before)]})
+                delta = [sum(lv[i] - bv[i] for lv, bv in zip(per_cpu, before)) for i in range(3)]
+                if any(delta):
+                    out.setdefault(name, {})[str(pairs[k])] = delta
+        return out

@@ -72,6 +72,13 @@ def _load_balancers(st: InterfaceState) -> list[dict]:
     return out
 
 
+def _plus(live: dict, carried: dict) -> dict:
+    """Live counters plus what the replaced program counted after the carry copy."""
+    for k, v in carried.items():
+        live[k] = tuple(a + b for a, b in zip(live.get(k, (0, 0, 0)), v))
+    return live
+
+
 def _read_part(st: InterfaceState, part: PartState) -> dict:
     try:
         tables = FwTables.from_pins(pin_dir(st.key) / part.direction, part.words,
@@ -86,6 +93,8 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
         table_mem = tables.memory_bytes()
     finally:
         tables.close()
+    counters = _plus(counters, part.carried_counts(abi.NB_MAP_FW_CNT))
+    totals = _plus(totals, part.carried_counts(abi.NB_MAP_FW_STATS))
     rules: list[dict] = []
     by_name: dict[str, dict] = {}
     for r in part.rules:

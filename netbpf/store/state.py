@@ -158,6 +158,13 @@ class PartState:
     dir_chunks: int = 64     # address table chunks compiled in (NB_DIR_CHUNKS)
     attach: str = "netlink"  # link (bpf_link pinned beside the maps) | netlink (XDP, cls_bpf)
     sampled: bool = False    # some rule or the direction samples packets into events
+    # What the replaced program counted between the counter copy and the swap (CounterCarry):
+    # kept here, not written into the live per-CPU maps, and added by whoever reads them.
+    # {map name: {key: [packets, bytes, drops]}}; JSON makes the keys strings.
+    carried: dict = field(default_factory=dict)
+
+    def carried_counts(self, name: str) -> dict[int, tuple[int, int, int]]:
+        return {int(k): tuple(v) for k, v in self.carried.get(name, {}).items()}
 
     @classmethod
     def from_json(cls, data: dict) -> "PartState":
