@@ -154,9 +154,9 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
         _apply_json(ctx, policy, dry_run, confirm_s, force, selftest)
         return
     if not (dry_run or confirm_s or selftest) and os.geteuid() == 0:
-        from netbpf.engine.unchanged import input_unchanged
+        from netbpf.engine.unchanged import MESSAGE, input_unchanged
         if input_unchanged(policy, _netns(ctx)):
-            click.echo("nothing to do: the running policy is this one (input unchanged)")
+            click.echo(MESSAGE)
             return
     from netbpf.engine.apply import apply_policy, plan_apply
     from netbpf.cli import safety

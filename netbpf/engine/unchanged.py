@@ -13,6 +13,8 @@ from netbpf.policy.inputs import input_hash
 from netbpf.store.state import (PARTIAL_SET, health_file, list_states, load_journal,
                                 staging_dirs)
 
+MESSAGE = "nothing to do: the running policy is this one (input unchanged)"
+
 
 def input_unchanged(policy: str, netns: str | None) -> bool:
     path = Path(policy)

@@ -9,7 +9,7 @@ import time
 
 from netbpf import abi
 from netbpf.errors import NetbpfError
-from netbpf.kernel import attach, link
+from netbpf.kernel import link
 from netbpf.kernel.api import kernel
 from netbpf.store.progspec import PROG_PIN, PROGRAM_NAMES
 from netbpf.store.state import InterfaceState, Journal, PartState, load_journal, pin_dir
@@ -21,6 +21,7 @@ def netns_gone(netns: str | None) -> bool:
 
 def tc_filter(st: InterfaceState, direction: str):
     """netbpf's filter (our prio/handle) on the interface's clsact hook, or None."""
+    from netbpf.kernel import attach     # netlink: not for an interface that runs links only
     for f in kernel().list_tc_filters(st.ifname, direction, netns=st.netns):
         if f.kind == "bpf" and f.prio == attach.NB_TC_PRIO and f.handle == attach.NB_TC_HANDLE:
             return f
@@ -108,6 +109,8 @@ def drift(st: InterfaceState) -> str | None:
     for d in st.parts:
         if not (pin_dir(st.key) / d / PROG_PIN).exists():
             return "pins are missing"
+    if _links_intact(st):
+        return None
     try:
         cur = kernel().xdp_state(st.ifname, netns=st.netns)
         ifindex = kernel().ifindex(st.ifname, st.netns)
@@ -141,6 +144,27 @@ def drift(st: InterfaceState) -> str | None:
         if f.prog_id != part.prog_id:
             return _replaced(f"program (id {f.prog_id}) on our TC {d} filter", f.prog_id)
     return None
+
+
+def _links_intact(st: InterfaceState) -> bool:
+    """Every part runs through its pinned bpf_link, each still on the recorded interface with
+    the recorded program, and each generation is the recorded one: nothing drifted, known
+    from bpf() calls alone (no netlink, no namespace switch). A link lives as long as its
+    device: a deleted or re-created interface leaves it detached (ifindex 0). Anything else
+    goes through drift()'s full checks, which name it."""
+    for d, part in st.parts.items():
+        if part.attach != "link" or active_gen(st.key, d) != part.gen:
+            return False
+        try:
+            info = kernel().pinned_link_info(pin_dir(st.key) / d / link.LINK_PIN)
+        except NetbpfError:
+            return False
+        if info is None or info.ifindex != st.ifindex or info.prog_id != part.prog_id:
+            return False
+    try:        # the name still means that device (not moved to another namespace)
+        return bool(st.parts) and kernel().ifindex(st.ifname, st.netns) == st.ifindex
+    except NetbpfError:
+        return False
 
 
 def _link_drift(st: InterfaceState, d: str, part: PartState) -> str | None:

@@ -66,6 +66,35 @@ def test_unchanged_input_is_recognised_before_parsing(gw, tmp_path):
     assert r.returncode == 2 and "bl.txt" in r.stderr, r.stderr
 
 
+UNCHANGED_ONLY = """
+import sys
+from netbpf.__main__ import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert not e.code, e.code
+heavy = [m for m in ("click", "rich", "pyroute2", "pydantic", "bcc", "yaml") if m in sys.modules]
+print("imported: " + (" ".join(heavy) or "none"))
+"""
+
+
+def test_unchanged_input_is_answered_before_the_cli_and_netlink_load(gw, tmp_path):
+    """`netbpf apply` of what runs (link-attached programs) is answered from pins and state
+    with bpf() calls: no CLI framework, no netlink library, no policy models."""
+    lab = gw
+    p = write(tmp_path, "p.yaml", policy(1))
+    netbpf(lab, "apply", str(p))
+    for args in (["-n", lab.ns("gw"), "apply", str(p)], ["apply", str(p), "--netns", lab.ns("gw")]):
+        r = subprocess.run([sys.executable, "-c", UNCHANGED_ONLY, *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.splitlines() == [UNCHANGED, "imported: none"], r.stdout
+    # any other command line takes the full path (which gives the same answer)
+    r = subprocess.run([sys.executable, "-c", UNCHANGED_ONLY, "-n", lab.ns("gw"), "apply",
+                        str(p), "-v"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and UNCHANGED in r.stdout and "click" in r.stdout, r.stdout
+
+
 RULE_ONLY = """
 import sys
 from netbpf.cli import main

@@ -1,0 +1,62 @@
+"""The `netbpf` command's entry point.
+
+`netbpf [-n NETNS] apply POLICY` of exactly what runs is the command automation repeats
+most. It is answered here, before the CLI framework and the rest of netbpf load: the input
+is hashed and the state and pins are checked (netbpf/engine/unchanged.py) in a fraction of
+the full start-up. Any other command line, option or doubt goes to netbpf.cli, which
+answers the same question the same way.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+def _apply_args(argv: list[str]) -> tuple[str, str | None] | None:
+    """(policy, netns) when argv is a plain apply: `apply FILE`, with -n/--netns NETNS
+    before or after `apply`, and nothing else."""
+    netns, rest, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-n", "--netns") and i + 1 < len(argv):
+            if netns is not None:
+                return None
+            netns, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--netns="):
+            if netns is not None:
+                return None
+            netns = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    if len(rest) != 2 or rest[0] != "apply" or rest[1].startswith("-") or netns == "":
+        return None
+    return rest[1], netns
+
+
+def _unchanged(argv: list[str]) -> str | None:
+    """The message to print when argv applies exactly what runs."""
+    args = _apply_args(argv)
+    if args is None or os.geteuid() != 0:
+        return None
+    from netbpf.engine.unchanged import MESSAGE, input_unchanged
+    from netbpf.errors import NetbpfError
+    try:
+        return MESSAGE if input_unchanged(*args) else None
+    except (NetbpfError, OSError, ValueError):
+        return None             # the full path reports it
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    os.umask(0o077)             # as netbpf.cli.main: pins and state are root's alone
+    message = _unchanged(argv)
+    if message:
+        print(message)
+        sys.exit(0)
+    from netbpf.cli import main as cli_main
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()
