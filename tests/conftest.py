@@ -20,8 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # roots, so one worker's `restore`, `status` or cleanup never sees another's interfaces. Labs
 # stay shared (/run/netbpf/lab): their names are unique and cleanup spares a live owner's lab.
 # Set before any netbpf module reads them; inherited by every CLI the tests run.
+# A worker's name (gw0, gw1, ...) repeats in every run: the run's id goes into the roots too,
+# so two runs on one machine (a CI clone and a developer's checkout) never share them.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER:
+    _WORKER = f"{os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getppid()))[:8]}-{_WORKER}"
     os.environ["NETBPF_PIN_ROOT"] = os.environ.get("NETBPF_PIN_ROOT", "/sys/fs/bpf/netbpf") + f"-{_WORKER}"
     os.environ["NETBPF_STATE_ROOT"] = os.environ.get("NETBPF_STATE_ROOT", "/run/netbpf") + f"-{_WORKER}"
     # not inherited from the controller (its conftest set one for itself): state records and
