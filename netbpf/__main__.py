@@ -1,10 +1,11 @@
 """The `netbpf` command's entry point.
 
-`netbpf [-n NETNS] apply POLICY` of exactly what runs is the command automation repeats
-most. It is answered here, before the CLI framework and the rest of netbpf load: the input
-is hashed and the state and pins are checked (netbpf/engine/unchanged.py) in a fraction of
-the full start-up. Any other command line, option or doubt goes to netbpf.cli, which
-answers the same question the same way.
+`netbpf [-n NETNS] apply POLICY` is the command automation repeats most, and most often the
+input is what runs, or only a blocklist file changed. Both are answered here, before the CLI
+framework and the policy models load: the input is hashed and the state and pins are
+checked (netbpf/engine/unchanged.py), or the changed lines of bare-IPv4 set files are
+written in place (netbpf/engine/setfiles.py). Any other command line, option or doubt goes
+to netbpf.cli, which answers the same way.
 """
 from __future__ import annotations
 
@@ -47,12 +48,27 @@ def _unchanged(argv: list[str]) -> str | None:
         return None             # the full path reports it
 
 
+def _set_files_only(argv: list[str]) -> bool:
+    args = _apply_args(argv)
+    if args is None or os.geteuid() != 0:
+        return False
+    from netbpf.engine.setfiles import apply_set_files
+    from netbpf.errors import NetbpfError
+    try:
+        return apply_set_files(*args, log=print)
+    except NetbpfError as e:    # as netbpf.cli.main reports it
+        print(f"netbpf: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     os.umask(0o077)             # as netbpf.cli.main: pins and state are root's alone
     message = _unchanged(argv)
     if message:
         print(message)
+        sys.exit(0)
+    if _set_files_only(argv):
         sys.exit(0)
     from netbpf.cli import main as cli_main
     cli_main(argv)

@@ -158,6 +158,9 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
         if input_unchanged(policy, _netns(ctx)):
             click.echo(MESSAGE)
             return
+        from netbpf.engine.setfiles import apply_set_files
+        if apply_set_files(policy, _netns(ctx), log=click.echo):
+            return
     from netbpf.engine.apply import apply_policy, plan_apply
     from netbpf.cli import safety
 

@@ -97,6 +97,25 @@ def save_applied(loaded, policy_path: str, netns: str | None) -> Path:
     return final
 
 
+def refresh_set_files(policy_path: str, netns: str | None, changed: dict[str, bytes],
+                      policy_hash: str) -> None:
+    """After a set-file-only apply: the saved copy gets the new set files (absolute path ->
+    bytes), so `netbpf restore` brings back what runs. No saved copy: nothing to do."""
+    d = applied_dir() / _record_id(Path(policy_path), netns)
+    try:
+        rec = json.loads((d / "record.json").read_text())
+    except (OSError, ValueError):
+        return
+    for path, raw in changed.items():
+        target = d / "root" / path.lstrip("/")      # as save_applied lays it out
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(raw)
+        os.replace(tmp, target)
+    rec.update(policy_hash=policy_hash, applied_at=time.time())
+    _write_record(d, rec)
+
+
 def _exclude(rec: dict, names: set[str]) -> None:
     """Interfaces another policy (or a detach) took away from rec: restore leaves them."""
     taken = names & set(rec.get("interfaces", []))

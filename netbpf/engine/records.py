@@ -32,6 +32,10 @@ def rule_states(c: CompiledDirection, ir: DirectionIR) -> list[tuple[str, str, s
 
 
 def set_digest(s: SetIR) -> str:
+    """A set's fingerprint in the state: a set file's is its bytes' (so a change to the file
+    alone can be applied, and recorded, without reading every line: engine/setfiles.py)."""
+    if s.file_sha:
+        return file_set_digest(s.file_sha)
     h = hashlib.sha256()
     # addresses, then prefix lengths: C-level loops over a million entries
     h.update(array("I", map(itemgetter(0), s.v4)).tobytes())
@@ -39,6 +43,10 @@ def set_digest(s: SetIR) -> str:
     for a, p in s.v6:
         h.update(a.to_bytes(16, "big") + bytes([p]))
     return h.hexdigest()[:16]
+
+
+def file_set_digest(sha: str) -> str:
+    return "file:" + sha[:16]
 
 
 def set_digests(c: CompiledDirection, sets: dict[str, SetIR]) -> dict[str, str]:

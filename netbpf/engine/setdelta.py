@@ -35,29 +35,43 @@ def write_set_deltas(old: InterfaceState, new: InterfaceState, sets: dict[str, S
                 if was.get(s.name) == s.digest:
                     continue
                 if d not in opened:
-                    opened[d] = FwTables.from_pins(pin_dir(new.key) / d, part.words,
-                                                   part.class_cap)
+                    opened[d] = open_part(new, d)
                 delta = opened[d].set_delta(s.tag, sets[s.name])
                 if delta is None:
                     return None
                 work.append((d, s.name, delta))
-        names = {name for _, name, _ in work}
-        marked = copy.deepcopy(old)
-        for part in marked.parts.values():
-            for s in part.sets:
-                if s.name in names:
-                    s.digest = PARTIAL_SET
-        save_journal(Journal("sets", marked))
-        faults.kill_point("sets:journal")
-        # every addition before any removal: an address changes membership at most once
-        for d, _, delta in work:
-            opened[d].add_entries(delta)
-        faults.kill_point("sets:added")
-        for d, _, delta in work:
-            opened[d].remove_entries(delta)
+        return write_deltas(old, new, work, opened, log)
     finally:
         for t in opened.values():
             t.close()
+
+
+def open_part(st: InterfaceState, d: str) -> FwTables:
+    part = st.parts[d]
+    return FwTables.from_pins(pin_dir(st.key) / d, part.words, part.class_cap)
+
+
+def write_deltas(old: InterfaceState, new: InterfaceState,
+                 work: list[tuple[str, str, SetDelta]], opened: dict[str, FwTables], log: Log,
+                 before_save: Callable[[], None] | None = None) -> InterfaceState:
+    """Write work ((direction, set name, delta) on the tables opened per direction) under a
+    journal, then record new: additions first, removals after, so an address changes
+    membership at most once. before_save runs between the writes and the state."""
+    names = {name for _, name, _ in work}
+    marked = copy.deepcopy(old)
+    for part in marked.parts.values():
+        for s in part.sets:
+            if s.name in names:
+                s.digest = PARTIAL_SET
+    save_journal(Journal("sets", marked))
+    faults.kill_point("sets:journal")
+    for d, _, delta in work:
+        opened[d].add_entries(delta)
+    faults.kill_point("sets:added")
+    for d, _, delta in work:
+        opened[d].remove_entries(delta)
+    if before_save:
+        before_save()
     save_state(new)
     remove_journal(new.key)
     faults.kill_point("sets:state-saved")
@@ -65,4 +79,3 @@ def write_set_deltas(old: InterfaceState, new: InterfaceState, sets: dict[str, S
         added, removed = delta.counts()
         log(f"{new.key}: {d} set {name} updated in place: +{added} -{removed} entries")
     return new
-

@@ -16,28 +16,42 @@ from netbpf.store.state import (PARTIAL_SET, health_file, list_states, load_jour
 MESSAGE = "nothing to do: the running policy is this one (input unchanged)"
 
 
-def input_unchanged(policy: str, netns: str | None) -> bool:
+def applied_states(policy: str, netns: str | None):
+    """(resolved policy path, the states its last apply made) when that apply is complete and
+    consistent: every interface it names is recorded with the same input. None otherwise."""
     path = Path(policy)
     try:
-        resolved = str(path.resolve())
+        resolved = path.resolve()
     except (OSError, RuntimeError):      # a symlink loop: the full path reports it
-        return False
-    states = [st for st in list_states() if st.policy_path == resolved and st.netns == netns]
+        return None
+    states = [st for st in list_states() if st.policy_path == str(resolved)
+              and st.netns == netns]
     if not states:
-        return False
+        return None
     first = states[0]
     if not first.policy_keys or sorted(first.policy_keys) != sorted(st.key for st in states):
-        return False
+        return None
     if any((st.policy_hash, st.set_files, st.policy_keys) !=
            (first.policy_hash, first.set_files, first.policy_keys) for st in states):
-        return False
-    if input_hash(path, first.set_files) != first.policy_hash:
-        return False
-    # the health checker's findings also shape the tables, and leftovers of a killed apply
-    # (staging pins) are for the full path to remove
-    # (a set left half-updated by a killed repair is also for the full path to finish)
+        return None
+    return resolved, states
+
+
+def settled(states) -> bool:
+    """Nothing for the full path to do first: no interrupted apply, no health findings (they
+    also shape the tables), no staging pins of a killed apply, no half-updated set, no drift."""
     return not any(load_journal(st.key) or health_file(st.key).exists()
                    or any(d.exists() for d in staging_dirs(st.key))
                    or any(s.digest == PARTIAL_SET for p in st.parts.values() for s in p.sets)
                    or drift(st)
                    for st in states)
+
+
+def input_unchanged(policy: str, netns: str | None) -> bool:
+    applied = applied_states(policy, netns)
+    if applied is None:
+        return False
+    path, states = applied
+    if input_hash(path, states[0].set_files) != states[0].policy_hash:
+        return False
+    return settled(states)

@@ -315,12 +315,8 @@ class FwTables:
         was, now = addrs(have), addrs(want)
         for name, only in (("add", now - was), ("remove", was - now)):
             if only:
-                keys = array("I", bytes(8 * len(only)))
-                keys[0::2] = array("I", [tag]) * len(only)
-                keys[1::2] = array("I", sorted(only))
-                blob = keys.tobytes()
-                getattr(delta, name)[abi.NB_MAP_SETH4] = [blob[i:i + 8]
-                                                    for i in range(0, len(blob), 8)]
+                getattr(delta, name)[abi.NB_MAP_SETH4] = hosts4_keys(
+                    tag, array("I", sorted(only)).tobytes())
 
     def add_entries(self, delta: "SetDelta") -> None:
         for name, keys in delta.add.items():
@@ -496,6 +492,17 @@ class FwTables:
             other.delete_set(tag)
             other.write_set(tag, self.read_set(tag))
         other.flip(gen)
+
+
+def hosts4_keys(tag: int, addrs: bytes) -> list[bytes]:
+    """The hash-map keys of tag's IPv4 hosts, given as concatenated 4-byte network-order
+    addresses (what inet_pton returns)."""
+    n = len(addrs) // 4
+    keys = array("I", bytes(8 * n))
+    keys[0::2] = array("I", [tag]) * n
+    keys[1::2] = array("I", addrs)
+    blob = keys.tobytes()
+    return [blob[i:i + 8] for i in range(0, len(blob), 8)]
 
 
 @dataclass

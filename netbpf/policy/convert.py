@@ -42,7 +42,8 @@ def _set_ir(name: str, spec: list | SetFile, base_dir: Path) -> SetIR:
             from netbpf.policy.load import read_set_file
             read_set_file(spec, base_dir, name)
         v4, v6 = spec._entries
-        return SetIR(name=name, v4=tuple(v4), v6=tuple(v6), source=spec._path or spec.file)
+        return SetIR(name=name, v4=tuple(v4), v6=tuple(v6), source=spec._path or spec.file,
+                     file_sha=spec._sha)
     unique = list(dict.fromkeys(spec))
     return SetIR(name=name, v4=tuple((a, p) for f, a, p in unique if f == 4),
                  v6=tuple((a, p) for f, a, p in unique if f == 6), source="inline")

@@ -80,6 +80,7 @@ class SetIR:
     v4: tuple[tuple[int, int], ...] = ()          # (addr, plen)
     v6: tuple[tuple[int, int], ...] = ()
     source: str = ""                              # 'inline' or the set file's path
+    file_sha: str = ""                            # a set file's sha256: its digest
 
 
 @dataclass(frozen=True)

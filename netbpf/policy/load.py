@@ -9,6 +9,7 @@ pydantic's errors share the report and are clearer side by side.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +278,8 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
                    digest: Any, read: dict | None = None) -> tuple[list, list] | None:
     """read: files an earlier pass of the same load read without a problem (bytes, entries)."""
     if read is not None and target in read:
-        data, entries = read[target]
+        data, entries, spec._plain = read[target]
+        spec._sha = hashlib.sha256(data).hexdigest()
         add_set_file(digest, spec.file, data)
         digest.files.append(spec.file)
         return entries
@@ -293,7 +295,12 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
         return None
     add_set_file(digest, spec.file, data)
     digest.files.append(spec.file)
-    v4, v6, bad = parse_hosts_v4(text) or parse_set_text(text)
+    spec._sha = hashlib.sha256(data).hexdigest()
+    hosts = parse_hosts_v4(text)
+    # unique lines too: then a line is an entry and an entry a line
+    spec._plain = hosts is not None and \
+        len(hosts[0]) == text.count("\n") + (not text.endswith("\n"))
+    v4, v6, bad = hosts or parse_set_text(text)
     where = format_path(loc)
     for lineno, msg in bad[:MAX_BAD_SET_LINES]:
         report.in_file(spec._path, lineno, 1, f"{where}: {msg}")
@@ -301,7 +308,7 @@ def _read_set_file(spec: SetFile, target: Path, loc: Loc, report: _Report,
         report.in_file(spec._path, bad[MAX_BAD_SET_LINES][0], 1,
                        f"{where}: ... and {len(bad) - MAX_BAD_SET_LINES} more bad lines")
     if read is not None and not bad:
-        read[target] = (data, (v4, v6))
+        read[target] = (data, (v4, v6), spec._plain)
     return v4, v6
 
 

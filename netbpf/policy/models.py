@@ -751,6 +751,11 @@ class SetFile(StrictModel):
     # Filled by load.py: (v4 entries, v6 entries) and the file's bytes for the policy hash.
     _entries: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = PrivateAttr(None)
     _path: str = PrivateAttr("")
+    # sha256 of the file's bytes (the set's digest), and whether every line is a bare IPv4
+    # address and no line repeats (a line is then its entry: netbpf/engine/setfiles.py diffs
+    # such files by line)
+    _sha: str = PrivateAttr("")
+    _plain: bool = PrivateAttr(False)
 
 
 def _check_set_entry(value: Any) -> tuple[int, int, int]:

@@ -42,6 +42,20 @@ def _set_files(model) -> list[str]:
     return sorted({s.file for s in model.sets.values() if isinstance(s, SetFile)})
 
 
+def set_file_facts(model) -> dict:
+    """What a later set-file-only apply (netbpf/engine/setfiles.py) needs without parsing:
+    which set reads which file, the files whose every line is a bare IPv4 address, and the
+    addresses of `protect:` flows (a set change touching one takes the full path, with its
+    lockout check)."""
+    from netbpf.policy.models import SetFile
+
+    files = {n: s for n, s in model.sets.items() if isinstance(s, SetFile)}
+    return {"sets": {n: s.file for n, s in files.items()},
+            "plain": sorted({s.file for s in files.values() if s._plain}),
+            "guard": [list(a) for a in sorted({tuple(a) for p in model.protect
+                                               for a in (p.src[:2], p.dst[:2])})]}
+
+
 def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None:
     """After a successful apply (under the apply lock): keys' current -> previous, and a
     copy of the applied files becomes current. The files are copied from where they were
@@ -61,7 +75,8 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
         files[POLICY_NAME] = hashlib.sha256(loaded.raw).hexdigest()
     data = {"policy_path": str(named), "netns": netns, "policy_hash": loaded.source_hash,
             "files": files,
-            "sources": {rel: str(p) for rel, p in sources.items()}}
+            "sources": {rel: str(p) for rel, p in sources.items()},
+            **set_file_facts(loaded.model)}
     for key in keys:
         was = manifest(key)
         if was is not None and was == data:
@@ -86,6 +101,32 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
         shutil.rmtree(prev, ignore_errors=True)
         if cur.exists():
             os.rename(cur, prev)
+        os.rename(tmp, cur)
+
+
+def record_set_files(keys: list[str], changed: dict[str, bytes], policy_hash: str) -> None:
+    """After a set-file-only apply (netbpf/engine/setfiles.py): as record(), with the current
+    copy's files but changed (set file name -> new bytes). The recorded IR is dropped: the
+    next plan diff reads the copy again."""
+    for key in keys:
+        base = snapshot_root() / key
+        cur, prev = base / "current", base / "previous"
+        data = manifest(key)
+        tmp = base / f"new{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(cur / "files", tmp / "files",
+                        ignore=lambda d, names: [n for n in names
+                                                 if (Path(d) / n).relative_to(cur / "files")
+                                                 .as_posix() in changed])
+        for rel, raw in changed.items():
+            target = tmp / "files" / rel.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(raw)
+            data["files"][rel] = hashlib.sha256(raw).hexdigest()
+        data["policy_hash"] = policy_hash
+        (tmp / "manifest.json").write_text(json.dumps(data, indent=1))
+        shutil.rmtree(prev, ignore_errors=True)
+        os.rename(cur, prev)
         os.rename(tmp, cur)
 
 
