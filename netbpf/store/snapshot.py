@@ -114,10 +114,11 @@ def record_set_files(keys: list[str], changed: dict[str, bytes], policy_hash: st
         data = manifest(key)
         tmp = base / f"new{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        skip = {rel.lstrip("/") for rel in changed}      # written below, not copied
         shutil.copytree(cur / "files", tmp / "files",
                         ignore=lambda d, names: [n for n in names
                                                  if (Path(d) / n).relative_to(cur / "files")
-                                                 .as_posix() in changed])
+                                                 .as_posix() in skip])
         for rel, raw in changed.items():
             target = tmp / "files" / rel.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
