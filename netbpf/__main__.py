@@ -35,27 +35,15 @@ def _apply_args(argv: list[str]) -> tuple[str, str | None] | None:
     return rest[1], netns
 
 
-def _unchanged(argv: list[str]) -> str | None:
-    """The message to print when argv applies exactly what runs."""
-    args = _apply_args(argv)
-    if args is None or os.geteuid() != 0:
-        return None
-    from netbpf.engine.unchanged import MESSAGE, input_unchanged
-    from netbpf.errors import NetbpfError
-    try:
-        return MESSAGE if input_unchanged(*args) else None
-    except (NetbpfError, OSError, ValueError):
-        return None             # the full path reports it
-
-
-def _set_files_only(argv: list[str]) -> bool:
+def _early(argv: list[str]) -> bool:
+    """A plain apply done here (netbpf/engine/early.py); False: the CLI takes it."""
     args = _apply_args(argv)
     if args is None or os.geteuid() != 0:
         return False
-    from netbpf.engine.setfiles import apply_set_files
+    from netbpf.engine.early import early_apply
     from netbpf.errors import NetbpfError
     try:
-        return apply_set_files(*args, log=print)
+        return early_apply(*args, log=print)
     except NetbpfError as e:    # as netbpf.cli.main reports it
         print(f"netbpf: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -64,11 +52,7 @@ def _set_files_only(argv: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     os.umask(0o077)             # as netbpf.cli.main: pins and state are root's alone
-    message = _unchanged(argv)
-    if message:
-        print(message)
-        sys.exit(0)
-    if _set_files_only(argv):
+    if _early(argv):
         sys.exit(0)
     from netbpf.cli import main as cli_main
     cli_main(argv)

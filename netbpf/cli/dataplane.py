@@ -154,12 +154,8 @@ def apply(ctx: click.Context, policy: str, dry_run: bool, confirm_s: float | Non
         _apply_json(ctx, policy, dry_run, confirm_s, force, selftest)
         return
     if not (dry_run or confirm_s or selftest) and os.geteuid() == 0:
-        from netbpf.engine.unchanged import MESSAGE, input_unchanged
-        if input_unchanged(policy, _netns(ctx)):
-            click.echo(MESSAGE)
-            return
-        from netbpf.engine.setfiles import apply_set_files
-        if apply_set_files(policy, _netns(ctx), log=click.echo):
+        from netbpf.engine import early
+        if not early.ASKED and early.early_apply(policy, _netns(ctx), log=click.echo):
             return
     from netbpf.engine.apply import apply_policy, plan_apply
     from netbpf.cli import safety

@@ -55,10 +55,10 @@ class SetFilesPlan:
     sets: dict[str, str] = field(default_factory=dict)    # set name -> file
 
 
-def apply_set_files(policy: str, netns: str | None, log: Log) -> bool:
-    """Apply policy if only bare-IPv4 set files changed; False (nothing done) otherwise."""
-    applied = applied_states(policy, netns)
-    if applied is None:
+def apply_set_files(policy: str, netns: str | None, log: Log, applied) -> bool:
+    """Apply policy if only bare-IPv4 set files changed; False (nothing done) otherwise.
+    applied: applied_states(policy, netns), read before the lock."""
+    if not _maybe(*applied):
         return False
     keys = sorted(st.key for st in applied[1])
     with apply_lock(keys, wait_message=log):
@@ -68,6 +68,22 @@ def apply_set_files(policy: str, netns: str | None, log: Log) -> bool:
             return False
         write_set_files(plan, log)
     return True
+
+
+def _maybe(path: Path, states: list[InterfaceState]) -> bool:
+    """The cheap half of plan_set_files, before taking locks: the copies describe what runs,
+    the policy file is theirs and each changed set file was a plain list."""
+    m = snapshot.manifest(states[0].key)
+    if m is None or "plain" not in m or m.get("policy_hash") != states[0].policy_hash:
+        return False
+    try:
+        if _sha(path.read_bytes()) != m["files"].get(snapshot.POLICY_NAME):
+            return False
+        changed = [rel for rel in states[0].set_files
+                   if _sha((path.parent / rel).read_bytes()) != m["files"].get(rel)]
+    except OSError:
+        return False
+    return bool(changed) and all(rel in m["plain"] for rel in changed)
 
 
 def plan_set_files(policy: str, netns: str | None) -> SetFilesPlan | None:

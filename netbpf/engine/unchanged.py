@@ -1,6 +1,7 @@
 """Recognise a re-apply of exactly what runs, before parsing anything: the policy file and its
 set files hash to what the last apply recorded, every interface it made is still there, and
-nothing drifted or was interrupted. Then `apply` has nothing to do.
+nothing drifted or was interrupted. Then `apply` has nothing to do (netbpf/engine/early.py
+asks; setfiles.py uses the same two checks).
 
 Reads files, state and (for drift) netlink; imports neither the policy models nor bcc.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from netbpf.observe.drift import drift
-from netbpf.policy.inputs import input_hash
 from netbpf.store.state import (PARTIAL_SET, health_file, list_states, load_journal,
                                 staging_dirs)
 
@@ -45,13 +45,3 @@ def settled(states) -> bool:
                    or any(s.digest == PARTIAL_SET for p in st.parts.values() for s in p.sets)
                    or drift(st)
                    for st in states)
-
-
-def input_unchanged(policy: str, netns: str | None) -> bool:
-    applied = applied_states(policy, netns)
-    if applied is None:
-        return False
-    path, states = applied
-    if input_hash(path, states[0].set_files) != states[0].policy_hash:
-        return False
-    return settled(states)
