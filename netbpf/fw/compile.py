@@ -21,6 +21,7 @@ import json
 import math
 from array import array
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from netbpf import abi
 
@@ -59,9 +60,10 @@ def set_hash_flags(s: SetIR) -> int:
     """Families whose entries are all full-length addresses: those go in a hash map (one
     lookup per packet); a family with any shorter prefix keeps the prefix trie."""
     flags = 0
-    if s.v4 and all(plen == 32 for _, plen in s.v4):
+    # min over a C-level map: a million entries in milliseconds, not a Python loop
+    if s.v4 and min(map(itemgetter(1), s.v4)) == 32:
         flags |= abi.NB_SETREF_HASH4
-    if s.v6 and all(plen == 128 for _, plen in s.v6):
+    if s.v6 and min(map(itemgetter(1), s.v6)) == 128:
         flags |= abi.NB_SETREF_HASH6
     return flags
 

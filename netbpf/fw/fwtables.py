@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 from array import array
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 from netbpf import abi
@@ -221,7 +222,7 @@ class FwTables:
         for fam, entries, width, flag in ((4, s.v4, 4, abi.NB_SETREF_HASH4),
                                           (6, s.v6, 16, abi.NB_SETREF_HASH6)):
             if hashed & flag and fam == 4:
-                addrs = array("I", (a for a, _ in entries))
+                addrs = array("I", map(itemgetter(0), entries))
                 addrs.byteswap()                 # network order, as the program looks up
                 keys = array("I", bytes(8 * len(entries)))
                 keys[0::2] = array("I", [tag]) * len(entries)
