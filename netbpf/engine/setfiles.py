@@ -163,34 +163,28 @@ _BLOCK = 1 << 16
 
 
 def _common_head(a: bytes, b: bytes, limit: int) -> int:
-    """Length of the longest common prefix of a and b, at most limit (block compares, then
-    a bisection inside the first block that differs)."""
-    i = 0
-    while i < limit:
-        n = min(_BLOCK, limit - i)
-        if a[i:i + n] != b[i:i + n]:
-            lo, hi = i, i + n
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if a[lo:mid] == b[lo:mid]:
-                    lo = mid
-                else:
-                    hi = mid
-            return lo
-        i += n
-    return limit
+    """Length of the longest common prefix of a and b, at most limit."""
+    return _common_run(lambda x, y: a[x:y] == b[x:y], limit)
 
 
 def _common_tail(a: bytes, b: bytes, limit: int) -> int:
     """Length of the longest common suffix of a and b, at most limit."""
-    la, lb, i = len(a), len(b), 0
+    la, lb = len(a), len(b)
+    return _common_run(lambda x, y: a[la - y:la - x] == b[lb - y:lb - x], limit)
+
+
+def _common_run(same: Callable[[int, int], bool], limit: int) -> int:
+    """The largest k <= limit with same(0, k), given same(x, y): bytes x..y (counted from
+    where the run starts) agree. Block compares, then a bisection inside the first block
+    that differs: a few memcmp over the files, no Python loop over bytes or lines."""
+    i = 0
     while i < limit:
         n = min(_BLOCK, limit - i)
-        if a[la - i - n:la - i] != b[lb - i - n:lb - i]:
+        if not same(i, i + n):
             lo, hi = i, i + n
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if a[la - mid:la - lo] == b[lb - mid:lb - lo]:
+                if same(lo, mid):
                     lo = mid
                 else:
                     hi = mid
