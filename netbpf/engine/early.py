@@ -16,16 +16,19 @@ def early_apply(policy: str, netns: str | None, log: Callable[[str], None]) -> b
     global ASKED
     ASKED = True
     from netbpf.engine.unchanged import MESSAGE, applied_states, settled
-    from netbpf.policy.inputs import input_hash
+    from netbpf.policy.inputs import read_inputs
 
     applied = applied_states(policy, netns)
     if applied is None:
         return False
     path, states = applied
-    if input_hash(path, states[0].set_files) == states[0].policy_hash:
+    inputs = read_inputs(path, states[0].set_files)
+    if inputs is None:
+        return False
+    if inputs.digest() == states[0].policy_hash:
         if settled(states):
             log(MESSAGE)
             return True
         return False
     from netbpf.engine.setfiles import apply_set_files
-    return apply_set_files(policy, netns, log, applied)
+    return apply_set_files(policy, netns, log, states, inputs)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from netbpf import abi
 from netbpf.engine.unchanged import applied_states, settled
-from netbpf.policy.inputs import add_set_file, start
+from netbpf.policy.inputs import Inputs
 from netbpf.store import snapshot
 from netbpf.store.state import InterfaceState, apply_lock
 
@@ -55,14 +55,16 @@ class SetFilesPlan:
     sets: dict[str, str] = field(default_factory=dict)    # set name -> file
 
 
-def apply_set_files(policy: str, netns: str | None, log: Log, applied) -> bool:
+def apply_set_files(policy: str, netns: str | None, log: Log,
+                    states: list[InterfaceState], inputs: Inputs) -> bool:
     """Apply policy if only bare-IPv4 set files changed; False (nothing done) otherwise.
-    applied: applied_states(policy, netns), read before the lock."""
-    if not _maybe(*applied):
+    states: applied_states(policy, netns) read before the lock; inputs: the files, read
+    once (what is applied is these bytes, whatever the files hold by the end)."""
+    if _changes(states, inputs) is None:
         return False
-    keys = sorted(st.key for st in applied[1])
+    keys = sorted(st.key for st in states)
     with apply_lock(keys, wait_message=log):
-        plan = plan_set_files(policy, netns)        # against what runs once we hold the lock
+        plan = plan_set_files(policy, netns, inputs)    # against what runs under the lock
         if (plan is None or sorted(st.key for st in plan.states) != keys
                 or not _added_are_new(plan)):
             return False
@@ -70,53 +72,44 @@ def apply_set_files(policy: str, netns: str | None, log: Log, applied) -> bool:
     return True
 
 
-def _maybe(path: Path, states: list[InterfaceState]) -> bool:
-    """The cheap half of plan_set_files, before taking locks: the copies describe what runs,
-    the policy file is theirs and each changed set file was a plain list."""
+def _changes(states: list[InterfaceState], inputs: Inputs) -> dict[str, FileChange] | None:
+    """The set files that changed, when the copies describe what runs, the policy file is
+    theirs and each changed file was a plain list; else None."""
     m = snapshot.manifest(states[0].key)
-    if m is None or "plain" not in m or m.get("policy_hash") != states[0].policy_hash:
-        return False
-    try:
-        if _sha(path.read_bytes()) != m["files"].get(snapshot.POLICY_NAME):
-            return False
-        changed = [rel for rel in states[0].set_files
-                   if _sha((path.parent / rel).read_bytes()) != m["files"].get(rel)]
-    except OSError:
-        return False
-    return bool(changed) and all(rel in m["plain"] for rel in changed)
+    if (m is None or "plain" not in m or m.get("policy_hash") != states[0].policy_hash
+            or any(snapshot.manifest(st.key) != m for st in states[1:])
+            or inputs.sha() != m["files"].get(snapshot.POLICY_NAME)
+            or list(inputs.sets) != states[0].set_files):
+        return None
+    changes = {}
+    for rel, raw in inputs.sets.items():
+        sha = inputs.sha(rel)
+        if sha != m["files"].get(rel):
+            changes[rel] = FileChange(rel, raw, sha)
+    if not changes or any(rel not in m["plain"] for rel in changes):
+        return None
+    return changes
 
 
-def plan_set_files(policy: str, netns: str | None) -> SetFilesPlan | None:
+def plan_set_files(policy: str, netns: str | None, inputs: Inputs) -> SetFilesPlan | None:
     applied = applied_states(policy, netns)
     if applied is None:
         return None
     path, states = applied
-    first = states[0]
-    m = snapshot.manifest(first.key)
-    if (m is None or "plain" not in m or m.get("policy_hash") != first.policy_hash
-            or any(snapshot.manifest(st.key) != m for st in states[1:])):
+    m = snapshot.manifest(states[0].key)
+    changes = _changes(states, inputs)
+    if changes is None:
         return None
+    plan = SetFilesPlan(path, states, changes, sets=m["sets"])
     try:
-        policy_raw = path.read_bytes()
-        if _sha(policy_raw) != m["files"].get(snapshot.POLICY_NAME):
-            return None
-        digest = start(policy_raw)
-        plan = SetFilesPlan(path, states, sets=m["sets"])
-        for rel in first.set_files:
-            raw = (path.parent / rel).read_bytes()
-            add_set_file(digest, rel, raw)
-            sha = _sha(raw)
-            if sha != m["files"].get(rel):
-                plan.changes[rel] = FileChange(rel, raw, sha)
-        if not plan.changes or any(rel not in m["plain"] for rel in plan.changes):
-            return None
-        for ch in plan.changes.values():
-            old = (snapshot.snapshot_dir(first.key) / "files" / ch.rel.lstrip("/")).read_bytes()
+        for ch in changes.values():
+            old = (snapshot.snapshot_dir(states[0].key) / "files" / ch.rel.lstrip("/")) \
+                .read_bytes()
             if _sha(old) != m["files"][ch.rel] or not _diff(old, ch):
                 return None
     except OSError:
         return None
-    plan.policy_hash = digest.hexdigest()
+    plan.policy_hash = inputs.digest()
     if _touches_guarded(plan, m["guard"]) or not _counts_fit(plan) or not settled(states):
         return None
     return plan
