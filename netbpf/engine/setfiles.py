@@ -187,10 +187,21 @@ def _common_run(same: Callable[[int, int], bool], limit: int) -> int:
 
 
 def _touches_guarded(plan: SetFilesPlan, guard: list) -> bool:
-    """A changed address is a protect: flow's end or this ssh session's: the full path runs
-    the lockout check."""
-    mine = {socket.inet_pton(socket.AF_INET, a) for a in _ssh_ends()}
-    mine |= {v.to_bytes(4, "big") for fam, v in guard if fam == 4}
+    """A changed address is a protect: flow's end or this ssh session's (found as the
+    lockout guard finds it, from our environment or an ancestor's): the full path runs the
+    lockout check."""
+    from netbpf.safety.lockout import current_ssh_session
+
+    ends = [tuple(a) for a in guard]
+    ssh = current_ssh_session()
+    if ssh is not None:
+        ends += [(ssh.family, ssh.src), (ssh.family, ssh.dst)]
+    mine = set()
+    for fam, v in ends:
+        if fam == 6 and v >> 32 == 0xFFFF:      # an IPv4-mapped address: its IPv4 too
+            fam, v = 4, v & 0xFFFFFFFF
+        if fam == 4:
+            mine.add(v.to_bytes(4, "big"))
     if not mine:
         return False
     for ch in plan.changes.values():
@@ -198,19 +209,6 @@ def _touches_guarded(plan: SetFilesPlan, guard: list) -> bool:
             if any(blob[i:i + 4] in mine for i in range(0, len(blob), 4)):
                 return True
     return False
-
-
-def _ssh_ends() -> list[str]:
-    parts = os.environ.get("SSH_CONNECTION", "").split()
-    out = []
-    for a in (parts[0], parts[2]) if len(parts) == 4 else ():
-        a = a.removeprefix("::ffff:")
-        try:
-            socket.inet_pton(socket.AF_INET, a)
-            out.append(a)
-        except OSError:
-            pass
-    return out
 
 
 def _counts_fit(plan: SetFilesPlan) -> bool:

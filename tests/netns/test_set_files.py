@@ -183,6 +183,18 @@ def test_a_change_touching_a_protected_flow_gets_the_lockout_check(gw):
     assert f"{FAST}: +1 -0 lines" in r.stdout, r.stdout
 
 
+def test_a_change_touching_the_ssh_session_gets_the_lockout_check_even_under_sudo(gw):
+    """The ssh session is found as the lockout guard finds it: SSH_CONNECTION in an
+    ancestor's environment counts (sudo drops it from ours)."""
+    lab, d = gw
+    _edit(d, add=["10.9.9.8"])
+    cmd = f"env -u SSH_CONNECTION {NETBPF} -n {lab.ns('gw')} apply {d / 'p.yaml'}; exit $?"
+    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SSH_CONNECTION": "10.9.9.8 50000 10.10.0.1 22"})
+    assert r.returncode == 2 and "ssh session" in r.stderr, r.stdout + r.stderr
+    assert FAST not in r.stdout and verdict(lab, "10.9.9.8") == XDP_PASS
+
+
 @pytest.mark.parametrize("step", ["sets:journal", "sets:added", "sets:state-saved"])
 def test_a_kill_during_the_line_diff_apply_is_repaired_by_the_next_apply(gw, step):
     lab, d = gw
