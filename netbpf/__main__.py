@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+
 def _apply_args(argv: list[str]) -> tuple[str, str | None] | None:
     """(policy, netns) when argv is a plain apply: `apply FILE`, with -n/--netns NETNS
     before or after `apply`, and nothing else."""

@@ -60,7 +60,7 @@ def apply_set_files(policy: str, netns: str | None, log: Log,
     """Apply policy if only bare-IPv4 set files changed; False (nothing done) otherwise.
     states: applied_states(policy, netns) read before the lock; inputs: the files, read
     once (what is applied is these bytes, whatever the files hold by the end)."""
-    if _changes(states, inputs) is None:
+    if _changes(states, inputs) is None:    # the common no, before any lock
         return False
     keys = sorted(st.key for st in states)
     with apply_lock(keys, wait_message=log):
@@ -72,9 +72,9 @@ def apply_set_files(policy: str, netns: str | None, log: Log,
     return True
 
 
-def _changes(states: list[InterfaceState], inputs: Inputs) -> dict[str, FileChange] | None:
-    """The set files that changed, when the copies describe what runs, the policy file is
-    theirs and each changed file was a plain list; else None."""
+def _changes(states: list[InterfaceState], inputs: Inputs):
+    """(the copies' manifest, the set files that changed) when the copies describe what
+    runs, the policy file is theirs and each changed file was a plain list; else None."""
     m = snapshot.manifest(states[0].key)
     if (m is None or "plain" not in m or m.get("policy_hash") != states[0].policy_hash
             or any(snapshot.manifest(st.key) != m for st in states[1:])
@@ -88,7 +88,7 @@ def _changes(states: list[InterfaceState], inputs: Inputs) -> dict[str, FileChan
             changes[rel] = FileChange(rel, raw, sha)
     if not changes or any(rel not in m["plain"] for rel in changes):
         return None
-    return changes
+    return m, changes
 
 
 def plan_set_files(policy: str, netns: str | None, inputs: Inputs) -> SetFilesPlan | None:
@@ -96,10 +96,10 @@ def plan_set_files(policy: str, netns: str | None, inputs: Inputs) -> SetFilesPl
     if applied is None:
         return None
     path, states = applied
-    m = snapshot.manifest(states[0].key)
-    changes = _changes(states, inputs)
-    if changes is None:
+    found = _changes(states, inputs)
+    if found is None:
         return None
+    m, changes = found
     plan = SetFilesPlan(path, states, changes, sets=m["sets"])
     try:
         for ch in changes.values():
@@ -211,18 +211,23 @@ def _touches_guarded(plan: SetFilesPlan, guard: list) -> bool:
     return False
 
 
+def _set_uses(plan: SetFilesPlan, st: InterfaceState):
+    """(direction, SetState, its file's change) for every set of st reading a changed file."""
+    for d, part in st.parts.items():
+        for s in part.sets:
+            ch = plan.changes.get(plan.sets.get(s.name, ""))
+            if ch is not None:
+                yield d, s, ch
+
+
 def _counts_fit(plan: SetFilesPlan) -> bool:
     """Every set reading a changed file holds IPv4 hosts only (hash-map storage) and keeps at
     least one (an empty set changes storage: the full path writes it)."""
     for st in plan.states:
-        for part in st.parts.values():
-            for s in part.sets:
-                ch = plan.changes.get(plan.sets.get(s.name, ""))
-                if ch is None:
-                    continue
-                added, removed = ch.counts()
-                if s.v6 or s.v4 + added - removed <= 0:
-                    return False
+        for _, s, ch in _set_uses(plan, st):
+            added, removed = ch.counts()
+            if s.v6 or s.v4 + added - removed <= 0:
+                return False
     return True
 
 
@@ -234,20 +239,18 @@ def _added_are_new(plan: SetFilesPlan) -> bool:
     from netbpf.kernel import bpfsys
 
     st, checked = plan.states[0], set()
-    for d, part in st.parts.items():
-        for s in part.sets:
-            rel = plan.sets.get(s.name, "")
-            if rel not in plan.changes or rel in checked:
-                continue
-            checked.add(rel)
-            t = open_part(st, d)
-            try:
-                fd = t.fd(abi.NB_MAP_SETH4)
-                if any(bpfsys.map_lookup(fd, k, 4) is not None
-                       for k in hosts4_keys(s.tag, plan.changes[rel].added)):
-                    return False
-            finally:
-                t.close()
+    for d, s, ch in _set_uses(plan, st):
+        if ch.rel in checked:
+            continue
+        checked.add(ch.rel)
+        t = open_part(st, d)
+        try:
+            fd = t.fd(abi.NB_MAP_SETH4)
+            if any(bpfsys.map_lookup(fd, k, 4) is not None
+                   for k in hosts4_keys(s.tag, ch.added)):
+                return False
+        finally:
+            t.close()
     return True
 
 
@@ -265,7 +268,8 @@ def write_set_files(plan: SetFilesPlan, log: Log) -> None:
 
     def record_files() -> None:
         keys = [st.key for st in plan.states]
-        snapshot.record_set_files(keys, changed, plan.policy_hash)
+        snapshot.record_set_files(keys, {ch.rel: (ch.raw, ch.sha)
+                                         for ch in plan.changes.values()}, plan.policy_hash)
         persist.refresh_set_files(
             str(plan.path), plan.states[0].netns,
             {os.path.abspath(plan.path.parent / rel): raw for rel, raw in changed.items()},
@@ -276,20 +280,16 @@ def write_set_files(plan: SetFilesPlan, log: Log) -> None:
         new.policy_hash, new.applied_at = plan.policy_hash, time.time()
         work, opened = [], {}
         try:
-            for d, part in new.parts.items():
-                for s in part.sets:
-                    ch = plan.changes.get(plan.sets.get(s.name, ""))
-                    if ch is None:
-                        continue
-                    if d not in opened:
-                        opened[d] = open_part(new, d)
-                    added, removed = ch.counts()
-                    s.v4, s.digest = s.v4 + added - removed, file_set_digest(ch.sha)
-                    delta = SetDelta(s.tag)
-                    for keys, blob in ((delta.add, ch.added), (delta.remove, ch.removed)):
-                        if blob:
-                            keys[abi.NB_MAP_SETH4] = hosts4_keys(s.tag, blob)
-                    work.append((d, s.name, delta))
+            for d, s, ch in _set_uses(plan, new):
+                if d not in opened:
+                    opened[d] = open_part(new, d)
+                added, removed = ch.counts()
+                s.v4, s.digest = s.v4 + added - removed, file_set_digest(ch.sha)
+                delta = SetDelta(s.tag)
+                for keys, blob in ((delta.add, ch.added), (delta.remove, ch.removed)):
+                    if blob:
+                        keys[abi.NB_MAP_SETH4] = hosts4_keys(s.tag, blob)
+                work.append((d, s.name, delta))
             last = i == len(plan.states) - 1
             write_deltas(old, new, work, opened, log, before_save=record_files if last else None)
         finally:

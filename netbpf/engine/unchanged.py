@@ -3,7 +3,8 @@ set files hash to what the last apply recorded, every interface it made is still
 nothing drifted or was interrupted. Then `apply` has nothing to do (netbpf/engine/early.py
 asks; setfiles.py uses the same two checks).
 
-Reads files, state and (for drift) netlink; imports neither the policy models nor bcc.
+Reads files, state and pins (drift: bpf() calls for link-attached parts, netlink for the
+others); imports neither the policy models nor bcc.
 """
 from __future__ import annotations
 

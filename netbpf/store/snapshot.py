@@ -104,10 +104,11 @@ def record(keys: list[str], loaded, policy_path: str, netns: str | None) -> None
         os.rename(tmp, cur)
 
 
-def record_set_files(keys: list[str], changed: dict[str, bytes], policy_hash: str) -> None:
+def record_set_files(keys: list[str], changed: dict[str, tuple[bytes, str]],
+                     policy_hash: str) -> None:
     """After a set-file-only apply (netbpf/engine/setfiles.py): as record(), with the current
-    copy's files but changed (set file name -> new bytes). The recorded IR is dropped: the
-    next plan diff reads the copy again."""
+    copy's files but changed (set file name -> new bytes and their sha256). The recorded IR
+    is dropped: the next plan diff reads the copy again."""
     for key in keys:
         base = snapshot_root() / key
         cur, prev = base / "current", base / "previous"
@@ -119,11 +120,11 @@ def record_set_files(keys: list[str], changed: dict[str, bytes], policy_hash: st
                         ignore=lambda d, names: [n for n in names
                                                  if (Path(d) / n).relative_to(cur / "files")
                                                  .as_posix() in skip])
-        for rel, raw in changed.items():
+        for rel, (raw, sha) in changed.items():
             target = tmp / "files" / rel.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(raw)
-            data["files"][rel] = hashlib.sha256(raw).hexdigest()
+            data["files"][rel] = sha
         data["policy_hash"] = policy_hash
         (tmp / "manifest.json").write_text(json.dumps(data, indent=1))
         shutil.rmtree(prev, ignore_errors=True)
