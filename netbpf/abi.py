@@ -22,6 +22,7 @@ NB_MAP_FW_RULES = "nb_fw_rules"
 NB_MAP_FW_CRULES = "nb_fw_crules"
 NB_MAP_FW_VECS = "nb_fw_vecs"
 NB_MAP_FW_DIR = "nb_fw_dir"
+NB_MAP_FW_PAIR = "nb_fw_pair"
 NB_MAP_FW_PORTS = "nb_fw_ports"
 NB_MAP_FW_PROTO = "nb_fw_proto"
 NB_MAP_FW_ICMP = "nb_fw_icmp"
@@ -61,8 +62,8 @@ MAP_NAMES = tuple(v for k, v in dict(globals()).items() if k.startswith("NB_MAP_
 PROG_NAMES = tuple(v for k, v in dict(globals()).items() if k.startswith("NB_PROG_"))
 # The classifier's maps (every firewall program has them) and the balancer's (built with NB_LB).
 FW_MAPS = (NB_MAP_FW_GEN, NB_MAP_FW_CFG, NB_MAP_FW_RULES, NB_MAP_FW_CRULES, NB_MAP_FW_VECS,
-           NB_MAP_FW_DIR, NB_MAP_FW_PORTS, NB_MAP_FW_PROTO, NB_MAP_FW_ICMP, NB_MAP_FW_FLAGS,
-           NB_MAP_SET4, NB_MAP_SET6, NB_MAP_SETH4, NB_MAP_SETH6, NB_MAP_FW_CNT,
+           NB_MAP_FW_DIR, NB_MAP_FW_PAIR, NB_MAP_FW_PORTS, NB_MAP_FW_PROTO, NB_MAP_FW_ICMP,
+           NB_MAP_FW_FLAGS, NB_MAP_SET4, NB_MAP_SET6, NB_MAP_SETH4, NB_MAP_SETH6, NB_MAP_FW_CNT,
            NB_MAP_FW_STATS, NB_MAP_FW_RL)
 LB_MAPS = (NB_MAP_LB_VIPS, NB_MAP_LB_RING, NB_MAP_LB_BACKENDS, NB_MAP_LB_FLOWS, NB_MAP_LB_NAT,
            NB_MAP_LB_CNT, NB_MAP_LB_VLIVE, NB_MAP_LB_PORTS)
@@ -76,6 +77,8 @@ NB_MAX_SETREFS = 4
 NB_PREFIX_CAP = 65536
 NB_SET_CAP = 1 << 20
 NB_DIR_MAX_CHUNKS = 32768
+NB_PAIR_MIN_WORDS = 16
+NB_PAIR_MAX_CELLS = 1 << 18
 NB_DIR_ROOT = 65536
 NB_DIR_PTR = 0x80000000
 NB_RL_ENTRIES = 65536
@@ -183,6 +186,12 @@ class NbSetref(ctypes.Structure):
                 ("member_id", ctypes.c_uint32), ("nonmember_id", ctypes.c_uint32)]
 
 
+class NbPairCfg(ctypes.Structure):
+    _fields_ = [("on", ctypes.c_uint32), ("cols", ctypes.c_uint32),
+                ("base", ctypes.c_uint32 * 2), ("n", ctypes.c_uint32 * 2),
+                ("shift", ctypes.c_uint32 * 2)]
+
+
 class NbFwCfg(ctypes.Structure):
     _fields_ = [("field_mask", ctypes.c_uint32),
                 ("wild_id", ctypes.c_uint32 * NB_NFIELDS_BASE),
@@ -192,7 +201,8 @@ class NbFwCfg(ctypes.Structure):
                 ("default_action", ctypes.c_uint32),
                 ("setref", NbSetref * NB_MAX_SETREFS),
                 ("default_sample", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+                ("pad", ctypes.c_uint32),
+                ("pair", NbPairCfg)]
 
 
 class NbRule(ctypes.Structure):
@@ -338,6 +348,11 @@ def nb_sum(words: int) -> int:
 
 
 @functools.cache
+def pair_cells(words: int) -> int:
+    """NB_PAIR_CELLS of a program compiled with NB_WORDS=words."""
+    return NB_PAIR_MAX_CELLS if words >= NB_PAIR_MIN_WORDS else 1
+
+
 def vec_struct(words: int) -> type[ctypes.Structure]:
     """struct nb_vec for a program compiled with NB_WORDS=words."""
     return type(f"NbVec{words}", (ctypes.Structure,), {"_fields_": [

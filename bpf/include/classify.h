@@ -14,6 +14,7 @@ BPF_ARRAY(nb_fw_rules, struct nb_rule, 2 * NB_RULES_CAP);
 BPF_ARRAY(nb_fw_crules, __u32, 2 * NB_MAX_COUNT_RULES);
 BPF_ARRAY(nb_fw_vecs, struct nb_vec, 2 * NB_CLASS_CAP);
 BPF_ARRAY(nb_fw_dir, __u32, 2 * NB_DIR_GEN);
+BPF_ARRAY(nb_fw_pair, struct nb_psum, 2 * NB_PAIR_CELLS);
 BPF_ARRAY(nb_fw_ports, __u32, 4 * 65536);
 BPF_ARRAY(nb_fw_proto, __u32, 2 * 256);
 BPF_ARRAY(nb_fw_icmp, __u32, 2 * 65536);
@@ -175,6 +176,27 @@ static __always_inline __u32 nb_setref_class(struct nb_pkt *p, struct nb_fw_cfg 
     return nb_in_set(p, r->tag, r->field) ? r->member_id : r->nonmember_id;
 }
 
+/* The summary of the packet's (source, destination) cell (netbpf_abi.h, struct nb_pair_cfg),
+ * or 0: no pair summary in this generation (or a class outside the ranges: the scan then
+ * runs on the fields' own summaries, as without pairs). */
+static __always_inline struct nb_psum *nb_pair_of(struct nb_fw_cfg *cfg, __u32 gen, __u32 *id)
+{
+#if NB_PAIR_CELLS > 1
+    struct nb_pair_cfg *pc = &cfg->pair;
+    if (!pc->on)
+        return 0;
+    __u32 rs = id[NB_F_SRC] - pc->base[0];
+    __u32 rd = id[NB_F_DST] - pc->base[1];
+    if (rs >= pc->n[0] || rd >= pc->n[1])
+        return 0;
+    __u32 cell = (rs >> (pc->shift[0] & 31)) * pc->cols + (rd >> (pc->shift[1] & 31));
+    __u32 idx = gen * NB_PAIR_CELLS + (cell & (NB_PAIR_CELLS - 1));
+    return nb_fw_pair.lookup(&idx);
+#else
+    return 0;
+#endif
+}
+
 static __always_inline struct nb_vec *nb_vec_of(__u32 gen, __u32 id)
 {
     /* NB_CLASS_CAP is a power of two: the mask keeps a corrupt id inside this generation */
@@ -312,11 +334,16 @@ static __always_inline int nb_classify(struct nb_pkt *p, __u32 len, struct nb_pe
         counted &= (1ULL << cfg->ncount) - 1;
 
     /* Aggregated bit-vector scan: summary words name the rule words worth ANDing, so a
-     * packet that matches nothing, or matches early, touches few words whatever the rule count. */
+     * packet that matches nothing, or matches early, touches few words whatever the rule count.
+     * The address pair's summary (when the generation has one) drops the words where no rule
+     * takes both addresses: on dense rule sets the fields' own summaries are nearly all ones. */
+    struct nb_psum *ps = nb_pair_of(cfg, gen, id);
     __u32 t = 0xffffffff;
 #pragma unroll
     for (__u32 s = 0; s < NB_SUM; s++) {
         __u64 ws = NB_AND(sum, s);
+        if (ps)
+            ws &= ps->sum[s];
         for (int j = 0; j < 64; j++) {
             if (ws == 0)
                 break;

@@ -306,8 +306,10 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
                  f"gen {part['generation']}, {s['health']}")
         tables.append(Text(title, style="bold"))
         if "classifier_bytes" in part:
+            grid = part.get("address_pairs")
+            pairs = f", address pairs {grid[0]:,} x {grid[1]:,}" if grid else ""
             tables.append(Text(f"classifier tables: {_human(part['classifier_bytes'])} of kernel "
-                               f"memory ({part['address_chunks']} address chunks)"))
+                               f"memory ({part['address_chunks']} address chunks{pairs})"))
         t = Table()
         for col, just in (("rule", "left"), ("action", "left"), ("packets", "right"),
                           ("bytes", "right")):

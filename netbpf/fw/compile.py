@@ -25,7 +25,8 @@ from operator import itemgetter
 
 from netbpf import abi
 
-from netbpf.fw import dirtable
+from netbpf.fw import dirtable, pairs
+from netbpf.fw.pairs import PairTable
 from netbpf.fw.dirtable import DirTables, root_index
 from netbpf.errors import InputError
 from netbpf.policy.ir import AddrMatch, DirectionIR, Prefix, RuleIR, SetIR
@@ -104,6 +105,7 @@ class CompiledDirection:
     flags: array | None = None
     nclasses: int = 1                            # max id + 1
     dir: DirTables = field(default_factory=DirTables)   # address fields (built from lpm4/6)
+    pair: PairTable | None = None                # address-pair summaries (large policies)
 
     @functools.cached_property
     def _lookup(self) -> _Tables:
@@ -144,8 +146,10 @@ class Decision:
 
 # ---------------------------------------------------------------- compilation
 
-def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> CompiledDirection:
-    """Tables for one direction. sets, when given, is only used to check references exist."""
+def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
+                      pair_cells: int = abi.NB_PAIR_MAX_CELLS) -> CompiledDirection:
+    """Tables for one direction. sets, when given, is only used to check references exist.
+    pair_cells: cells the address-pair summaries may take (pairs.py; tests pass fewer)."""
     if d.default not in DEFAULTS:
         raise InputError(f"default action must be allow or drop (got {d.default!r})")
     terminal = [r for r in d.rules if r.action != "count"]
@@ -185,6 +189,7 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> C
     # Addresses: prefix lists go to the per-family tries; set references are pseudo-fields and
     # leave the rule unconstrained in the address field itself.
     lpm: dict[int, list[tuple[int, bytes, int, int]]] = {4: [], 6: []}
+    ranges: dict[int, tuple[int, int]] = {}       # address field -> (first id, ids)
     setref_bits: dict[tuple[str, int], int] = {}
     for f, attr in ((abi.NB_F_SRC, "src"), (abi.NB_F_DST, "dst")):
         constrained = 0
@@ -205,11 +210,17 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> C
             continue
         field_mask |= 1 << f
         base = all_bits & ~constrained
-        wild_id[f] = b.intern(base)
+        # this field's classes: one contiguous id range in address order, the wildcard last
+        # (pairs.py ranks them by id), not shared with the other address field
+        local: dict[int, int] = {}
+        first = b.next_id
         for fam in (4, 6):
             width = ADDR_BITS[fam]
             for addr, plen, vec in _prefix_classes(own[fam], width):
-                lpm[fam].append((f, addr.to_bytes(width // 8, "big"), plen, b.intern(base | vec)))
+                lpm[fam].append((f, addr.to_bytes(width // 8, "big"), plen,
+                                 b.own(local, base | vec)))
+        wild_id[f] = b.own(local, base)
+        ranges[f] = (first, b.next_id - first)
     for fam in (4, 6):
         if len(lpm[fam]) > abi.NB_PREFIX_CAP:
             raise InputError(f"{len(lpm[fam])} distinct IPv{fam} rule prefixes: at most "
@@ -252,28 +263,43 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None) -> C
         setrefs.append(SetRef(name, f, b.intern(all_bits), b.intern(all_bits & ~referencing),
                               hashed))
 
+    vecs = {i: (v & _COUNT_MASK, v >> _RULE_SHIFT) for i, v in b.vec.items()}
+    pair = None
+    words = next((w for w in abi.WORD_BUCKETS if w * 64 >= max(len(rules), 1)))
+    if (words >= abi.NB_PAIR_MIN_WORDS and pair_cells > 1
+            and abi.NB_F_SRC in ranges and abi.NB_F_DST in ranges):
+        (s0, ns), (d0, nd) = ranges[abi.NB_F_SRC], ranges[abi.NB_F_DST]
+        pair = pairs.build({i: rb for i, (_, rb) in vecs.items()}, (s0, d0), (ns, nd),
+                           len(rules), words, pair_cells)
     return CompiledDirection(
         nrules=len(rules), ncount=len(count_rules), default_action=DEFAULTS[d.default],
         field_mask=field_mask, wild_id=wild_id, setrefs=setrefs, rules=rules,
-        count_rules=count_rules,
-        vecs={i: (v & _COUNT_MASK, v >> _RULE_SHIFT) for v, i in b.ids.items()},
+        count_rules=count_rules, vecs=vecs, pair=pair,
         lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]),
         ports={w: arrays[f] for w, f in ((0, abi.NB_F_SPORT), (1, abi.NB_F_DPORT)) if f in arrays},
         proto=arrays.get(abi.NB_F_PROTO), icmp=arrays.get(abi.NB_F_ICMP),
-        flags=arrays.get(abi.NB_F_FLAGS), nclasses=len(b.ids) + 1, dir=dirt)
+        flags=arrays.get(abi.NB_F_FLAGS), nclasses=b.next_id, dir=dirt)
 
 
 class _Builder:
-    """Interns vectors: identical vectors share one id; ids are dense from 1 (0 = all-ones)."""
+    """Interns vectors: identical vectors share one id; ids are dense from 1 (0 = all-ones).
+    own() interns in a caller's namespace instead (an address field's contiguous range)."""
 
     def __init__(self):
         self.ids: dict[int, int] = {}
+        self.vec: dict[int, int] = {}             # id -> vector
+        self.next_id = 1
+
+    def own(self, local: dict[int, int], vec: int) -> int:
+        i = local.get(vec)
+        if i is None:
+            i = local[vec] = self.next_id
+            self.vec[i] = vec
+            self.next_id += 1
+        return i
 
     def intern(self, vec: int) -> int:
-        i = self.ids.get(vec)
-        if i is None:
-            i = self.ids[vec] = len(self.ids) + 1
-        return i
+        return self.own(self.ids, vec)
 
 
 def _network(addr: int, plen: int, family: int) -> int:
@@ -601,6 +627,14 @@ class _Tables:
 
     def __init__(self, c: CompiledDirection):
         self.vec = {i: (rb << _RULE_SHIFT) | cb for i, (cb, rb) in c.vecs.items()}
+        self._masks: dict[int, int] = {}
+
+    def word_mask(self, summary: int) -> int:
+        """Rule bits of the words a summary names."""
+        m = self._masks.get(summary)
+        if m is None:
+            m = self._masks[summary] = sum(((1 << 64) - 1) << (64 * w) for w in _bits(summary))
+        return m
 
 
 def _longest_match(by_len: dict[int, dict[int, int]], addr: int, family: int) -> int | None:
@@ -642,13 +676,15 @@ def simulate(c: CompiledDirection, sets: dict[str, SetIR] | None, pkt: Pkt) -> D
     """What the BPF program (bpf/include/classify.h) decides with tables c for packet pkt."""
     t = c._lookup
     ids: list[int] = []
+    addr_ids = [abi.NB_CLASS_ALL, abi.NB_CLASS_ALL]
     for f in range(abi.NB_NFIELDS_BASE):
         if not c.field_mask & (1 << f):
             continue                              # NB_CLASS_ALL
         wild = c.wild_id[f]
         if f in (abi.NB_F_SRC, abi.NB_F_DST):
             addr = pkt.src if f == abi.NB_F_SRC else pkt.dst
-            ids.append(c.dir.lookup(root_index(f, pkt.family), addr, ADDR_BITS[pkt.family]))
+            addr_ids[f] = c.dir.lookup(root_index(f, pkt.family), addr, ADDR_BITS[pkt.family])
+            ids.append(addr_ids[f])
         elif f == abi.NB_F_PROTO:
             ids.append(c.proto[pkt.proto])
         elif f in (abi.NB_F_SPORT, abi.NB_F_DPORT):
@@ -669,6 +705,9 @@ def simulate(c: CompiledDirection, sets: dict[str, SetIR] | None, pkt: Pkt) -> D
     for i in ids:
         acc &= t.vec[i]
     rule_bits = (acc >> _RULE_SHIFT) & ((1 << c.nrules) - 1)
+    cell = c.pair.cell(*addr_ids) if c.pair is not None else None
+    if cell is not None:                          # the scan skips the words the pair rules out
+        rule_bits &= t.word_mask(c.pair.summary(cell))
     counted = acc & _COUNT_MASK & ((1 << c.ncount) - 1)
     terminal = None
     if rule_bits:

@@ -20,6 +20,7 @@ from netbpf import abi
 
 from netbpf.fw import dirtable
 from netbpf.fw.compile import CompiledDirection, CountEntry, RuleEntry, SetRef, set_hash_flags
+from netbpf.fw.pairs import PairTable
 from netbpf.errors import NetbpfError
 from netbpf.policy.ir import SetIR
 from netbpf.kernel import bpfsys
@@ -28,7 +29,7 @@ FW_MAPS = abi.FW_MAPS
 
 # Maps a program built before the address tables and hash sets lacks: its pins are still read
 # (counters carried over, stats) until the next apply replaces it.
-NEWER_MAPS = (abi.NB_MAP_FW_DIR, abi.NB_MAP_SETH4, abi.NB_MAP_SETH6)
+NEWER_MAPS = (abi.NB_MAP_FW_DIR, abi.NB_MAP_SETH4, abi.NB_MAP_SETH6, abi.NB_MAP_FW_PAIR)
 
 _U32 = abi.U32
 _ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*
@@ -67,8 +68,9 @@ class FwTables:
     def from_loaded(cls, loaded, words: int, class_cap: int) -> "FwTables":
         maps = {n: MapRef(n, m.fd, m.key_size, m.value_size, m.percpu)
                 for n, m in loaded.maps.items()}
-        if abi.NB_MAP_FW_DIR in maps:
-            maps[abi.NB_MAP_FW_DIR].max_entries = bpfsys.map_info(maps[abi.NB_MAP_FW_DIR].fd).max_entries
+        for name in (abi.NB_MAP_FW_DIR, abi.NB_MAP_FW_PAIR):
+            if name in maps:
+                maps[name].max_entries = bpfsys.map_info(maps[name].fd).max_entries
         return cls(maps, words, class_cap)
 
     @classmethod
@@ -118,7 +120,8 @@ class FwTables:
         self._write_dir(gen, c)
         self._write_arrays(gen, c)
         self._write_rules(gen, c, rule_slots, count_slots, samples or [0] * len(c.rules))
-        self._write_cfg(gen, c, set_tags, default_sample)
+        pair = self._write_pair(gen, c)
+        self._write_cfg(gen, c, set_tags, default_sample, pair)
 
     def clear_generation(self, gen: int) -> None:
         """Nothing to remove: every table of a generation is an array, overwritten whole by
@@ -146,6 +149,28 @@ class FwTables:
                 vals.extend(ids)
             bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_DIR), keys.tobytes(), vals.tobytes(),
                                     len(keys))
+
+    @property
+    def pair_cells(self) -> int:
+        m = self.maps.get(abi.NB_MAP_FW_PAIR)
+        return m.max_entries // 2 if m is not None and m.max_entries else 0
+
+    def _write_pair(self, gen: int, c: CompiledDirection) -> bool:
+        """The address-pair summaries, when the policy has them and the program room for
+        them (else the generation runs without: same verdicts, a longer scan)."""
+        p = c.pair
+        cells = self.pair_cells
+        if p is None or cells <= 1 or p.rows * p.cols > cells:
+            return False
+        vsz = self.maps[abi.NB_MAP_FW_PAIR].value_size
+        vals = p.cell_values(vsz)
+        n = p.rows * p.cols
+        fd = self.fd(abi.NB_MAP_FW_PAIR)
+        for i in range(0, n, _BATCH):
+            k = min(_BATCH, n - i)
+            keys = array("I", range(gen * cells + i, gen * cells + i + k)).tobytes()
+            bpfsys.map_update_batch(fd, keys, vals[i * vsz:(i + k) * vsz], k)
+        return True
 
     def memory_bytes(self) -> int:
         """Kernel memory the classifier's arrays pin, as created (max_entries x value size, x
@@ -191,8 +216,12 @@ class FwTables:
             bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_CRULES), keys, vals, len(c.count_rules))
 
     def _write_cfg(self, gen: int, c: CompiledDirection, set_tags: dict[str, int],
-                   default_sample: int) -> None:
+                   default_sample: int, pair: bool = False) -> None:
         cfg = abi.NbFwCfg()
+        if pair and c.pair is not None:
+            p = c.pair
+            cfg.pair = abi.NbPairCfg(1, p.cols, (ctypes.c_uint32 * 2)(*p.base),
+                                     (ctypes.c_uint32 * 2)(*p.n), (ctypes.c_uint32 * 2)(*p.shift))
         cfg.default_sample = default_sample
         cfg.field_mask = c.field_mask
         cfg.wild_id[:] = list(c.wild_id)
@@ -203,7 +232,8 @@ class FwTables:
         for k, ref in enumerate(c.setrefs):
             cfg.setref[k] = abi.NbSetref(set_tags[ref.set_name], ref.field | ref.hashed,
                                          ref.member_id, ref.nonmember_id)
-        bpfsys.map_update(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), bytes(cfg))
+        raw = bytes(cfg)[:self.maps[abi.NB_MAP_FW_CFG].value_size]   # older programs: no pair
+        bpfsys.map_update(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), raw)
 
     # ---- sets ----
     # A set's entries live under its tag: a family of full-length addresses in the hash map
@@ -381,8 +411,9 @@ class FwTables:
     def read_generation(self, gen: int) -> "GenerationImage":
         """Generation gen as the kernel holds it: the CompiledDirection write_generation was
         given (set references name their tag as 'tag<N>'), with slots and sampling."""
-        raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), ctypes.sizeof(abi.NbFwCfg))
-        cfg = abi.NbFwCfg.from_buffer_copy(raw)
+        size = self.maps[abi.NB_MAP_FW_CFG].value_size
+        raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), size)
+        cfg = abi.NbFwCfg.from_buffer_copy(raw.ljust(ctypes.sizeof(abi.NbFwCfg), b"\0"))
         rules, slots, samples = [], [], []
         if cfg.nrules:
             first = gen * self.rules_cap
@@ -429,8 +460,30 @@ class FwTables:
             count_rules=[CountEntry(f"c{i}", "") for i in range(cfg.ncount)], vecs=vecs,
             lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]), ports=ports, proto=arr[abi.NB_F_PROTO],
             icmp=arr[abi.NB_F_ICMP], flags=arr[abi.NB_F_FLAGS], nclasses=max(vecs, default=0) + 1,
-            dir=dirt)
+            dir=dirt, pair=self._read_pair(gen, cfg.pair))
         return GenerationImage(c, slots, count_slots, samples, cfg.default_sample)
+
+    def pair_grid(self, gen: int) -> tuple[int, int] | None:
+        """(rows, cols) of generation gen's address-pair summaries; None when it has none."""
+        size = self.maps[abi.NB_MAP_FW_CFG].value_size
+        raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), size) or b""
+        pc = abi.NbFwCfg.from_buffer_copy(raw.ljust(ctypes.sizeof(abi.NbFwCfg), b"\0")).pair
+        if not pc.on or not pc.n[0]:
+            return None
+        return ((pc.n[0] - 1) >> pc.shift[0]) + 1, pc.cols
+
+    def _read_pair(self, gen: int, pc) -> PairTable | None:
+        cells = self.pair_cells
+        if not pc.on or cells <= 1:
+            return None
+        n, shift = (pc.n[0], pc.n[1]), (pc.shift[0], pc.shift[1])
+        rows = ((n[0] - 1) >> shift[0]) + 1 if n[0] else 0
+        if rows * pc.cols > cells:
+            return None
+        vsz = self.maps[abi.NB_MAP_FW_PAIR].value_size
+        raw = bpfsys.array_lookup_range(self.fd(abi.NB_MAP_FW_PAIR), gen * cells,
+                                        rows * pc.cols, vsz)
+        return PairTable((pc.base[0], pc.base[1]), n, shift, pc.cols, rows, vsz, b"".join(raw))
 
     def _read_dir(self, gen: int, mask: int, wild: list[int]):
         """Generation gen's address tables as written (DirTables) and as disjoint
@@ -534,6 +587,7 @@ def table_bytes(words: int, class_cap: int, chunks: int) -> int:
             + 2 * abi.NB_MAX_COUNT_RULES * 4
             + 2 * class_cap * ctypes.sizeof(abi.vec_struct(words))
             + dirtable.map_bytes(chunks)
+            + 2 * abi.pair_cells(words) * 8 * abi.nb_sum(words)
             + 4 * 65536 * 4 + 2 * 256 * 4 + 2 * 65536 * 4 + 2 * 256 * 4
             + abi.slot_cap(words) * percpu + abi.NB_STAT_MAX * percpu)
 

@@ -287,3 +287,29 @@ def test_stats_on_a_10000_rule_policy_is_timed(two_hosts, tmp_path):
                   f"(runs: {', '.join(f'{t * 1000:.0f}' for t in times)} ms; goal < 300 ms)")
     finally:
         netbpf(two_hosts, "detach", "gw0")
+
+
+def test_a_large_address_policy_runs_with_pair_summaries_and_stats_says_so(two_hosts, tmp_path):
+    """600 rules on source and destination prefixes (the scheme's threshold is 256): the one
+    rule deep in the list that takes the client's traffic drops it and counts it, and stats
+    shows the address-pair grid the generation runs with."""
+    client4, gw4 = two_hosts.addr("client", "client0", 4), two_hosts.addr("gw", "gw0", 4)
+    pad = [f"        - {{name: p{i}, src: 172.{16 + i % 16}.{i // 16}.0/24, "
+           f"dst: 192.168.{i % 200}.{i % 7}/32, proto: udp, dport: 9999, action: drop}}"
+           for i in range(599)]
+    pad.insert(450, f"        - {{name: hit, src: {client4}/32, dst: {gw4}/32, proto: udp, "
+                    f"dport: 9999, action: drop}}")
+    policy = tmp_path / "pairs.yaml"
+    policy.write_text("version: 1\ninterfaces:\n  gw0:\n    xdp: {mode: native}\n"
+                      "    ingress:\n      default: allow\n      rules:\n" + "\n".join(pad) + "\n")
+    netbpf(two_hosts, "apply", str(policy), timeout=300)
+    try:
+        sent = [IP(dst=gw4) / UDP(dport=9999) / Raw(b"pairs-hit")] * 5
+        assert send_through(two_hosts, sent, b"pairs-hit") == 0
+        s = stats(two_hosts)
+        assert {r["name"]: r["packets"] for r in s["rules"] if r["packets"]} == {"hit": 5}
+        rows, cols = s["parts"]["ingress"]["address_pairs"]
+        assert rows >= 2 and cols >= 2
+        assert f"address pairs {rows:,} x {cols:,}" in netbpf(two_hosts, "stats", "gw0").stdout
+    finally:
+        netbpf(two_hosts, "detach", "gw0")

@@ -20,7 +20,8 @@ from netbpf import abi
 HEADER = abi.ABI_HEADER.read_text()
 # Derived from the program shape (NB_WORDS, NB_CHUNKS): mirrored as functions, checked per shape.
 SHAPE_DEFINES = {"NB_WORDS", "NB_CLASS_CAP", "NB_DIR_CHUNKS", "NB_SUM", "NB_RULES_CAP",
-                 "NB_SLOT_CAP", "NB_DIR_GEN"}
+                 "NB_SLOT_CAP", "NB_DIR_GEN", "NB_PAIR_CELLS"}
+SHAPE_STRUCTS = {"nb_vec", "nb_psum"}     # sized by NB_WORDS: checked per shape
 C_STRUCTS = re.findall(r"^struct (nb_\w+) \{", HEADER, re.M)
 DEFINES = [n for n in re.findall(r"^#define (NB_\w+)[ \t]", HEADER, re.M)]
 INDEX_MACROS = {"NB_PORT_IDX": (abi.port_idx, 3), "NB_PROTO_IDX": (abi.proto_idx, 2),
@@ -82,7 +83,8 @@ def c_shapes(tmp_path_factory) -> dict[tuple[int, int], dict[str, str]]:
     tmp = tmp_path_factory.mktemp("shapes")
     body = ['printf("nb_vec %zu\\n", sizeof(struct nb_vec));',
             'printf("nb_vec.sum %zu\\n", offsetof(struct nb_vec, sum));',
-            'printf("nb_vec.w %zu\\n", offsetof(struct nb_vec, w));']
+            'printf("nb_vec.w %zu\\n", offsetof(struct nb_vec, w));',
+            'printf("nb_psum %zu\\n", sizeof(struct nb_psum));']
     body += [f'printf("{d} %lld\\n", (long long)({d}));' for d in sorted(SHAPE_DEFINES)]
     return {(w, ch): _run_c(tmp, f"shape{w}_{ch}", body,
                             f"#define NB_WORDS {w}\n#define NB_DIR_CHUNKS {ch}")
@@ -90,7 +92,7 @@ def c_shapes(tmp_path_factory) -> dict[tuple[int, int], dict[str, str]]:
 
 
 def test_every_header_struct_is_mirrored():
-    assert set(C_STRUCTS) - {"nb_vec"} == set(MIRRORS)
+    assert set(C_STRUCTS) - SHAPE_STRUCTS == set(MIRRORS)
 
 
 @pytest.mark.parametrize("name", C_STRUCTS)
@@ -156,6 +158,8 @@ def test_shape_dependent_sizes_match(c_shapes, words):
     assert abi.slot_cap(words) == int(c["NB_SLOT_CAP"])
     assert words * 64 == int(c["NB_RULES_CAP"])
     assert abi.dir_gen(chunks) == int(c["NB_DIR_GEN"])
+    assert abi.pair_cells(words) == int(c["NB_PAIR_CELLS"])
+    assert 8 * abi.nb_sum(words) == int(c["nb_psum"])
 
 
 def test_names_fit_the_kernel_and_are_unique():

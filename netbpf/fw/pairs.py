@@ -1,0 +1,91 @@
+"""Address-pair summaries: which rule words can match a (source class, destination class) pair.
+
+Why: on dense rule sets (ClassBench's acl/fw/ipc shapes) many rules take any one address
+(wildcards, nested prefixes), so every field's own summary has a bit in nearly every 64-rule
+word and the scan ANDs words whose result is zero. The pair's summary is exact about the two
+address fields together: a word is scanned only if one of its rules takes both addresses.
+
+Layout (bpf/include/netbpf_abi.h, struct nb_pair_cfg): the compiler numbers each address
+field's classes in one contiguous id range, in address order, so rank = id - base. Ranks are
+grouped by a shift (neighbouring prefixes share a row) until rows x cols fit the cells the
+program has; a cell holds the summary of (OR of its sources' vectors) AND (OR of its
+destinations' vectors). A superset of each member pair's summary: grouping costs scan words,
+never a rule. Pure; numpy does the cross product (imported only here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netbpf import abi
+
+_BLOCK = 1 << 22          # bools per step of the cross product (bounds its memory)
+
+
+@dataclass(frozen=True)
+class PairTable:
+    base: tuple[int, int]         # first class id of the source / destination range
+    n: tuple[int, int]            # ids in each range
+    shift: tuple[int, int]        # rank >> shift = row / column
+    cols: int
+    rows: int
+    cell_bytes: int               # summary bytes per cell (8 x NB_SUM of the shape compiled for)
+    sums: bytes                   # rows x cols cells, row-major
+
+    def cell(self, src_id: int, dst_id: int) -> int | None:
+        """The cell of a packet's two address classes; None outside the ranges."""
+        rs, rd = src_id - self.base[0], dst_id - self.base[1]
+        if not (0 <= rs < self.n[0] and 0 <= rd < self.n[1]):
+            return None
+        return (rs >> self.shift[0]) * self.cols + (rd >> self.shift[1])
+
+    def summary(self, cell: int) -> int:
+        """Bit i set: rule word i may hold a rule taking both addresses of the cell."""
+        at = cell * self.cell_bytes
+        return int.from_bytes(self.sums[at:at + self.cell_bytes], "little")
+
+    def cell_values(self, value_size: int) -> bytes:
+        """The cells as a program with value_size-byte summaries holds them (zero-padded)."""
+        if value_size == self.cell_bytes:
+            return self.sums
+        if value_size < self.cell_bytes:
+            raise ValueError(f"{self.cell_bytes}-byte pair summaries do not fit {value_size}")
+        pad = bytes(value_size - self.cell_bytes)
+        return b"".join(self.sums[i:i + self.cell_bytes] + pad
+                        for i in range(0, len(self.sums), self.cell_bytes))
+
+
+def shifts(n: tuple[int, int], cap: int) -> tuple[int, int]:
+    """Smallest groupings with rows x cols <= cap: the larger side is halved first."""
+    ks = kd = 0
+    while (((n[0] - 1) >> ks) + 1) * (((n[1] - 1) >> kd) + 1) > cap:
+        if ((n[0] - 1) >> ks) >= ((n[1] - 1) >> kd):
+            ks += 1
+        else:
+            kd += 1
+    return ks, kd
+
+
+def build(vecs: dict[int, int], base: tuple[int, int], n: tuple[int, int], nrules: int,
+          words: int, cap: int = abi.NB_PAIR_MAX_CELLS) -> PairTable:
+    """The pair table of two id ranges. vecs: id -> terminal-rule bits (bit t = rule t);
+    words: rule words of the program shape (the summary has one bit per word)."""
+    import numpy as np
+
+    w = max(1, (nrules + 63) // 64)               # words that hold rules; the rest are zero
+    ks, kd = shifts(n, cap)
+
+    def grouped(b: int, count: int, k: int):
+        raw = b"".join(vecs[b + r].to_bytes(8 * w, "little") for r in range(count))
+        m = np.frombuffer(raw, dtype=np.uint64).reshape(count, w)
+        return np.bitwise_or.reduceat(m, np.arange(0, count, 1 << k), axis=0)
+
+    gs, gd = grouped(base[0], n[0], ks), grouped(base[1], n[1], kd)
+    rows, cols = len(gs), len(gd)
+    cell_bytes = 8 * abi.nb_sum(words)
+    out = np.zeros((rows, cols, cell_bytes), dtype=np.uint8)
+    step = max(1, _BLOCK // max(1, cols * w))
+    for i in range(0, rows, step):
+        hit = (gs[i:i + step, None, :] & gd[None, :, :]) != 0
+        packed = np.packbits(hit, axis=2, bitorder="little")
+        out[i:i + step, :, :packed.shape[2]] = packed
+    return PairTable(base, n, (ks, kd), cols, rows, cell_bytes, out.tobytes())
