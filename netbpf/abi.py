@@ -77,8 +77,11 @@ NB_MAX_SETREFS = 4
 NB_PREFIX_CAP = 65536
 NB_SET_CAP = 1 << 20
 NB_DIR_MAX_CHUNKS = 32768
+NB_PAIRS = 2
 NB_PAIR_MIN_WORDS = 16
-NB_PAIR_MAX_CELLS = 1 << 18
+NB_PAIR0_CELLS = 1 << 18          # source x destination
+NB_PAIR1_CELLS = 1 << 16          # an address field x destination port
+PAIR_TABLES = ((0, NB_PAIR0_CELLS), (NB_PAIR0_CELLS, NB_PAIR1_CELLS))   # (first cell, cells)
 NB_DIR_ROOT = 65536
 NB_DIR_PTR = 0x80000000
 NB_RL_ENTRIES = 65536
@@ -188,8 +191,8 @@ class NbSetref(ctypes.Structure):
 
 class NbPairCfg(ctypes.Structure):
     _fields_ = [("on", ctypes.c_uint32), ("cols", ctypes.c_uint32),
-                ("base", ctypes.c_uint32 * 2), ("n", ctypes.c_uint32 * 2),
-                ("shift", ctypes.c_uint32 * 2)]
+                ("field", ctypes.c_uint32 * 2), ("base", ctypes.c_uint32 * 2),
+                ("n", ctypes.c_uint32 * 2), ("shift", ctypes.c_uint32 * 2)]
 
 
 class NbFwCfg(ctypes.Structure):
@@ -202,7 +205,7 @@ class NbFwCfg(ctypes.Structure):
                 ("setref", NbSetref * NB_MAX_SETREFS),
                 ("default_sample", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32),
-                ("pair", NbPairCfg)]
+                ("pair", NbPairCfg * NB_PAIRS)]
 
 
 class NbRule(ctypes.Structure):
@@ -350,7 +353,7 @@ def nb_sum(words: int) -> int:
 @functools.cache
 def pair_cells(words: int) -> int:
     """NB_PAIR_CELLS of a program compiled with NB_WORDS=words."""
-    return NB_PAIR_MAX_CELLS if words >= NB_PAIR_MIN_WORDS else 1
+    return NB_PAIR0_CELLS + NB_PAIR1_CELLS if words >= NB_PAIR_MIN_WORDS else 1
 
 
 def vec_struct(words: int) -> type[ctypes.Structure]:

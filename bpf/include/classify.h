@@ -176,21 +176,22 @@ static __always_inline __u32 nb_setref_class(struct nb_pkt *p, struct nb_fw_cfg 
     return nb_in_set(p, r->tag, r->field) ? r->member_id : r->nonmember_id;
 }
 
-/* The summary of the packet's (source, destination) cell (netbpf_abi.h, struct nb_pair_cfg),
- * or 0: no pair summary in this generation (or a class outside the ranges: the scan then
- * runs on the fields' own summaries, as without pairs). */
-static __always_inline struct nb_psum *nb_pair_of(struct nb_fw_cfg *cfg, __u32 gen, __u32 *id)
+/* The summary of the packet's cell in pair table k (netbpf_abi.h, struct nb_pair_cfg), or 0:
+ * the table is not used in this generation (or a class is outside its range: the scan then
+ * runs without it). Table 0 pairs the source and destination; table 1 an address field (which
+ * one: its cfg) and the destination port. */
+static __always_inline struct nb_psum *nb_pair_of(struct nb_pair_cfg *pc, __u32 first,
+                                                  __u32 gen, __u32 a, __u32 b, __u32 cap)
 {
 #if NB_PAIR_CELLS > 1
-    struct nb_pair_cfg *pc = &cfg->pair;
     if (!pc->on)
         return 0;
-    __u32 rs = id[NB_F_SRC] - pc->base[0];
-    __u32 rd = id[NB_F_DST] - pc->base[1];
-    if (rs >= pc->n[0] || rd >= pc->n[1])
+    __u32 ra = a - pc->base[0];
+    __u32 rb = b - pc->base[1];
+    if (ra >= pc->n[0] || rb >= pc->n[1])
         return 0;
-    __u32 cell = (rs >> (pc->shift[0] & 31)) * pc->cols + (rd >> (pc->shift[1] & 31));
-    __u32 idx = gen * NB_PAIR_CELLS + (cell & (NB_PAIR_CELLS - 1));
+    __u32 cell = (ra >> (pc->shift[0] & 31)) * pc->cols + (rb >> (pc->shift[1] & 31));
+    __u32 idx = gen * NB_PAIR_CELLS + first + (cell & (cap - 1));
     return nb_fw_pair.lookup(&idx);
 #else
     return 0;
@@ -335,15 +336,21 @@ static __always_inline int nb_classify(struct nb_pkt *p, __u32 len, struct nb_pe
 
     /* Aggregated bit-vector scan: summary words name the rule words worth ANDing, so a
      * packet that matches nothing, or matches early, touches few words whatever the rule count.
-     * The address pair's summary (when the generation has one) drops the words where no rule
-     * takes both addresses: on dense rule sets the fields' own summaries are nearly all ones. */
-    struct nb_psum *ps = nb_pair_of(cfg, gen, id);
+     * The pair summaries (when the generation has them) drop the words where no rule takes
+     * both values: on dense rule sets the fields' own summaries are nearly all ones. */
+    struct nb_psum *ps0 = nb_pair_of(&cfg->pair[0], 0, gen, id[NB_F_SRC], id[NB_F_DST],
+                                     NB_PAIR0_CELLS);
+    struct nb_psum *ps1 = nb_pair_of(&cfg->pair[1], NB_PAIR0_CELLS, gen,
+                                     cfg->pair[1].field[0] == NB_F_SRC ? id[NB_F_SRC] : id[NB_F_DST],
+                                     id[NB_F_DPORT], NB_PAIR1_CELLS);
     __u32 t = 0xffffffff;
 #pragma unroll
     for (__u32 s = 0; s < NB_SUM; s++) {
         __u64 ws = NB_AND(sum, s);
-        if (ps)
-            ws &= ps->sum[s];
+        if (ps0)
+            ws &= ps0->sum[s];
+        if (ps1)
+            ws &= ps1->sum[s];
         for (int j = 0; j < 64; j++) {
             if (ws == 0)
                 break;

@@ -15,7 +15,7 @@
 #define NB_MAP_FW_CRULES "nb_fw_crules"
 #define NB_MAP_FW_VECS "nb_fw_vecs"
 #define NB_MAP_FW_DIR "nb_fw_dir"
-#define NB_MAP_FW_PAIR "nb_fw_pair"           /* address-pair summaries (struct nb_psum) */
+#define NB_MAP_FW_PAIR "nb_fw_pair"           /* pair summaries (struct nb_psum) */
 #define NB_MAP_FW_PORTS "nb_fw_ports"
 #define NB_MAP_FW_PROTO "nb_fw_proto"
 #define NB_MAP_FW_ICMP "nb_fw_icmp"
@@ -66,12 +66,15 @@
 #define NB_DIR_CHUNKS 64
 #endif
 #define NB_SUM ((NB_WORDS + 63) / 64)       /* summary words: bit i set = word i may be non-zero */
-/* NB_PAIR_CELLS: cells per generation of the address-pair summaries (nb_fw_pair): a program of
- * NB_PAIR_MIN_WORDS words or more gets NB_PAIR_MAX_CELLS, a smaller one a 1-cell stub (its
- * scan is short without them). */
+/* NB_PAIR_CELLS: cells per generation of the pair summaries (nb_fw_pair): table 0 (source x
+ * destination) in the first NB_PAIR0_CELLS, table 1 (an address x destination port) in the
+ * next NB_PAIR1_CELLS. A program of NB_PAIR_MIN_WORDS words or more gets both; a smaller one a
+ * 1-cell stub (its scan is short without them). */
+#define NB_PAIRS 2
 #define NB_PAIR_MIN_WORDS 16
-#define NB_PAIR_MAX_CELLS (1 << 18)
-#define NB_PAIR_CELLS (NB_WORDS >= NB_PAIR_MIN_WORDS ? NB_PAIR_MAX_CELLS : 1)
+#define NB_PAIR0_CELLS (1 << 18)
+#define NB_PAIR1_CELLS (1 << 16)
+#define NB_PAIR_CELLS (NB_WORDS >= NB_PAIR_MIN_WORDS ? NB_PAIR0_CELLS + NB_PAIR1_CELLS : 1)
 #define NB_RULES_CAP (NB_WORDS * 64)        /* terminal rules per direction */
 
 /* ---- fixed limits ---- */
@@ -155,20 +158,22 @@ struct nb_setref {
     __u32 nonmember_id;                     /* class when it is not */
 };
 
-/* Address pairs: the source and destination classes are numbered in two ranges, each in
- * address order; rank = id - base. Ranks are grouped (rank >> shift) so rows x cols fit
- * NB_PAIR_CELLS, and the cell (row, col) holds the summary of (OR of the row's source vectors)
- * AND (OR of the column's destination vectors): bit i clear = no rule of word i can match
- * both addresses. A superset of the true pair summary, so the scan skips words, never rules. */
+/* Pair summaries: two fields' classes (table 0: source and destination; table 1: the address
+ * field with fewer classes and the destination port) are numbered in two ranges, each in
+ * value order; rank = id - base. Ranks are grouped (rank >> shift) so rows x cols fit the
+ * table, and the cell (row, col) holds the summary of (OR of the row's vectors) AND (OR of the
+ * column's vectors): bit i clear = no rule of word i takes both values. A superset of the
+ * true pair summary, so the scan skips words, never rules. */
 struct nb_pair_cfg {
-    __u32 on;                               /* 0: no pair summary in this generation */
+    __u32 on;                               /* 0: this table is not used in this generation */
     __u32 cols;                             /* cells per row */
-    __u32 base[2];                          /* first class id of the source / destination range */
+    __u32 field[2];                         /* NB_F_* of the rows / columns */
+    __u32 base[2];                          /* first class id of each range */
     __u32 n[2];                             /* class ids in each range */
     __u32 shift[2];                         /* rank >> shift = row / column */
 };
 
-struct nb_psum {                            /* nb_fw_pair[gen * NB_PAIR_CELLS + row * cols + col] */
+struct nb_psum {                            /* nb_fw_pair[gen * NB_PAIR_CELLS + table's first + row * cols + col] */
     __u64 sum[NB_SUM];
 };
 
@@ -182,7 +187,7 @@ struct nb_fw_cfg {                          /* nb_fw_cfg[gen] */
     struct nb_setref setref[NB_MAX_SETREFS];
     __u32 default_sample;                   /* events for packets taking the default action */
     __u32 pad;
-    struct nb_pair_cfg pair;
+    struct nb_pair_cfg pair[NB_PAIRS];
 };
 
 struct nb_rule {                            /* nb_fw_rules[gen * NB_RULES_CAP + t] */
@@ -403,8 +408,8 @@ struct nb_lb_counter {                      /* nb_lb_cnt[vip index] and [NB_LB_M
 /* ---- sizes the controller packs to (netbpf/abi.py) ---- */
 _Static_assert(sizeof(struct nb_gen) == 4, "nb_gen");
 _Static_assert(sizeof(struct nb_setref) == 16, "nb_setref");
-_Static_assert(sizeof(struct nb_pair_cfg) == 32, "nb_pair_cfg");
-_Static_assert(sizeof(struct nb_fw_cfg) == 152, "nb_fw_cfg");
+_Static_assert(sizeof(struct nb_pair_cfg) == 40, "nb_pair_cfg");
+_Static_assert(sizeof(struct nb_fw_cfg) == 200, "nb_fw_cfg");
 _Static_assert(sizeof(struct nb_psum) == 8 * NB_SUM, "nb_psum");
 _Static_assert(sizeof(struct nb_rule) == 40, "nb_rule");
 _Static_assert(sizeof(struct nb_vec) == 8 * (1 + NB_SUM + NB_WORDS), "nb_vec");

@@ -306,8 +306,8 @@ def _stats_tables(s: dict, prev: dict | None, dt: float) -> list:
                  f"gen {part['generation']}, {s['health']}")
         tables.append(Text(title, style="bold"))
         if "classifier_bytes" in part:
-            grid = part.get("address_pairs")
-            pairs = f", address pairs {grid[0]:,} x {grid[1]:,}" if grid else ""
+            pairs = "".join(f", {' x '.join(g['fields'])} pairs {g['rows']:,} x {g['cols']:,}"
+                            for g in part.get("pair_tables") or [])
             tables.append(Text(f"classifier tables: {_human(part['classifier_bytes'])} of kernel "
                                f"memory ({part['address_chunks']} address chunks{pairs})"))
         t = Table()

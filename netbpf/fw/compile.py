@@ -105,7 +105,9 @@ class CompiledDirection:
     flags: array | None = None
     nclasses: int = 1                            # max id + 1
     dir: DirTables = field(default_factory=DirTables)   # address fields (built from lpm4/6)
-    pair: PairTable | None = None                # address-pair summaries (large policies)
+    # pair summaries of large policies (pairs.py): table 0 source x destination, table 1 an
+    # address field x destination port; None where the policy has no such pair
+    pairs: tuple[PairTable | None, PairTable | None] = (None, None)
 
     @functools.cached_property
     def _lookup(self) -> _Tables:
@@ -147,9 +149,10 @@ class Decision:
 # ---------------------------------------------------------------- compilation
 
 def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
-                      pair_cells: int = abi.NB_PAIR_MAX_CELLS) -> CompiledDirection:
+                      pair_cells: tuple[int, int] = (abi.NB_PAIR0_CELLS, abi.NB_PAIR1_CELLS)
+                      ) -> CompiledDirection:
     """Tables for one direction. sets, when given, is only used to check references exist.
-    pair_cells: cells the address-pair summaries may take (pairs.py; tests pass fewer)."""
+    pair_cells: cells each pair table may take (pairs.py; tests pass fewer)."""
     if d.default not in DEFAULTS:
         raise InputError(f"default action must be allow or drop (got {d.default!r})")
     terminal = [r for r in d.rules if r.action != "count"]
@@ -189,7 +192,7 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
     # Addresses: prefix lists go to the per-family tries; set references are pseudo-fields and
     # leave the rule unconstrained in the address field itself.
     lpm: dict[int, list[tuple[int, bytes, int, int]]] = {4: [], 6: []}
-    ranges: dict[int, tuple[int, int]] = {}       # address field -> (first id, ids)
+    ranges: dict[int, tuple[int, int]] = {}       # src, dst, dport -> (first id, ids)
     setref_bits: dict[tuple[str, int], int] = {}
     for f, attr in ((abi.NB_F_SRC, "src"), (abi.NB_F_DST, "dst")):
         constrained = 0
@@ -248,9 +251,15 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
             constrained |= v
         field_mask |= 1 << f
         base = all_bits & ~constrained
-        wild_id[f] = b.intern(base)
+        # destination ports: a contiguous range of their own in port order (pair table 1)
+        local = {} if f == abi.NB_F_DPORT else b.ids
+        first = b.next_id
+        wild_id[f] = b.own(local, base)
         intervals = [(_intervals(f, key), v) for key, v in groups.items()]
-        arrays[f] = _sweep(_ARRAY_FIELDS[f], base, intervals, b)
+        arrays[f] = _sweep(_ARRAY_FIELDS[f], base, intervals,
+                           lambda v, local=local: b.own(local, v))
+        if f == abi.NB_F_DPORT:
+            ranges[f] = (first, b.next_id - first)
 
     if len(setref_bits) > abi.NB_MAX_SETREFS:
         raise InputError(f"{len(setref_bits)} distinct (set, src|dst) references: at most "
@@ -264,21 +273,37 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
                               hashed))
 
     vecs = {i: (v & _COUNT_MASK, v >> _RULE_SHIFT) for i, v in b.vec.items()}
-    pair = None
     words = next((w for w in abi.WORD_BUCKETS if w * 64 >= max(len(rules), 1)))
-    if (words >= abi.NB_PAIR_MIN_WORDS and pair_cells > 1
-            and abi.NB_F_SRC in ranges and abi.NB_F_DST in ranges):
-        (s0, ns), (d0, nd) = ranges[abi.NB_F_SRC], ranges[abi.NB_F_DST]
-        pair = pairs.build({i: rb for i, (_, rb) in vecs.items()}, (s0, d0), (ns, nd),
-                           len(rules), words, pair_cells)
+    tables = _pair_tables(vecs, ranges, len(rules), words, pair_cells)
     return CompiledDirection(
         nrules=len(rules), ncount=len(count_rules), default_action=DEFAULTS[d.default],
         field_mask=field_mask, wild_id=wild_id, setrefs=setrefs, rules=rules,
-        count_rules=count_rules, vecs=vecs, pair=pair,
+        count_rules=count_rules, vecs=vecs, pairs=tables,
         lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]),
         ports={w: arrays[f] for w, f in ((0, abi.NB_F_SPORT), (1, abi.NB_F_DPORT)) if f in arrays},
         proto=arrays.get(abi.NB_F_PROTO), icmp=arrays.get(abi.NB_F_ICMP),
         flags=arrays.get(abi.NB_F_FLAGS), nclasses=b.next_id, dir=dirt)
+
+
+def _pair_tables(vecs: dict[int, tuple[int, int]], ranges: dict[int, tuple[int, int]],
+                 nrules: int, words: int, cells: tuple[int, int]):
+    """Both pair tables, where the policy uses their fields and is large enough to scan many
+    words (abi.NB_PAIR_MIN_WORDS); table 1 takes the address field with fewer classes (the
+    one grouped least)."""
+    if words < abi.NB_PAIR_MIN_WORDS:
+        return (None, None)
+    rules = {i: rb for i, (_, rb) in vecs.items()}
+
+    def table(fa: int, fb: int, cap: int) -> PairTable | None:
+        if fa not in ranges or fb not in ranges or cap <= 1:
+            return None
+        (a0, na), (b0, nb) = ranges[fa], ranges[fb]
+        return pairs.build(rules, (fa, fb), (a0, b0), (na, nb), nrules, words, cap)
+
+    addr = [f for f in (abi.NB_F_SRC, abi.NB_F_DST) if f in ranges]
+    fa = min(addr, key=lambda f: ranges[f][1]) if addr else abi.NB_F_SRC
+    return (table(abi.NB_F_SRC, abi.NB_F_DST, cells[0]),
+            table(fa, abi.NB_F_DPORT, cells[1]))
 
 
 class _Builder:
@@ -367,7 +392,7 @@ def _intervals(f: int, key) -> tuple[tuple[int, int], ...]:
 
 
 def _sweep(size: int, base: int, groups: list[tuple[tuple[tuple[int, int], ...], int]],
-           b: _Builder) -> array:
+           intern) -> array:
     """Array of class ids over 0..size-1 by a boundary sweep: O(boundaries), not O(size*rules).
 
     Each group's intervals are disjoint and its bits belong to no other group, so toggling the
@@ -383,7 +408,7 @@ def _sweep(size: int, base: int, groups: list[tuple[tuple[tuple[int, int], ...],
     for i, start in enumerate(points):
         end = points[i + 1] if i + 1 < len(points) else size
         cur ^= delta[start]
-        out[start:end] = array("I", [b.intern(base | cur)]) * (end - start)
+        out[start:end] = array("I", [intern(base | cur)]) * (end - start)
     return out
 
 
@@ -675,26 +700,25 @@ def _lookup_set(sets: dict[str, SetIR] | None, name: str) -> SetIR:
 def simulate(c: CompiledDirection, sets: dict[str, SetIR] | None, pkt: Pkt) -> Decision:
     """What the BPF program (bpf/include/classify.h) decides with tables c for packet pkt."""
     t = c._lookup
-    ids: list[int] = []
-    addr_ids = [abi.NB_CLASS_ALL, abi.NB_CLASS_ALL]
+    fid = dict.fromkeys(range(abi.NB_NFIELDS_BASE), abi.NB_CLASS_ALL)   # unused: NB_CLASS_ALL
     for f in range(abi.NB_NFIELDS_BASE):
         if not c.field_mask & (1 << f):
-            continue                              # NB_CLASS_ALL
+            continue
         wild = c.wild_id[f]
         if f in (abi.NB_F_SRC, abi.NB_F_DST):
             addr = pkt.src if f == abi.NB_F_SRC else pkt.dst
-            addr_ids[f] = c.dir.lookup(root_index(f, pkt.family), addr, ADDR_BITS[pkt.family])
-            ids.append(addr_ids[f])
+            fid[f] = c.dir.lookup(root_index(f, pkt.family), addr, ADDR_BITS[pkt.family])
         elif f == abi.NB_F_PROTO:
-            ids.append(c.proto[pkt.proto])
+            fid[f] = c.proto[pkt.proto]
         elif f in (abi.NB_F_SPORT, abi.NB_F_DPORT):
             port = pkt.sport if f == abi.NB_F_SPORT else pkt.dport
-            ids.append(wild if port is None else c.ports[f - abi.NB_F_SPORT][port])
+            fid[f] = wild if port is None else c.ports[f - abi.NB_F_SPORT][port]
         elif f == abi.NB_F_ICMP:
-            ids.append(wild if pkt.icmp_type is None
-                       else c.icmp[pkt.icmp_type << 8 | pkt.icmp_code])
+            fid[f] = (wild if pkt.icmp_type is None
+                      else c.icmp[pkt.icmp_type << 8 | pkt.icmp_code])
         else:
-            ids.append(wild if pkt.tcp_flags is None else c.flags[pkt.tcp_flags])
+            fid[f] = wild if pkt.tcp_flags is None else c.flags[pkt.tcp_flags]
+    ids = [i for f, i in fid.items() if c.field_mask >> f & 1]
     for ref in c.setrefs:
         s = _set_index(_lookup_set(sets, ref.set_name))
         addr = pkt.src if ref.field == abi.NB_F_SRC else pkt.dst
@@ -705,9 +729,10 @@ def simulate(c: CompiledDirection, sets: dict[str, SetIR] | None, pkt: Pkt) -> D
     for i in ids:
         acc &= t.vec[i]
     rule_bits = (acc >> _RULE_SHIFT) & ((1 << c.nrules) - 1)
-    cell = c.pair.cell(*addr_ids) if c.pair is not None else None
-    if cell is not None:                          # the scan skips the words the pair rules out
-        rule_bits &= t.word_mask(c.pair.summary(cell))
+    for p in c.pairs:                             # the scan skips the words a pair rules out
+        cell = p.cell(fid[p.fields[0]], fid[p.fields[1]]) if p is not None else None
+        if cell is not None:
+            rule_bits &= t.word_mask(p.summary(cell))
     counted = acc & _COUNT_MASK & ((1 << c.ncount) - 1)
     terminal = None
     if rule_bits:

@@ -120,8 +120,8 @@ class FwTables:
         self._write_dir(gen, c)
         self._write_arrays(gen, c)
         self._write_rules(gen, c, rule_slots, count_slots, samples or [0] * len(c.rules))
-        pair = self._write_pair(gen, c)
-        self._write_cfg(gen, c, set_tags, default_sample, pair)
+        pairs = self._write_pairs(gen, c)
+        self._write_cfg(gen, c, set_tags, default_sample, pairs)
 
     def clear_generation(self, gen: int) -> None:
         """Nothing to remove: every table of a generation is an array, overwritten whole by
@@ -155,22 +155,26 @@ class FwTables:
         m = self.maps.get(abi.NB_MAP_FW_PAIR)
         return m.max_entries // 2 if m is not None and m.max_entries else 0
 
-    def _write_pair(self, gen: int, c: CompiledDirection) -> bool:
-        """The address-pair summaries, when the policy has them and the program room for
-        them (else the generation runs without: same verdicts, a longer scan)."""
-        p = c.pair
+    def _write_pairs(self, gen: int, c: CompiledDirection) -> list[bool]:
+        """The pair summaries, each where the policy has it and the program room for it
+        (else the generation runs without it: same verdicts, a longer scan)."""
+        written = []
         cells = self.pair_cells
-        if p is None or cells <= 1 or p.rows * p.cols > cells:
-            return False
-        vsz = self.maps[abi.NB_MAP_FW_PAIR].value_size
-        vals = p.cell_values(vsz)
-        n = p.rows * p.cols
-        fd = self.fd(abi.NB_MAP_FW_PAIR)
-        for i in range(0, n, _BATCH):
-            k = min(_BATCH, n - i)
-            keys = array("I", range(gen * cells + i, gen * cells + i + k)).tobytes()
-            bpfsys.map_update_batch(fd, keys, vals[i * vsz:(i + k) * vsz], k)
-        return True
+        for p, (first, cap) in zip(c.pairs, abi.PAIR_TABLES):
+            if p is None or cells <= 1 or p.rows * p.cols > cap:
+                written.append(False)
+                continue
+            vsz = self.maps[abi.NB_MAP_FW_PAIR].value_size
+            vals = p.cell_values(vsz)
+            n = p.rows * p.cols
+            fd = self.fd(abi.NB_MAP_FW_PAIR)
+            at = gen * cells + first
+            for i in range(0, n, _BATCH):
+                k = min(_BATCH, n - i)
+                keys = array("I", range(at + i, at + i + k)).tobytes()
+                bpfsys.map_update_batch(fd, keys, vals[i * vsz:(i + k) * vsz], k)
+            written.append(True)
+        return written
 
     def memory_bytes(self) -> int:
         """Kernel memory the classifier's arrays pin, as created (max_entries x value size, x
@@ -216,12 +220,13 @@ class FwTables:
             bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_CRULES), keys, vals, len(c.count_rules))
 
     def _write_cfg(self, gen: int, c: CompiledDirection, set_tags: dict[str, int],
-                   default_sample: int, pair: bool = False) -> None:
+                   default_sample: int, pairs: list[bool] | None = None) -> None:
         cfg = abi.NbFwCfg()
-        if pair and c.pair is not None:
-            p = c.pair
-            cfg.pair = abi.NbPairCfg(1, p.cols, (ctypes.c_uint32 * 2)(*p.base),
-                                     (ctypes.c_uint32 * 2)(*p.n), (ctypes.c_uint32 * 2)(*p.shift))
+        u2 = ctypes.c_uint32 * 2
+        for k, (p, on) in enumerate(zip(c.pairs, pairs or [])):
+            if on:
+                cfg.pair[k] = abi.NbPairCfg(1, p.cols, u2(*p.fields), u2(*p.base), u2(*p.n),
+                                            u2(*p.shift))
         cfg.default_sample = default_sample
         cfg.field_mask = c.field_mask
         cfg.wild_id[:] = list(c.wild_id)
@@ -460,30 +465,34 @@ class FwTables:
             count_rules=[CountEntry(f"c{i}", "") for i in range(cfg.ncount)], vecs=vecs,
             lpm4=sorted(lpm[4]), lpm6=sorted(lpm[6]), ports=ports, proto=arr[abi.NB_F_PROTO],
             icmp=arr[abi.NB_F_ICMP], flags=arr[abi.NB_F_FLAGS], nclasses=max(vecs, default=0) + 1,
-            dir=dirt, pair=self._read_pair(gen, cfg.pair))
+            dir=dirt, pairs=tuple(self._read_pair(gen, cfg.pair[k], k)
+                                  for k in range(abi.NB_PAIRS)))
         return GenerationImage(c, slots, count_slots, samples, cfg.default_sample)
 
-    def pair_grid(self, gen: int) -> tuple[int, int] | None:
-        """(rows, cols) of generation gen's address-pair summaries; None when it has none."""
+    def pair_grids(self, gen: int) -> list[dict]:
+        """Generation gen's pair tables in use: fields, rows and cols of each."""
         size = self.maps[abi.NB_MAP_FW_CFG].value_size
         raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), size) or b""
-        pc = abi.NbFwCfg.from_buffer_copy(raw.ljust(ctypes.sizeof(abi.NbFwCfg), b"\0")).pair
-        if not pc.on or not pc.n[0]:
-            return None
-        return ((pc.n[0] - 1) >> pc.shift[0]) + 1, pc.cols
+        cfg = abi.NbFwCfg.from_buffer_copy(raw.ljust(ctypes.sizeof(abi.NbFwCfg), b"\0"))
+        names = {abi.NB_F_SRC: "src", abi.NB_F_DST: "dst", abi.NB_F_DPORT: "dport"}
+        return [{"fields": [names.get(pc.field[0], "?"), names.get(pc.field[1], "?")],
+                 "rows": ((pc.n[0] - 1) >> pc.shift[0]) + 1, "cols": pc.cols}
+                for pc in cfg.pair if pc.on and pc.n[0]]
 
-    def _read_pair(self, gen: int, pc) -> PairTable | None:
+    def _read_pair(self, gen: int, pc, k: int) -> PairTable | None:
         cells = self.pair_cells
-        if not pc.on or cells <= 1:
+        first, cap = abi.PAIR_TABLES[k]
+        if not pc.on or cells <= 1 or not pc.n[0]:
             return None
         n, shift = (pc.n[0], pc.n[1]), (pc.shift[0], pc.shift[1])
-        rows = ((n[0] - 1) >> shift[0]) + 1 if n[0] else 0
-        if rows * pc.cols > cells:
+        rows = ((n[0] - 1) >> shift[0]) + 1
+        if rows * pc.cols > cap:
             return None
         vsz = self.maps[abi.NB_MAP_FW_PAIR].value_size
-        raw = bpfsys.array_lookup_range(self.fd(abi.NB_MAP_FW_PAIR), gen * cells,
+        raw = bpfsys.array_lookup_range(self.fd(abi.NB_MAP_FW_PAIR), gen * cells + first,
                                         rows * pc.cols, vsz)
-        return PairTable((pc.base[0], pc.base[1]), n, shift, pc.cols, rows, vsz, b"".join(raw))
+        return PairTable((pc.field[0], pc.field[1]), (pc.base[0], pc.base[1]), n, shift,
+                         pc.cols, rows, vsz, b"".join(raw))
 
     def _read_dir(self, gen: int, mask: int, wild: list[int]):
         """Generation gen's address tables as written (DirTables) and as disjoint

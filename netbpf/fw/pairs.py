@@ -1,16 +1,17 @@
-"""Address-pair summaries: which rule words can match a (source class, destination class) pair.
+"""Pair summaries: which rule words can match a pair of two fields' classes (table 0: source x
+destination; table 1: an address x destination port).
 
 Why: on dense rule sets (ClassBench's acl/fw/ipc shapes) many rules take any one address
 (wildcards, nested prefixes), so every field's own summary has a bit in nearly every 64-rule
-word and the scan ANDs words whose result is zero. The pair's summary is exact about the two
-address fields together: a word is scanned only if one of its rules takes both addresses.
+word and the scan ANDs words whose result is zero. A pair's summary is exact about its two
+fields together: a word is scanned only if one of its rules takes both values.
 
-Layout (bpf/include/netbpf_abi.h, struct nb_pair_cfg): the compiler numbers each address
-field's classes in one contiguous id range, in address order, so rank = id - base. Ranks are
-grouped by a shift (neighbouring prefixes share a row) until rows x cols fit the cells the
-program has; a cell holds the summary of (OR of its sources' vectors) AND (OR of its
-destinations' vectors). A superset of each member pair's summary: grouping costs scan words,
-never a rule. Pure; numpy does the cross product (imported only here).
+Layout (bpf/include/netbpf_abi.h, struct nb_pair_cfg): the compiler numbers the classes of
+each address field and of the destination port in one contiguous id range, in value order,
+so rank = id - base. Ranks are grouped by a shift (neighbouring prefixes or ports share a row)
+until rows x cols fit the table's cells; a cell holds the summary of (OR of its rows' vectors)
+AND (OR of its columns' vectors). A superset of each member pair's summary: grouping costs
+scan words, never a rule. Pure; numpy does the cross product (imported only here).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ _BLOCK = 1 << 22          # bools per step of the cross product (bounds its memo
 
 @dataclass(frozen=True)
 class PairTable:
-    base: tuple[int, int]         # first class id of the source / destination range
+    fields: tuple[int, int]       # NB_F_* of the rows / columns
+    base: tuple[int, int]         # first class id of each range
     n: tuple[int, int]            # ids in each range
     shift: tuple[int, int]        # rank >> shift = row / column
     cols: int
@@ -31,9 +33,9 @@ class PairTable:
     cell_bytes: int               # summary bytes per cell (8 x NB_SUM of the shape compiled for)
     sums: bytes                   # rows x cols cells, row-major
 
-    def cell(self, src_id: int, dst_id: int) -> int | None:
-        """The cell of a packet's two address classes; None outside the ranges."""
-        rs, rd = src_id - self.base[0], dst_id - self.base[1]
+    def cell(self, a: int, b: int) -> int | None:
+        """The cell of a packet's classes in the two fields; None outside the ranges."""
+        rs, rd = a - self.base[0], b - self.base[1]
         if not (0 <= rs < self.n[0] and 0 <= rd < self.n[1]):
             return None
         return (rs >> self.shift[0]) * self.cols + (rd >> self.shift[1])
@@ -65,10 +67,11 @@ def shifts(n: tuple[int, int], cap: int) -> tuple[int, int]:
     return ks, kd
 
 
-def build(vecs: dict[int, int], base: tuple[int, int], n: tuple[int, int], nrules: int,
-          words: int, cap: int = abi.NB_PAIR_MAX_CELLS) -> PairTable:
-    """The pair table of two id ranges. vecs: id -> terminal-rule bits (bit t = rule t);
-    words: rule words of the program shape (the summary has one bit per word)."""
+def build(vecs: dict[int, int], fields: tuple[int, int], base: tuple[int, int],
+          n: tuple[int, int], nrules: int, words: int, cap: int) -> PairTable:
+    """The pair table of two fields' id ranges. vecs: id -> terminal-rule bits (bit t = rule
+    t); words: rule words of the program shape (the summary has one bit per word); cap: the
+    cells the table may take."""
     import numpy as np
 
     w = max(1, (nrules + 63) // 64)               # words that hold rules; the rest are zero
@@ -88,4 +91,4 @@ def build(vecs: dict[int, int], base: tuple[int, int], n: tuple[int, int], nrule
         hit = (gs[i:i + step, None, :] & gd[None, :, :]) != 0
         packed = np.packbits(hit, axis=2, bitorder="little")
         out[i:i + step, :, :packed.shape[2]] = packed
-    return PairTable(base, n, (ks, kd), cols, rows, cell_bytes, out.tobytes())
+    return PairTable(fields, base, n, (ks, kd), cols, rows, cell_bytes, out.tobytes())

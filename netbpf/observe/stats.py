@@ -91,7 +91,7 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
         totals = tables.read_counters(abi.NB_MAP_FW_STATS)
         gen = tables.active_gen()
         table_mem = tables.memory_bytes()
-        grid = tables.pair_grid(gen)
+        grids = tables.pair_grids(gen)
     finally:
         tables.close()
     counters = _plus(counters, part.carried_counts(abi.NB_MAP_FW_CNT))
@@ -116,7 +116,7 @@ def _read_part(st: InterfaceState, part: PartState) -> dict:
     return {"hook": part.hook, "mode": part.mode, "prog_id": part.prog_id,
             "default_action": part.default_action, "generation": gen, "totals": tot,
             "classifier_bytes": table_mem, "address_chunks": part.dir_chunks,
-            "address_pairs": list(grid) if grid else None,
+            "pair_tables": grids,
             "rules": rules, "sets": [{"name": s.name, "ipv4": s.v4, "ipv6": s.v6}
                                      for s in part.sets]}
 

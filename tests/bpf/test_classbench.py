@@ -72,26 +72,28 @@ def test_10k_classbench_set_gives_reference_verdicts_and_counters(fw, sets, fami
     assert {n: c for n, c in got_counts.items() if c} == dict(want)
     assert len(want) > 200                  # the trace reaches many rules, not a few
     assert fw.totals()["default"] == misses >= 1     # the miss header at least
-    live = fw.tables.read_generation(fw.tables.active_gen()).compiled.pair
-    assert live is not None and live.sums == fw.compiled.pair.sums    # the pair scan ran
+    live = fw.tables.read_generation(fw.tables.active_gen()).compiled.pairs
+    assert [p.sums for p in live] == [p.sums for p in fw.compiled.pairs]   # both pairs ran
 
 
-@pytest.mark.parametrize("cells", [64, 4096])
-def test_the_program_reads_the_pair_cell_the_model_names(fw, sets, cells):
+@pytest.mark.parametrize("cells", [(64, 16), (4096, 1024), (4096, 1)])
+def test_the_program_reads_the_pair_cells_the_model_names(fw, sets, cells):
     """Verdicts cannot show a correct pair table at work (it only skips words that cannot
     match), so this one lies: summary bits cleared at random in a coarse table. The program
     must then decide exactly as the model (simulate) does with the same lie, header by header,
-    and the lie must change some verdicts: the cell index, its grouping and the AND with the
-    summary are the model's."""
+    and the lie must change some verdicts: the cell indexes, their grouping and the AND with
+    the summaries are the model's (both tables; the second alone when the first is off)."""
     d, _ = sets[4]
     c = compile_direction(d, pair_cells=cells)
-    rng = random.Random(cells)
-    lie = bytes(b & rng.randrange(256) for b in c.pair.sums)
-    c = dataclasses.replace(c, pair=dataclasses.replace(c.pair, sums=lie))
+    rng = random.Random(str(cells))
+    lies = tuple(p and dataclasses.replace(p, sums=bytes(b & rng.randrange(256) for b in p.sums))
+                 for p in c.pairs)
+    c = dataclasses.replace(c, pairs=lies)
+    assert [p is not None for p in c.pairs] == [cells[0] > 1, cells[1] > 1]
     fw.prog.install(c)
     terminal = [r for r in d.rules if r.action != "count"]
     changed = wrong = 0
-    for p in classbench.trace(d, 600, 4, seed=cells):
+    for p in classbench.trace(d, 600, 4, seed=cells[0] + cells[1]):
         sim, ref = simulate(c, None, p), reference_match(d, None, p)
         want = "pass" if sim.terminal is None or terminal[sim.terminal].action != "drop" else "drop"
         changed += sim.terminal != ref.terminal

@@ -290,9 +290,9 @@ def test_stats_on_a_10000_rule_policy_is_timed(two_hosts, tmp_path):
 
 
 def test_a_large_address_policy_runs_with_pair_summaries_and_stats_says_so(two_hosts, tmp_path):
-    """600 rules on source and destination prefixes (the scheme's threshold is 256): the one
-    rule deep in the list that takes the client's traffic drops it and counts it, and stats
-    shows the address-pair grid the generation runs with."""
+    """600 rules on source and destination prefixes and a port (the scheme's threshold is 256
+    rules): the one rule deep in the list that takes the client's traffic drops it and counts
+    it, and stats shows the pair tables the generation runs with."""
     client4, gw4 = two_hosts.addr("client", "client0", 4), two_hosts.addr("gw", "gw0", 4)
     pad = [f"        - {{name: p{i}, src: 172.{16 + i % 16}.{i // 16}.0/24, "
            f"dst: 192.168.{i % 200}.{i % 7}/32, proto: udp, dport: 9999, action: drop}}"
@@ -308,8 +308,11 @@ def test_a_large_address_policy_runs_with_pair_summaries_and_stats_says_so(two_h
         assert send_through(two_hosts, sent, b"pairs-hit") == 0
         s = stats(two_hosts)
         assert {r["name"]: r["packets"] for r in s["rules"] if r["packets"]} == {"hit": 5}
-        rows, cols = s["parts"]["ingress"]["address_pairs"]
-        assert rows >= 2 and cols >= 2
-        assert f"address pairs {rows:,} x {cols:,}" in netbpf(two_hosts, "stats", "gw0").stdout
+        grids = s["parts"]["ingress"]["pair_tables"]
+        assert [g["fields"] for g in grids] == [["src", "dst"], ["src", "dport"]]
+        assert all(g["rows"] >= 2 for g in grids) and grids[0]["cols"] >= 2
+        table = netbpf(two_hosts, "stats", "gw0").stdout
+        for g in grids:
+            assert f"{' x '.join(g['fields'])} pairs {g['rows']:,} x {g['cols']:,}" in table
     finally:
         netbpf(two_hosts, "detach", "gw0")

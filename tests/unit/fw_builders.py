@@ -123,9 +123,10 @@ def make_pkt(family: int, src: int, dst: int, proto: int, sport: int = 0, dport:
 
 def check_table_invariants(c) -> None:
     """What every compilation keeps: dense deduplicated ids, each one referenced somewhere,
-    a wildcard class exactly for the fields looked up. Each address field's classes are one
-    contiguous range of their own (the pair summaries rank them by id), deduplicated inside
-    it; every other class is shared by all fields that have its vector."""
+    a wildcard class exactly for the fields looked up. The classes of each address field and of
+    the destination port are one contiguous range of their own (the pair summaries rank them
+    by id), deduplicated inside it; every other class is shared by all fields that have its
+    vector."""
     assert sorted(c.vecs) == list(range(1, c.nclasses))
     ranges = []
     for f in (abi.NB_F_SRC, abi.NB_F_DST):
@@ -135,6 +136,10 @@ def check_table_invariants(c) -> None:
             assert sorted(ids) == list(range(min(ids), max(ids) + 1))
             assert c.wild_id[f] == max(ids)           # the wildcard closes the range
             ranges.append(ids)
+    if c.ports.get(1) is not None:                   # destination ports: a range of their own
+        ids = set(c.ports[1]) | {c.wild_id[abi.NB_F_DPORT]}
+        assert sorted(ids) == list(range(min(ids), max(ids) + 1))
+        ranges.append(ids)
     for ids in [*ranges, set(c.vecs) - set().union(*ranges)]:
         assert len({c.vecs[i] for i in ids}) == len(ids)
     used = {i for *_, i in c.lpm4} | {i for *_, i in c.lpm6}

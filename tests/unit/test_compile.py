@@ -322,14 +322,15 @@ def test_digest_ignores_position_and_line_but_not_content():
 # ---------------------------------------------------------------- class ids
 
 def test_identical_vectors_share_one_id_across_fields():
-    d = direction(rule("r", "drop", src="10.0.0.0/8", dst="10.0.0.0/8", dport=80, proto=6))
+    d = direction(rule("r", "drop", src="10.0.0.0/8", dst="10.0.0.0/8", sport=1000, dport=80,
+                       proto=6))
     c = compile_direction(d)
     check_table_invariants(c)
-    # match = rule 0 everywhere, miss = nothing everywhere: two vectors in all; the two
-    # address fields keep their own ids (a contiguous range each), the port and protocol
-    # fields share theirs
+    # match = rule 0 everywhere, miss = nothing everywhere: two vectors in all; the address
+    # fields and the destination port keep their own ids (a contiguous range each), the
+    # source port and the protocol share theirs
     assert set(c.vecs.values()) == {(0, 1), (0, 0)}
-    assert c.nclasses == 7 and c.wild_id[abi.NB_F_DPORT] == c.wild_id[abi.NB_F_PROTO]
+    assert c.nclasses == 9 and c.wild_id[abi.NB_F_SPORT] == c.wild_id[abi.NB_F_PROTO]
 
 
 def test_field_mask_lists_only_constrained_fields():

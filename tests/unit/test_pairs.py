@@ -33,7 +33,7 @@ def test_every_cell_covers_its_pairs_and_is_exact_when_not_grouped(ns, nd, nrule
 
     base = (1 + rng.randrange(50), 100 + rng.randrange(50))
     vecs = {base[0] + i: vec() for i in range(ns)} | {base[1] + i: vec() for i in range(nd)}
-    p = pairs.build(vecs, base, (ns, nd), nrules, words, cap)
+    p = pairs.build(vecs, (abi.NB_F_SRC, abi.NB_F_DPORT), base, (ns, nd), nrules, words, cap)
     assert p.rows * p.cols <= max(cap, 1) or (p.rows, p.cols) == (1, 1)
     assert len(p.sums) == p.rows * p.cols * 8 * abi.nb_sum(words)
     grouped = p.shift != (0, 0)
@@ -58,7 +58,7 @@ def test_shifts_halve_the_larger_side_until_the_cells_fit():
 
 def test_cells_pad_to_a_wider_program():
     vecs = {1: 0b1011, 2: 0b0110}
-    p = pairs.build(vecs, (1, 2), (1, 1), 4, 16, 8)
+    p = pairs.build(vecs, (abi.NB_F_SRC, abi.NB_F_DST), (1, 2), (1, 1), 4, 16, 8)
     assert p.cell_bytes == 8 and p.summary(0) == 1
     wide = p.cell_values(32)
     assert len(wide) == 32 and int.from_bytes(wide, "little") == 1
