@@ -76,6 +76,10 @@ def main() -> int:
             log("2. live drop rate")
             live.run(rows, rule_counts=[1, 1_000] if quick else rule_counts,
                      passes=1 if quick else 2, windows=3 if quick else 2, window_s=0.7, log=log)
+            import cblive
+            log("2. live drop rate: a ClassBench-like trace mix at 10,000 rules")
+            cblive.run(rows, n=10_000, passes=1 if quick else 2, windows=3 if quick else 2,
+                       window_s=0.7, log=log)
         note_load("after live")
         if "control" in only:
             import control
@@ -183,6 +187,13 @@ def judge(rows: dict[str, Row]) -> list[str]:
                 behind.append(f"live drop, {rules_label(n)}, XDP {mode}: netbpf "
                               f"{ours.median:.2f} Mpps; ahead of it: {', '.join(ahead)} Mpps")
             ours.target = "; ".join(notes)
+
+    cb, cbn = get("live.cb.netbpf"), get("live.cb.nft.rules")
+    if cb and cbn:
+        cb.target = f"nftables rules {cbn.median:.2f} Mpps: {cb.median / cbn.median:.1f}x"
+        if cb.max < cbn.median:
+            behind.append(f"live drop, ClassBench-like 10,000 rules: netbpf {cb.median:.2f} "
+                          f"Mpps, nftables {cbn.median:.2f} Mpps")
 
     an = get("control.apply.10000")
     for key, name in (("control.iptables.10000", "iptables-legacy-restore"),
