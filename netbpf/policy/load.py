@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from netbpf.policy import inputs
 from netbpf.errors import PolicyError
 from netbpf.policy.inputs import add_set_file
-from netbpf.policy.ir import PolicyIR
+from netbpf.policy.ir import PolicyIR, RuleIR
 from netbpf.policy import models
 from netbpf.policy.addr import parse_hosts_v4, parse_set_text
 from netbpf.policy.checks import PolicyView, check_policy, view_of_data, view_of_model
@@ -194,7 +194,7 @@ def _load(path: Path, display: str, stdin: bool, raw: bytes, text: str, root: Pa
         return doc.position(loc)[0]
 
     errors, warnings = check_policy(view, line_of)
-    if (errors or warnings) and not positions:
+    if errors and not positions:
         raise NeedPositions()
     for loc, msg in errors:
         report.at(loc, msg)
@@ -208,9 +208,9 @@ def _load(path: Path, display: str, stdin: bool, raw: bytes, text: str, root: Pa
     notes = _Report(display, doc)
     for loc, msg in warnings:
         notes.at(loc, msg)
+    # warnings point at rules and other mappings, whose starts even a parse without positions
+    # keeps; one pointing elsewhere raises NeedPositions from doc.position (a second pass)
     _shadow_warnings(ir, notes)
-    if notes.lines and not positions:
-        raise NeedPositions()
     return LoadedPolicy(path=path, display=display, model=model, ir=ir,
                         warnings=notes.sorted(), source_hash=digest.hexdigest(), raw=raw,
                         set_files=digest.files, set_paths=set_paths)
@@ -225,9 +225,11 @@ def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
             # A file rule lowered to several IR rules (ct: invalid) is shadowed only when all
             # of them are; messages name file rules by their index in the file.
             parts: dict[int, int] = {}
+            first: dict[int, RuleIR] = {}          # file rule -> its first IR rule
             for j, r in enumerate(d.rules):
                 key = r.source_index if r.source_index is not None else j
                 parts[key] = parts.get(key, 0) + 1
+                first.setdefault(key, r)
             hits: dict[int, list[int]] = {}
             for j, i in find_shadowed(d.rules, ir.sets):
                 key = d.rules[j].source_index
@@ -235,8 +237,7 @@ def _shadow_warnings(ir: PolicyIR, notes: _Report) -> None:
             for key, bys in sorted(hits.items()):
                 if len(bys) < parts[key]:
                     continue
-                shadowed = next(r for j, r in enumerate(d.rules)
-                                if (r.source_index if r.source_index is not None else j) == key)
+                shadowed = first[key]
                 by = d.rules[bys[0]]
                 through = covering_entries(by, shadowed, ir.sets)
                 via = f" (through {', '.join(through)})" if through else ""

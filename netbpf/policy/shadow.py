@@ -7,7 +7,6 @@ wrong. Candidate indexes keep this near-linear for long lists; not a verdict eng
 """
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
 
 from netbpf.policy.ir import AddrMatch, Prefix, RuleIR, SetIR, addr_text
@@ -147,44 +146,52 @@ def covering_entries(a: RuleIR, b: RuleIR, sets: Mapping[str, SetIR]) -> list[st
     return out
 
 
+class _Bits:
+    """Rule index sets as Python ints (bit i = rule i): a union is one OR, an intersection
+    one AND, whatever the number of rules."""
+
+    @staticmethod
+    def put(table: dict, key, index: int) -> None:
+        table[key] = table.get(key, 0) | 1 << index
+
+
 class _AddrIndex:
     """Earlier rules by one address field: a rule covering b must hold an ancestor prefix of
     b's first prefix (or be a wildcard, or name the same set)."""
 
     def __init__(self) -> None:
-        self.wild: list[int] = []
-        self.by_key: dict[tuple, list[int]] = {}
+        self.wild = 0
+        self.by_key: dict[tuple, int] = {}
         self.plens: dict[int, set[int]] = {4: set(), 6: set()}
-        self.with_set: list[int] = []      # may cover anything, through their contents
-        self.all: list[int] = []           # prefix rules: may cover a set, through its contents
+        self.with_set = 0                  # may cover anything, through their contents
+        self.all = 0                       # prefix rules: may cover a set, through its contents
 
     def add(self, index: int, match: AddrMatch | None) -> None:
+        bit = 1 << index
         if match is None:
-            self.wild.append(index)
+            self.wild |= bit
         elif match.set_name is not None:
-            self.by_key.setdefault(("@", match.set_name), []).append(index)
-            self.with_set.append(index)
+            _Bits.put(self.by_key, ("@", match.set_name), index)
+            self.with_set |= bit
         else:
-            self.all.append(index)
+            self.all |= bit
             for p in match.prefixes:
                 self.plens[p.family].add(p.plen)
-                self.by_key.setdefault((p.family, p.addr, p.plen), []).append(index)
+                _Bits.put(self.by_key, (p.family, p.addr, p.plen), index)
 
-    def candidates(self, match: AddrMatch | None) -> list[list[int]]:
+    def candidates(self, match: AddrMatch | None) -> int:
         if match is None:
-            return [self.wild]
+            return self.wild
         if match.set_name is not None:
-            return [self.wild, self.with_set, self.all]
+            return self.wild | self.with_set | self.all
         first = match.prefixes[0]
         width = WIDTH[first.family]
-        out = [self.wild, self.with_set]
+        out = self.wild | self.with_set
         for plen in self.plens[first.family]:
             if plen <= first.plen:
                 shift = width - plen
                 key = (first.family, (first.addr >> shift) << shift if plen else 0, plen)
-                found = self.by_key.get(key)
-                if found:
-                    out.append(found)
+                out |= self.by_key.get(key, 0)
         return out
 
 
@@ -195,71 +202,69 @@ class _PortIndex:
     BLOCK_BITS = 8
 
     def __init__(self) -> None:
-        self.wild: list[int] = []
-        self.by_port: dict[int, list[int]] = {}
-        self.by_block: dict[int, list[int]] = {}
+        self.wild = 0
+        self.by_port: dict[int, int] = {}
+        self.by_block: dict[int, int] = {}
 
     def add(self, index: int, ranges: tuple[tuple[int, int], ...] | None) -> None:
         if ranges is None:
-            self.wild.append(index)
+            self.wild |= 1 << index
         elif len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
-            self.by_port.setdefault(ranges[0][0], []).append(index)
+            _Bits.put(self.by_port, ranges[0][0], index)
         else:
             blocks = {b for lo, hi in ranges
                       for b in range(lo >> self.BLOCK_BITS, (hi >> self.BLOCK_BITS) + 1)}
-            for b in sorted(blocks):
-                self.by_block.setdefault(b, []).append(index)
+            for b in blocks:
+                _Bits.put(self.by_block, b, index)
 
-    def candidates(self, ranges: tuple[tuple[int, int], ...] | None) -> list[list[int]]:
+    def candidates(self, ranges: tuple[tuple[int, int], ...] | None) -> int:
         if ranges is None:
-            return [self.wild]
+            return self.wild
         first = ranges[0][0]
-        out = [self.wild, self.by_block.get(first >> self.BLOCK_BITS, [])]
+        out = self.wild | self.by_block.get(first >> self.BLOCK_BITS, 0)
         if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
-            out.append(self.by_port.get(first, []))
+            out |= self.by_port.get(first, 0)
         return out
 
 
 class _IcmpIndex:
     def __init__(self) -> None:
-        self.wild: list[int] = []
-        self.by_type: dict[int, list[int]] = {}
+        self.wild = 0
+        self.by_type: dict[int, int] = {}
 
     def add(self, index: int, rule: RuleIR) -> None:
         if rule.icmp_type is None:
-            self.wild.append(index)
+            self.wild |= 1 << index
         else:
-            self.by_type.setdefault(rule.icmp_type, []).append(index)
+            _Bits.put(self.by_type, rule.icmp_type, index)
 
-    def candidates(self, rule: RuleIR) -> list[list[int]]:
+    def candidates(self, rule: RuleIR) -> int:
         if rule.icmp_type is None:
-            return [self.wild]
-        return [self.wild, self.by_type.get(rule.icmp_type, [])]
+            return self.wild
+        return self.wild | self.by_type.get(rule.icmp_type, 0)
 
 
 class _FlagsIndex:
     """A rule covering b tests a subset of b's flags with the same values: enumerate subsets."""
 
     def __init__(self) -> None:
-        self.wild: list[int] = []
-        self.by_flags: dict[tuple[int, int], list[int]] = {}
+        self.wild = 0
+        self.by_flags: dict[tuple[int, int], int] = {}
 
     def add(self, index: int, rule: RuleIR) -> None:
         if rule.tcp_flags is None:
-            self.wild.append(index)
+            self.wild |= 1 << index
         else:
-            self.by_flags.setdefault(rule.tcp_flags, []).append(index)
+            _Bits.put(self.by_flags, rule.tcp_flags, index)
 
-    def candidates(self, rule: RuleIR) -> list[list[int]]:
+    def candidates(self, rule: RuleIR) -> int:
         if rule.tcp_flags is None:
-            return [self.wild]
+            return self.wild
         mask, bits = rule.tcp_flags
-        out = [self.wild]
+        out = self.wild
         sub = mask
         while True:  # every subset of mask, mask itself down to 0
-            found = self.by_flags.get((sub, bits & sub))
-            if found:
-                out.append(found)
+            out |= self.by_flags.get((sub, bits & sub), 0)
             if sub == 0:
                 break
             sub = (sub - 1) & mask
@@ -268,15 +273,18 @@ class _FlagsIndex:
 
 class _ProtoIndex:
     def __init__(self) -> None:
-        self.by_protos: dict[frozenset[int] | None, list[int]] = {}
+        self.by_protos: dict[frozenset[int] | None, int] = {}
 
     def add(self, index: int, rule: RuleIR) -> None:
-        self.by_protos.setdefault(_protos(rule), []).append(index)
+        _Bits.put(self.by_protos, _protos(rule), index)
 
-    def candidates(self, rule: RuleIR) -> list[list[int]]:
+    def candidates(self, rule: RuleIR) -> int:
         mine = _protos(rule)
-        return [found for protos, found in self.by_protos.items()
-                if protos is None or (mine is not None and mine <= protos)]
+        out = 0
+        for protos, found in self.by_protos.items():
+            if protos is None or (mine is not None and mine <= protos):
+                out |= found
+        return out
 
 
 def find_shadowed(rules: Sequence[RuleIR],
@@ -291,21 +299,19 @@ def find_shadowed(rules: Sequence[RuleIR],
     icmp, flags = _IcmpIndex(), _FlagsIndex()
     found: list[tuple[int, int]] = []
     for j, rule in enumerate(rules):
-        options = (src.candidates(rule.src), dst.candidates(rule.dst),
-                   dport.candidates(rule.dport), sport.candidates(rule.sport),
-                   proto.candidates(rule), icmp.candidates(rule), flags.candidates(rule))
-        # Any covering rule appears in every field's candidates: walk the smallest field's,
-        # lowest index first (each list is in rule order), so the first cover found is the
-        # earliest rule and the walk stops there.
-        smallest = min(options, key=lambda lists: sum(map(len, lists)))
-        seen = -1
-        for i in heapq.merge(*smallest):
-            if i == seen:
-                continue          # a rule can sit in two candidate lists
-            seen = i
+        # A covering rule is a candidate in every field: the AND of the fields' candidate
+        # sets holds it, usually with few others. covers() decides, lowest index first, so
+        # the first cover found is the earliest rule and the walk stops there.
+        cand = (src.candidates(rule.src) & dst.candidates(rule.dst)
+                & dport.candidates(rule.dport) & sport.candidates(rule.sport)
+                & proto.candidates(rule) & icmp.candidates(rule) & flags.candidates(rule))
+        while cand:
+            low = cand & -cand
+            i = low.bit_length() - 1
             if covers(rules[i], rule, sets):
                 found.append((j, i))
                 break
+            cand ^= low
         if rule.action in _TERMINAL:
             src.add(j, rule.src)
             dst.add(j, rule.dst)

@@ -59,12 +59,25 @@ def test_an_error_is_reported_from_a_second_reading_with_positions(tmp_path, cal
         in str(e.value), str(e.value)
 
 
-def test_a_warning_is_placed_by_the_reading_with_positions(tmp_path, calls):
+def _full_reading(monkeypatch) -> None:
+    real = load._load
+    monkeypatch.setattr(load, "_load", lambda *a, **k: real(*a, **{**k, "positions": True}))
+
+
+def test_a_warning_on_a_mapping_is_placed_by_the_first_reading(tmp_path, calls, monkeypatch):
+    """Warnings name rules and sets, whose starts even the reading without positions keeps:
+    no second reading, and the same FILE:LINE:COL as the full one (a 10k-rule set with many
+    shadowed rules used to be read twice)."""
     (tmp_path / "bl.txt").write_text("192.0.2.1\n")
-    (tmp_path / "p.yaml").write_text(POLICY.replace("sets:\n", "sets:\n  unused: [10.0.0.1]\n"))
+    text = POLICY.replace("sets:\n", "sets:\n  unused: [10.0.0.1]\n") + \
+        "        - {name: web-again, proto: tcp, dport: 80, action: drop}\n"
+    (tmp_path / "p.yaml").write_text(text)
     lp = load_policy(tmp_path / "p.yaml")
-    assert calls == [False, True]
+    assert calls == [False]
     assert any(":3:" in w and "unused" in w for w in lp.warnings), lp.warnings
+    assert any(":15:11:" in w and "shadowed" in w for w in lp.warnings), lp.warnings
+    _full_reading(monkeypatch)
+    assert load_policy(tmp_path / "p.yaml").warnings == lp.warnings
 
 
 @pytest.mark.parametrize("text", [
