@@ -127,11 +127,13 @@ def packets(draw):
         fragment=draw(st.integers(0, 5)) == 0)         # non-first fragment: no L4 fields
 
 
-def _agree(d, sets, pkts):
-    c = compile_direction(d, sets)
+def _agree(d, sets, pkts, pair_cells=None):
+    c = compile_direction(d, sets) if pair_cells is None else \
+        compile_direction(d, sets, pair_cells=pair_cells)
     check_table_invariants(c)
     for p in pkts:
         assert simulate(c, sets, p) == reference_match(d, sets, p), p
+    return c
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -146,6 +148,17 @@ def test_compiled_tables_decide_like_the_rule_loop(d, sets, pkts):
        st.lists(packets(), min_size=20, max_size=40))
 def test_many_rules_across_vector_words_decide_like_the_rule_loop(d, sets, pkts):
     _agree(d, sets, pkts)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(directions(min_rules=257, max_rules=300), set_tables(),
+       st.lists(packets(), min_size=20, max_size=40), st.sampled_from([(4, 2), (64, 16)]))
+def test_policies_with_pair_tables_decide_like_the_rule_loop(d, sets, pkts, cells):
+    """Past 256 rules the pair tables filter the scan (pairs.py): exact, and grouped into a
+    few cells (a coarse superset), the verdicts and counted rules stay the rule loop's."""
+    _agree(d, sets, pkts)
+    _agree(d, sets, pkts, pair_cells=cells)
 
 
 @settings(max_examples=50, deadline=None)
@@ -189,7 +202,10 @@ def test_classbench_like_sets_decide_like_the_rule_loop(kind, family, n, seed, c
                            default="drop" if seed & 1 else "allow")
     pkts = classbench.trace(d, 60, family, seed=seed) + _edges(d, family, pick)
     pkts.append(classbench.miss(family))
-    _agree(d, {}, pkts)
+    c = _agree(d, {}, pkts)
+    if n > 256:                 # the pair tables are in use; grouped into few cells too
+        assert c.pairs[0] is not None
+        _agree(d, {}, pkts, pair_cells=(8, 4))
     # validate's chunk count (netbpf/policy/checks.py) is the compiler's, exactly
     width = 32 if family == 4 else 128
     nodes = {(f, d_, p.addr >> (width - d_)) for r in d.rules
