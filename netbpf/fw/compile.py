@@ -40,6 +40,7 @@ ADDR_BITS = {4: 32, 6: 128}
 
 PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6 = 6, 17, 1, 58
 
+PAIR_DENSITY = 3.0        # mean non-zero rule words per class for a pair table (pairs.density)
 _COUNT_MASK = (1 << 64) - 1
 _RULE_SHIFT = 64
 _ARRAY_FIELDS = {abi.NB_F_PROTO: 256, abi.NB_F_SPORT: 65536, abi.NB_F_DPORT: 65536,
@@ -149,10 +150,12 @@ class Decision:
 # ---------------------------------------------------------------- compilation
 
 def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
-                      pair_cells: tuple[int, int] = (abi.NB_PAIR0_CELLS, abi.NB_PAIR1_CELLS)
-                      ) -> CompiledDirection:
+                      pair_cells: tuple[int, int] = (abi.NB_PAIR0_CELLS, abi.NB_PAIR1_CELLS),
+                      pair_density: float = PAIR_DENSITY) -> CompiledDirection:
     """Tables for one direction. sets, when given, is only used to check references exist.
-    pair_cells: cells each pair table may take (pairs.py; tests pass fewer)."""
+    pair_cells: cells each pair table may take; pair_density: the mean non-zero rule words
+    both fields' classes need for a pair table to be worth building (pairs.py; tests pass
+    other values)."""
     if d.default not in DEFAULTS:
         raise InputError(f"default action must be allow or drop (got {d.default!r})")
     terminal = [r for r in d.rules if r.action != "count"]
@@ -274,7 +277,7 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
 
     vecs = {i: (v & _COUNT_MASK, v >> _RULE_SHIFT) for i, v in b.vec.items()}
     words = next((w for w in abi.WORD_BUCKETS if w * 64 >= max(len(rules), 1)))
-    tables = _pair_tables(vecs, ranges, len(rules), words, pair_cells)
+    tables = _pair_tables(vecs, ranges, len(rules), words, pair_cells, pair_density)
     return CompiledDirection(
         nrules=len(rules), ncount=len(count_rules), default_action=DEFAULTS[d.default],
         field_mask=field_mask, wild_id=wild_id, setrefs=setrefs, rules=rules,
@@ -286,16 +289,25 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
 
 
 def _pair_tables(vecs: dict[int, tuple[int, int]], ranges: dict[int, tuple[int, int]],
-                 nrules: int, words: int, cells: tuple[int, int]):
-    """Both pair tables, where the policy uses their fields and is large enough to scan many
-    words (abi.NB_PAIR_MIN_WORDS); table 1 takes the address field with fewer classes (the
-    one grouped least)."""
+                 nrules: int, words: int, cells: tuple[int, int], min_density: float):
+    """Both pair tables, where the policy uses their fields, is large enough to scan many
+    words (abi.NB_PAIR_MIN_WORDS) and both fields' classes are dense (pairs.density: else
+    the fields' own summaries already keep the scan short, and numpy is not even loaded);
+    table 1 takes the address field with fewer classes (the one grouped least)."""
     if words < abi.NB_PAIR_MIN_WORDS:
         return (None, None)
     rules = {i: rb for i, (_, rb) in vecs.items()}
+    dense: dict[int, bool] = {}
+
+    def is_dense(f: int) -> bool:
+        if f not in dense:
+            dense[f] = pairs.density(rules, *ranges[f], nrules) >= min_density
+        return dense[f]
 
     def table(fa: int, fb: int, cap: int) -> PairTable | None:
         if fa not in ranges or fb not in ranges or cap <= 1:
+            return None
+        if not (is_dense(fa) and is_dense(fb)):
             return None
         (a0, na), (b0, nb) = ranges[fa], ranges[fb]
         return pairs.build(rules, (fa, fb), (a0, b0), (na, nb), nrules, words, cap)

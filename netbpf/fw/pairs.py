@@ -56,6 +56,19 @@ class PairTable:
                         for i in range(0, len(self.sums), self.cell_bytes))
 
 
+def density(vecs: dict[int, int], first: int, n: int, nrules: int, sample: int = 256) -> float:
+    """Mean non-zero rule words of a field's class vectors (an even sample of the range). A
+    pair table can only drop words both fields' own summaries name: over a field whose
+    classes name one or two words each (disjoint /32 rules, say) it saves nothing."""
+    w = max(1, (nrules + 63) // 64)
+    step = max(1, n // sample)
+    picked = range(first, first + n, step)
+    total = 0
+    for i in picked:
+        total += sum(1 for x in memoryview(vecs[i].to_bytes(8 * w, "little")).cast("Q") if x)
+    return total / max(1, len(picked))
+
+
 def shifts(n: tuple[int, int], cap: int) -> tuple[int, int]:
     """Smallest groupings with rows x cols <= cap: the larger side is halved first."""
     ks = kd = 0

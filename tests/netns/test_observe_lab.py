@@ -290,13 +290,13 @@ def test_stats_on_a_10000_rule_policy_is_timed(two_hosts, tmp_path):
 
 
 def test_a_large_address_policy_runs_with_pair_summaries_and_stats_says_so(two_hosts, tmp_path):
-    """600 rules on source and destination prefixes and a port (the scheme's threshold is 256
-    rules): the one rule deep in the list that takes the client's traffic drops it and counts
-    it, and stats shows the pair tables the generation runs with."""
+    """600 rules on overlapping source and destination prefixes and a port (the scheme's
+    threshold is 256 rules and classes that name many rule words): the one rule deep in the
+    list that takes the client's traffic drops it and counts it, and stats shows the pair
+    tables the generation runs with."""
     client4, gw4 = two_hosts.addr("client", "client0", 4), two_hosts.addr("gw", "gw0", 4)
-    pad = [f"        - {{name: p{i}, src: 172.{16 + i % 16}.{i // 16}.0/24, "
-           f"dst: 192.168.{i % 200}.{i % 7}/32, proto: udp, dport: 9999, action: drop}}"
-           for i in range(599)]
+    pad = [f"        - {{name: p{i}, src: 172.16.0.0/12, dst: 192.168.{i % 8}.0/24, "
+           f"proto: udp, dport: 9999, action: drop}}" for i in range(599)]
     pad.insert(450, f"        - {{name: hit, src: {client4}/32, dst: {gw4}/32, proto: udp, "
                     f"dport: 9999, action: drop}}")
     policy = tmp_path / "pairs.yaml"
