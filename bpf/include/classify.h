@@ -346,6 +346,8 @@ static __always_inline int nb_classify(struct nb_pkt *p, __u32 len, struct nb_pe
     __u32 t = 0xffffffff;
 #pragma unroll
     for (__u32 s = 0; s < NB_SUM; s++) {
+        if (s * 64 * 64 >= cfg->nrules)
+            break;                      /* no rule of this generation past here */
         __u64 ws = NB_AND(sum, s);
         if (ps0)
             ws &= ps0->sum[s];
