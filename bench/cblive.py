@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import classbench
@@ -18,7 +17,7 @@ import live
 import netlab
 import packets
 import workload
-from measure import Row, last_line
+from measure import Row
 from netbpf.policy.ir import DirectionIR, RuleIR
 
 MIX = 1024                  # distinct headers trafgen cycles through
@@ -110,16 +109,7 @@ def run(rows: dict[str, Row], *, n: int, passes: int, windows: int, window_s: fl
               floor: str | None = floor_key) -> None:
         row = rows.get(key) or Row("live", key, label, "Mpps", floor_key=floor)
         rows[key] = row
-        try:
-            live._fresh_pair()
-            t0 = time.perf_counter()
-            setup()
-            row.extra["setup_s"] = round(time.perf_counter() - t0, 3)
-            live.Point(row, cfg, windows, window_s).run(drops)
-            teardown()
-        except Exception as e:          # one broken peer must not hide the others' figures
-            row.note = f"failed: {last_line(str(e))}"
-        log(f"  {label}: " + (f"{row.samples[-1]:.3f} Mpps" if row.ok else row.note))
+        live.run_point(row, label, cfg, windows, window_s, setup, drops, teardown, log)
 
     try:
         for _ in range(passes):
@@ -134,8 +124,4 @@ def run(rows: dict[str, Row], *, n: int, passes: int, windows: int, window_s: fl
                   lambda: netlab.in_ns(netlab.RX_NS, "nft", "-f", "-", input=nft),
                   live._nft_drops)
     finally:
-        if netlab.RX_NS in netlab.our_namespaces():
-            netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        live.finish(tmp)

@@ -169,6 +169,31 @@ def _fresh_pair() -> None:
     netlab.up(only_pair=True)
 
 
+def run_point(row: Row, label: str, cfg: Path, windows: int, window_s: float,
+              setup: Callable[[], None], drops: Callable[[], int] | None,
+              teardown: Callable[[], None], log) -> None:
+    """One point on fresh namespaces: set the filter up (timed), measure, tear it down."""
+    try:
+        _fresh_pair()
+        t0 = time.perf_counter()
+        setup()
+        row.extra["setup_s"] = round(time.perf_counter() - t0, 3)
+        Point(row, cfg, windows, window_s).run(drops)
+        teardown()
+    except Exception as e:          # one broken peer must not hide the others' figures
+        row.note = f"failed: {last_line(str(e))}"
+    log(f"  {label}: " + (f"{row.samples[-1]:.3f} Mpps" if row.ok else row.note))
+
+
+def finish(tmp: Path) -> None:
+    """Whatever a point left attached, and the configs written."""
+    if netlab.RX_NS in netlab.our_namespaces():
+        netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+
+
 def run(rows: dict[str, Row], *, rule_counts: list[int], passes: int, windows: int,
         window_s: float, log) -> None:
     """Every point `passes` times, a whole matrix apart: a dip caused by the rest of a shared
@@ -186,16 +211,7 @@ def run(rows: dict[str, Row], *, rule_counts: list[int], passes: int, windows: i
             frame = packets.udp4(workload.hit_src(n), netlab.RX_IP, dport=workload.DPORT,
                                  smac=netlab.TX_MAC, dmac=netlab.RX_MAC)
             cfg.write_text(packets.trafgen_config(frame))
-        try:
-            _fresh_pair()
-            t0 = time.perf_counter()
-            setup()
-            row.extra["setup_s"] = round(time.perf_counter() - t0, 3)
-            Point(row, cfg, windows, window_s).run(drops)
-            teardown()
-        except Exception as e:          # one broken peer must not hide the others' figures
-            row.note = f"failed: {last_line(str(e))}"
-        log(f"  {label}: " + (f"{row.samples[-1]:.3f} Mpps" if row.ok else row.note))
+        run_point(row, label, cfg, windows, window_s, setup, drops, teardown, log)
 
     try:
         for n in [n for _ in range(passes) for n in rule_counts]:
@@ -228,8 +244,4 @@ def run(rows: dict[str, Row], *, rule_counts: list[int], passes: int, windows: i
                                                      input=text),
                       _nft_drops)
     finally:
-        if netlab.RX_NS in netlab.our_namespaces():
-            netlab.detach_netbpf(netlab.RX_NS, netlab.RX_IF)
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        finish(tmp)
