@@ -45,3 +45,15 @@ def test_address_table_extremes_load(program, chunks):
         for func in spec.functions():
             assert prog.loaded.prog_id(func) > 0
         assert prog.loaded.maps[abi.NB_MAP_FW_DIR].fd is not None
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_the_smallest_shape_with_pair_tables_loads(program):
+    """NB_PAIR_MIN_WORDS is where the pair-table lookups are compiled in (below it they are
+    a stub): every field and feature at that shape, beside the largest one above."""
+    spec = ProgramSpec.for_part(*program, words=abi.NB_PAIR_MIN_WORDS, fields=ALL_FIELDS,
+                                **FEATURES["conntrack+lb"])
+    with build_program(spec) as prog:
+        for func in spec.functions():
+            assert prog.loaded.prog_id(func) > 0
+        assert prog.tables.pair_cells == abi.NB_PAIR0_CELLS + abi.NB_PAIR1_CELLS
