@@ -416,9 +416,7 @@ class FwTables:
     def read_generation(self, gen: int) -> "GenerationImage":
         """Generation gen as the kernel holds it: the CompiledDirection write_generation was
         given (set references name their tag as 'tag<N>'), with slots and sampling."""
-        size = self.maps[abi.NB_MAP_FW_CFG].value_size
-        raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), size)
-        cfg = abi.NbFwCfg.from_buffer_copy(raw.ljust(ctypes.sizeof(abi.NbFwCfg), b"\0"))
+        cfg = self._read_cfg(gen)
         rules, slots, samples = [], [], []
         if cfg.nrules:
             first = gen * self.rules_cap
@@ -469,11 +467,16 @@ class FwTables:
                                   for k in range(abi.NB_PAIRS)))
         return GenerationImage(c, slots, count_slots, samples, cfg.default_sample)
 
-    def pair_grids(self, gen: int) -> list[dict]:
-        """Generation gen's pair tables in use: fields, rows and cols of each."""
+    def _read_cfg(self, gen: int) -> abi.NbFwCfg:
+        """nb_fw_cfg[gen]; a program built before the pair tables holds a shorter one (the
+        fields it lacks read as zero: no pair table)."""
         size = self.maps[abi.NB_MAP_FW_CFG].value_size
         raw = bpfsys.map_lookup(self.fd(abi.NB_MAP_FW_CFG), _U32.pack(gen), size) or b""
-        cfg = abi.NbFwCfg.from_buffer_copy(raw.ljust(ctypes.sizeof(abi.NbFwCfg), b"\0"))
+        return abi.NbFwCfg.from_buffer_copy(raw.ljust(ctypes.sizeof(abi.NbFwCfg), b"\0"))
+
+    def pair_grids(self, gen: int) -> list[dict]:
+        """Generation gen's pair tables in use: fields, rows and cols of each."""
+        cfg = self._read_cfg(gen)
         names = {abi.NB_F_SRC: "src", abi.NB_F_DST: "dst", abi.NB_F_DPORT: "dport"}
         return [{"fields": [names.get(pc.field[0], "?"), names.get(pc.field[1], "?")],
                  "rows": ((pc.n[0] - 1) >> pc.shift[0]) + 1, "cols": pc.cols}

@@ -5,6 +5,8 @@ names against the host compiler, no root) is tests/unit/test_abi_contract.py.
 from __future__ import annotations
 
 import ctypes
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ def expected(words: int) -> dict[str, tuple[int, int]]:
         abi.NB_MAP_FW_CRULES: (U32, U32),
         abi.NB_MAP_FW_VECS: (U32, size(abi.vec_struct(words))),
         abi.NB_MAP_FW_DIR: (U32, U32),
+        abi.NB_MAP_FW_PAIR: (U32, 8 * abi.nb_sum(words)),
         abi.NB_MAP_FW_PORTS: (U32, U32),
         abi.NB_MAP_FW_PROTO: (U32, U32),
         abi.NB_MAP_FW_ICMP: (U32, U32),
@@ -69,3 +72,21 @@ def test_loaded_maps_have_the_mirrored_sizes(full_xdp):
 
 def test_full_program_creates_exactly_the_contract_maps(full_xdp):
     assert set(full_xdp.maps) == set(abi.MAP_NAMES)
+
+
+@pytest.mark.parametrize("words", [4, abi.NB_PAIR_MIN_WORDS])
+def test_the_fake_kernel_declares_the_maps_bpf_builds(full_xdp, words):
+    """tests/unit's fake kernel stands in for these maps in the engine's unit tests: its
+    declarations (type, key and value size, entries) must be what a real load makes."""
+    from netbpf.kernel import bpfsys
+    from netbpf.kernel.loader import load_program
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from fakemaps import program_maps
+    spec = ProgramSpec.for_part("ingress", "xdp", words=words, class_cap=64, conntrack=True,
+                                lb_ring_cap=abi.NB_LB_RING_CAP)
+    loaded = full_xdp if words == 4 else load_program(spec.source, spec.defines(),
+                                                      spec.functions(), cache=True)
+    for name, (kind, ks, vs, n) in program_maps(spec.defines(), "xdp").items():
+        m = loaded.maps[name]
+        info = bpfsys.map_info(m.fd)
+        assert (info.type, m.key_size, m.value_size, info.max_entries) == (kind, ks, vs, n), name

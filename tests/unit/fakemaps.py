@@ -38,6 +38,7 @@ def program_maps(defines: dict, hook: str) -> dict[str, tuple[int, int, int, int
         "nb_fw_crules": (ARRAY, 4, 4, 2 * abi.NB_MAX_COUNT_RULES),
         "nb_fw_vecs": (ARRAY, 4, _size(abi.vec_struct(words)), 2 * classes),
         "nb_fw_dir": (ARRAY, 4, 4, 2 * dir_gen),
+        "nb_fw_pair": (ARRAY, 4, 8 * abi.nb_sum(words), 2 * abi.pair_cells(words)),
         "nb_fw_ports": (ARRAY, 4, 4, 4 * 65536),
         "nb_fw_proto": (ARRAY, 4, 4, 2 * 256),
         "nb_fw_icmp": (ARRAY, 4, 4, 2 * 65536),
@@ -50,7 +51,7 @@ def program_maps(defines: dict, hook: str) -> dict[str, tuple[int, int, int, int
         "nb_fw_stats": (PERCPU_ARRAY, 4, _size(abi.NbCounter), abi.NB_STAT_MAX),
         "nb_fw_rl": (LRU_HASH, _size(abi.NbRlKey), _size(abi.NbRlState), abi.NB_RL_ENTRIES),
         "nb_rej_jump": (PROG_ARRAY, 4, 4, 1),
-        "nb_rej_scratch": (PERCPU_ARRAY, 4, 64, 1),
+        "nb_rej_scratch": (PERCPU_ARRAY, 4, 68, 1),     # struct nb_rej_handoff (firewall.h)
         "nb_reject_rl": (ARRAY, 4, 16, 1),
     }
     if defines.get("NB_CONNTRACK"):
