@@ -249,6 +249,11 @@ static __always_inline int nb_rate_ok(struct nb_rule *r, struct nb_pkt *p)
     (NB_T(0, member, i) & NB_T(1, member, i) & NB_T(2, member, i) & NB_T(3, member, i) &  \
      NB_T(4, member, i) & NB_T(5, member, i) & NB_T(6, member, i) & NB_T(7, member, i) &  \
      NB_T(8, member, i) & NB_T(9, member, i) & NB_T(10, member, i))
+/* The same AND without the source, destination and destination-port fields: their summaries
+ * are ANDed through the pair tables when a generation has them (nb_classify). */
+#define NB_AND_REST(member, i)                                                         \
+    (NB_T(2, member, i) & NB_T(3, member, i) & NB_T(5, member, i) & NB_T(6, member, i) &  \
+     NB_T(7, member, i) & NB_T(8, member, i) & NB_T(9, member, i) & NB_T(10, member, i))
 #define NB_VEC(k) struct nb_vec *v##k = NB_HAS(k) ? nb_vec_of(gen, id[k]) : 0
 
 /* Count rules a packet matched, counted by nb_count_rules() as the program's very last step:
@@ -348,11 +353,11 @@ static __always_inline int nb_classify(struct nb_pkt *p, __u32 len, struct nb_pe
     for (__u32 s = 0; s < NB_SUM; s++) {
         if (s * 64 * 64 >= cfg->nrules)
             break;                      /* no rule of this generation past here */
-        __u64 ws = NB_AND(sum, s);
-        if (ps0)
-            ws &= ps0->sum[s];
-        if (ps1)
-            ws &= ps1->sum[s];
+        /* a pair's summary stands in for its fields' own (the words it names are those the
+         * fields' summaries share, or a few more when grouped: never fewer) */
+        __u64 ws = NB_AND_REST(sum, s);
+        ws &= ps0 ? ps0->sum[s] : NB_T(0, sum, s) & NB_T(1, sum, s);
+        ws &= ps1 ? ps1->sum[s] : NB_T(4, sum, s);
         for (int j = 0; j < 64; j++) {
             if (ws == 0)
                 break;
