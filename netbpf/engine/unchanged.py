@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from netbpf.observe.drift import drift
-from netbpf.store.state import (PARTIAL_SET, health_file, list_states, load_journal,
-                                staging_dirs)
+from netbpf.store.progspec import ProgramSpec
+from netbpf.store.state import (PARTIAL_SET, InterfaceState, health_file, list_states,
+                                load_journal, staging_dirs)
 
 MESSAGE = "nothing to do: the running policy is this one (input unchanged)"
 
@@ -38,11 +39,30 @@ def applied_states(policy: str, netns: str | None):
     return resolved, states
 
 
+def programs_current(st: InterfaceState) -> bool:
+    """Every running program is the one this netbpf builds for its recorded shape: after an
+    upgrade (other BPF sources or headers) the same input must still get the new programs."""
+    lb_cap = st.lb.get("ring_cap", 0) if st.lb and st.lb.get("vips") else 0
+    for d, part in st.parts.items():
+        try:
+            spec = ProgramSpec.for_part(d, part.hook, words=part.words,
+                                        class_cap=part.class_cap, chunks=part.dir_chunks,
+                                        fields=part.fields, conntrack=st.conntrack,
+                                        lb_ring_cap=lb_cap)
+            if spec.hash() != part.prog_hash:
+                return False
+        except (ValueError, OSError):
+            return False
+    return True
+
+
 def settled(states) -> bool:
     """Nothing for the full path to do first: no interrupted apply, no health findings (they
-    also shape the tables), no staging pins of a killed apply, no half-updated set, no drift."""
+    also shape the tables), no staging pins of a killed apply, no half-updated set, no
+    program another netbpf built, no drift."""
     return not any(load_journal(st.key) or health_file(st.key).exists()
                    or any(d.exists() for d in staging_dirs(st.key))
                    or any(s.digest == PARTIAL_SET for p in st.parts.values() for s in p.sets)
+                   or not programs_current(st)
                    or drift(st)
                    for st in states)

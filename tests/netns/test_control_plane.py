@@ -66,6 +66,33 @@ def test_unchanged_input_is_recognised_before_parsing(gw, tmp_path):
     assert r.returncode == 2 and "bl.txt" in r.stderr, r.stderr
 
 
+def test_the_same_input_after_an_upgrade_gets_the_new_programs(gw, tmp_path):
+    """Input unchanged but the running programs built from other BPF sources (a netbpf
+    upgrade, shown here by the recorded build hash of an older build): `apply` rebuilds and
+    replaces them instead of answering "nothing to do"; then the answer comes back. With
+    conntrack (both parts) and without."""
+    import json
+
+    from netbpf.store.state import state_file
+    lab = gw
+    key = f"{lab.ns('gw')}:gw0"
+    for text in (policy(1), policy(2).replace("xdp: {mode: native}\n",
+                                              "xdp: {mode: native}\n    conntrack: true\n")):
+        p = write(tmp_path, "p.yaml", text)
+        netbpf(lab, "apply", str(p))
+        assert UNCHANGED in netbpf(lab, "apply", str(p)).stdout     # every part's hash matches
+        path = state_file(key)
+        st = json.loads(path.read_text())
+        before = st["parts"]["ingress"]["prog_id"]
+        st["parts"]["ingress"]["prog_hash"] = "0123456789abcdef"       # an older build
+        path.write_text(json.dumps(st))
+        out = netbpf(lab, "apply", str(p)).stdout
+        assert "nothing to do" not in out, out
+        now = json.loads(path.read_text())["parts"]["ingress"]
+        assert now["prog_id"] != before and now["prog_hash"] != "0123456789abcdef"
+        assert UNCHANGED in netbpf(lab, "apply", str(p)).stdout
+
+
 UNCHANGED_ONLY = """
 import sys
 from netbpf.__main__ import main
