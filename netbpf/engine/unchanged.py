@@ -43,17 +43,11 @@ def programs_current(st: InterfaceState) -> bool:
     """Every running program is the one this netbpf builds for its recorded shape: after an
     upgrade (other BPF sources or headers) the same input must still get the new programs."""
     lb_cap = st.lb.get("ring_cap", 0) if st.lb and st.lb.get("vips") else 0
-    for d, part in st.parts.items():
-        try:
-            spec = ProgramSpec.for_part(d, part.hook, words=part.words,
-                                        class_cap=part.class_cap, chunks=part.dir_chunks,
-                                        fields=part.fields, conntrack=st.conntrack,
-                                        lb_ring_cap=lb_cap)
-            if spec.hash() != part.prog_hash:
-                return False
-        except (ValueError, OSError):
-            return False
-    return True
+    try:
+        return all(ProgramSpec.recorded(st, d, lb_cap).hash() == part.prog_hash
+                   for d, part in st.parts.items())
+    except (ValueError, OSError):
+        return False
 
 
 def settled(states) -> bool:

@@ -276,8 +276,8 @@ def compile_direction(d: DirectionIR, sets: dict[str, SetIR] | None = None,
                               hashed))
 
     vecs = {i: (v & _COUNT_MASK, v >> _RULE_SHIFT) for i, v in b.vec.items()}
-    words = next((w for w in abi.WORD_BUCKETS if w * 64 >= max(len(rules), 1)))
-    tables = _pair_tables(vecs, ranges, len(rules), words, pair_cells, pair_density)
+    tables = _pair_tables(vecs, ranges, len(rules), words_for(len(rules)), pair_cells,
+                          pair_density)
     return CompiledDirection(
         nrules=len(rules), ncount=len(count_rules), default_action=DEFAULTS[d.default],
         field_mask=field_mask, wild_id=wild_id, setrefs=setrefs, rules=rules,
@@ -641,15 +641,21 @@ def _rule_from(name: str, action: str, m: dict, r: RuleEntry | None = None) -> R
 
 # ---------------------------------------------------------------- program shape
 
+def words_for(nrules: int) -> int:
+    """NB_WORDS of the smallest program shape that holds nrules terminal rules."""
+    words = next((w for w in abi.WORD_BUCKETS if w * 64 >= max(nrules, 1)), None)
+    if words is None:
+        raise InputError(f"{nrules} terminal rules: at most {abi.NB_MAX_RULES} (NB_MAX_RULES)")
+    return words
+
+
 def choose_shape(nrules: int, nclasses: int, current: Shape | None = None,
                  nchunks: int = 0) -> Shape:
     """Smallest program shape for the tables, with class and chunk headroom so later edits fit.
 
     The current shape is kept while it still fits with the same word count: then an apply only
     rewrites maps and the attached program (and its id) stays."""
-    words = next((w for w in abi.WORD_BUCKETS if w * 64 >= max(nrules, 1)), None)
-    if words is None:
-        raise InputError(f"{nrules} terminal rules: at most {abi.NB_MAX_RULES} (NB_MAX_RULES)")
+    words = words_for(nrules)
     if (current is not None and current.words == words and current.words * 64 >= nrules
             and current.class_cap >= nclasses and current.chunks >= nchunks):
         return current

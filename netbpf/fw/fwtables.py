@@ -18,7 +18,7 @@ from pathlib import Path
 
 from netbpf import abi
 
-from netbpf.fw import dirtable
+from netbpf.fw import dirtable, pairs
 from netbpf.fw.compile import CompiledDirection, CountEntry, RuleEntry, SetRef, set_hash_flags
 from netbpf.fw.pairs import PairTable
 from netbpf.errors import NetbpfError
@@ -120,8 +120,8 @@ class FwTables:
         self._write_dir(gen, c)
         self._write_arrays(gen, c)
         self._write_rules(gen, c, rule_slots, count_slots, samples or [0] * len(c.rules))
-        pairs = self._write_pairs(gen, c)
-        self._write_cfg(gen, c, set_tags, default_sample, pairs)
+        written = self._write_pairs(gen, c)
+        self._write_cfg(gen, c, set_tags, default_sample, written)
 
     def clear_generation(self, gen: int) -> None:
         """Nothing to remove: every table of a generation is an array, overwritten whole by
@@ -220,10 +220,10 @@ class FwTables:
             bpfsys.map_update_batch(self.fd(abi.NB_MAP_FW_CRULES), keys, vals, len(c.count_rules))
 
     def _write_cfg(self, gen: int, c: CompiledDirection, set_tags: dict[str, int],
-                   default_sample: int, pairs: list[bool] | None = None) -> None:
+                   default_sample: int, pairs_written: list[bool] | None = None) -> None:
         cfg = abi.NbFwCfg()
         u2 = ctypes.c_uint32 * 2
-        for k, (p, on) in enumerate(zip(c.pairs, pairs or [])):
+        for k, (p, on) in enumerate(zip(c.pairs, pairs_written or [])):
             if on:
                 cfg.pair[k] = abi.NbPairCfg(1, p.cols, u2(*p.fields), u2(*p.base), u2(*p.n),
                                             u2(*p.shift))
@@ -479,7 +479,7 @@ class FwTables:
         cfg = self._read_cfg(gen)
         names = {abi.NB_F_SRC: "src", abi.NB_F_DST: "dst", abi.NB_F_DPORT: "dport"}
         return [{"fields": [names.get(pc.field[0], "?"), names.get(pc.field[1], "?")],
-                 "rows": ((pc.n[0] - 1) >> pc.shift[0]) + 1, "cols": pc.cols}
+                 "rows": pairs.groups(pc.n[0], pc.shift[0]), "cols": pc.cols}
                 for pc in cfg.pair if pc.on and pc.n[0]]
 
     def _read_pair(self, gen: int, pc, k: int) -> PairTable | None:
@@ -488,7 +488,7 @@ class FwTables:
         if not pc.on or cells <= 1 or not pc.n[0]:
             return None
         n, shift = (pc.n[0], pc.n[1]), (pc.shift[0], pc.shift[1])
-        rows = ((n[0] - 1) >> shift[0]) + 1
+        rows = pairs.groups(n[0], shift[0])
         if rows * pc.cols > cap:
             return None
         vsz = self.maps[abi.NB_MAP_FW_PAIR].value_size

@@ -41,7 +41,7 @@ class PairTable:
         return (rs >> self.shift[0]) * self.cols + (rd >> self.shift[1])
 
     def summary(self, cell: int) -> int:
-        """Bit i set: rule word i may hold a rule taking both addresses of the cell."""
+        """Bit i set: rule word i may hold a rule taking both values of the cell."""
         at = cell * self.cell_bytes
         return int.from_bytes(self.sums[at:at + self.cell_bytes], "little")
 
@@ -69,11 +69,16 @@ def density(vecs: dict[int, int], first: int, n: int, nrules: int, sample: int =
     return total / max(1, len(picked))
 
 
+def groups(n: int, shift: int) -> int:
+    """Rows (or columns) that n ranks make, grouped by rank >> shift."""
+    return ((n - 1) >> shift) + 1
+
+
 def shifts(n: tuple[int, int], cap: int) -> tuple[int, int]:
     """Smallest groupings with rows x cols <= cap: the larger side is halved first."""
     ks = kd = 0
-    while (((n[0] - 1) >> ks) + 1) * (((n[1] - 1) >> kd) + 1) > cap:
-        if ((n[0] - 1) >> ks) >= ((n[1] - 1) >> kd):
+    while groups(n[0], ks) * groups(n[1], kd) > cap:
+        if groups(n[0], ks) >= groups(n[1], kd):
             ks += 1
         else:
             kd += 1

@@ -199,12 +199,9 @@ class ProgramCopy:
         from netbpf.lb.lbtables import LbState
         from netbpf.store.progspec import ProgramSpec
 
-        part = st.parts[direction]
         # conntrack: its own, empty connection table
-        spec = ProgramSpec.for_part(direction, part.hook, words=part.words,
-                                    class_cap=part.class_cap, chunks=part.dir_chunks,
-                                    fields=part.fields, conntrack=st.conntrack,
-                                    lb_ring_cap=LbState.from_json(st.lb).ring_cap if lb else 0)
+        spec = ProgramSpec.recorded(st, direction,
+                                    LbState.from_json(st.lb).ring_cap if lb else 0)
         return build_program(spec, cache=True, stored=True)
 
     @property

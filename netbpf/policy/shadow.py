@@ -146,13 +146,10 @@ def covering_entries(a: RuleIR, b: RuleIR, sets: Mapping[str, SetIR]) -> list[st
     return out
 
 
-class _Bits:
-    """Rule index sets as Python ints (bit i = rule i): a union is one OR, an intersection
-    one AND, whatever the number of rules."""
-
-    @staticmethod
-    def put(table: dict, key, index: int) -> None:
-        table[key] = table.get(key, 0) | 1 << index
+# Rule index sets are Python ints (bit i = rule i): a union is one OR, an intersection one
+# AND, whatever the number of rules.
+def _put(table: dict, key, index: int) -> None:
+    table[key] = table.get(key, 0) | 1 << index
 
 
 class _AddrIndex:
@@ -171,13 +168,13 @@ class _AddrIndex:
         if match is None:
             self.wild |= bit
         elif match.set_name is not None:
-            _Bits.put(self.by_key, ("@", match.set_name), index)
+            _put(self.by_key, ("@", match.set_name), index)
             self.with_set |= bit
         else:
             self.all |= bit
             for p in match.prefixes:
                 self.plens[p.family].add(p.plen)
-                _Bits.put(self.by_key, (p.family, p.addr, p.plen), index)
+                _put(self.by_key, (p.family, p.addr, p.plen), index)
 
     def candidates(self, match: AddrMatch | None) -> int:
         if match is None:
@@ -210,12 +207,12 @@ class _PortIndex:
         if ranges is None:
             self.wild |= 1 << index
         elif len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
-            _Bits.put(self.by_port, ranges[0][0], index)
+            _put(self.by_port, ranges[0][0], index)
         else:
             blocks = {b for lo, hi in ranges
                       for b in range(lo >> self.BLOCK_BITS, (hi >> self.BLOCK_BITS) + 1)}
             for b in blocks:
-                _Bits.put(self.by_block, b, index)
+                _put(self.by_block, b, index)
 
     def candidates(self, ranges: tuple[tuple[int, int], ...] | None) -> int:
         if ranges is None:
@@ -236,7 +233,7 @@ class _IcmpIndex:
         if rule.icmp_type is None:
             self.wild |= 1 << index
         else:
-            _Bits.put(self.by_type, rule.icmp_type, index)
+            _put(self.by_type, rule.icmp_type, index)
 
     def candidates(self, rule: RuleIR) -> int:
         if rule.icmp_type is None:
@@ -255,7 +252,7 @@ class _FlagsIndex:
         if rule.tcp_flags is None:
             self.wild |= 1 << index
         else:
-            _Bits.put(self.by_flags, rule.tcp_flags, index)
+            _put(self.by_flags, rule.tcp_flags, index)
 
     def candidates(self, rule: RuleIR) -> int:
         if rule.tcp_flags is None:
@@ -276,7 +273,7 @@ class _ProtoIndex:
         self.by_protos: dict[frozenset[int] | None, int] = {}
 
     def add(self, index: int, rule: RuleIR) -> None:
-        _Bits.put(self.by_protos, _protos(rule), index)
+        _put(self.by_protos, _protos(rule), index)
 
     def candidates(self, rule: RuleIR) -> int:
         mine = _protos(rule)

@@ -55,6 +55,15 @@ class ProgramSpec:
             raise ValueError(f"no {hook} program for {direction}")
         return cls(direction, hook, **kw)
 
+    @classmethod
+    def recorded(cls, st, direction: str, lb_ring_cap: int = 0) -> ProgramSpec:
+        """The spec of a part as its state (netbpf/store/state.py InterfaceState) records
+        it: shape, fields, conntrack; the balancer's ring is the caller's choice."""
+        part = st.parts[direction]
+        return cls.for_part(direction, part.hook, words=part.words, class_cap=part.class_cap,
+                            chunks=part.dir_chunks, fields=part.fields,
+                            conntrack=st.conntrack, lb_ring_cap=lb_ring_cap)
+
     @property
     def source(self) -> Path:
         return PROGRAMS[(self.direction, self.hook)][0]

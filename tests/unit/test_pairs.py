@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from netbpf import abi
 from netbpf.fw import pairs
+from netbpf.fw.compile import words_for
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +26,7 @@ def _exact(a: int, b: int, words: int) -> int:
 def test_every_cell_covers_its_pairs_and_is_exact_when_not_grouped(ns, nd, nrules, cap, seed,
                                                                    density):
     rng = random.Random(seed)
-    words = next(w for w in abi.WORD_BUCKETS if w * 64 >= nrules)
+    words = words_for(nrules)
     dense = [0.002, 0.02, 0.2, 0.6][density]
 
     def vec() -> int:
